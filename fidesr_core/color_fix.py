@@ -1,0 +1,74 @@
+"""Colour correction of the restored image towards the upscaled input (SPEC §2.9).
+
+``adain`` matches per-channel mean and standard deviation; ``wavelet`` keeps
+the output's high frequencies and takes the low frequencies (5 levels of
+dilated 3x3 binomial blurs) from the reference, as PiSA-SR and StableSR do.
+Images are ``[B, 3, H, W]`` in ``[0, 1]``; results are clamped to ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ColorFixMethod", "COLOR_FIX_METHODS", "adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
+
+ColorFixMethod = Literal["adain", "wavelet", "none"]
+COLOR_FIX_METHODS: tuple[str, ...] = ("adain", "wavelet", "none")
+
+_WAVELET_LEVELS = 5
+
+
+def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.flatten(2)  # [B, C, H·W]
+    mean = flat.mean(dim=2)[..., None, None]
+    std = (flat.var(dim=2) + eps).sqrt()[..., None, None]  # unbiased variance, as released
+    return mean, std
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Give ``image`` the per-channel mean and std of ``reference`` (same batch and channels)."""
+    image, reference = image.float(), reference.float()
+    image_mean, image_std = _mean_std(image)
+    reference_mean, reference_std = _mean_std(reference)
+    return ((image - image_mean) / image_std * reference_std + reference_mean).clamp(0.0, 1.0)
+
+
+def _binomial_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=x.device) / 16.0
+    channels = x.shape[1]
+    weight = kernel.expand(channels, 1, 3, 3)
+    padded = F.pad(x, (dilation,) * 4, mode="replicate")
+    return F.conv2d(padded, weight, groups=channels, dilation=dilation)
+
+
+def _low_frequency(x: torch.Tensor) -> torch.Tensor:
+    """The residue after removing ``_WAVELET_LEVELS`` wavelet detail bands."""
+    for level in range(_WAVELET_LEVELS):
+        x = _binomial_blur(x, 2**level)
+    return x
+
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Output's high-frequency bands plus the reference's low-frequency residue."""
+    image, reference = image.float(), reference.float()
+    # The sum of the detail bands telescopes to image - low_frequency(image).
+    high = image - _low_frequency(image)
+    return (high + _low_frequency(reference)).clamp(0.0, 1.0)
+
+
+def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: ColorFixMethod) -> torch.Tensor:
+    """Dispatch on ``method``; ``reference`` must already have ``image``'s size."""
+    if method not in COLOR_FIX_METHODS:
+        raise ValueError(f"color fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
+    if method == "none":
+        return image.float()
+    if image.shape[-2:] != reference.shape[-2:]:
+        raise ValueError(
+            f"color fix reference is {tuple(reference.shape[-2:])} but the image is {tuple(image.shape[-2:])}"
+        )
+    if method == "adain":
+        return adain_color_fix(image, reference)
+    return wavelet_color_fix(image, reference)

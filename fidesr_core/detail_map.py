@@ -1,0 +1,109 @@
+"""Detail maps and percentile normalisation (SPEC §4, also used by DAW in training).
+
+The detail map mixes three 3x3 measures of local structure on the luminance:
+Sobel gradient magnitude, absolute Laplacian and local variance.  Quantiles are
+computed exactly with ``kthvalue`` because ``torch.quantile`` refuses tensors
+of more than 2**24 elements (a 4096x4096 image has exactly that many), and
+images are processed one at a time to bound memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "luminance",
+    "box_blur3",
+    "sobel_magnitude",
+    "laplacian_magnitude",
+    "local_variance",
+    "exact_quantile",
+    "percentile_normalize",
+    "detail_map",
+]
+
+_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+_LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def _filter3(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Correlate single-channel ``[B, 1, H, W]`` with a 3x3 kernel, replicate padding."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kernel.to(device=x.device, dtype=x.dtype).view(1, 1, 3, 3))
+
+
+def luminance(image: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of ``[B, 3, H, W]`` -> ``[B, 1, H, W]``."""
+    red, green, blue = image[:, 0:1], image[:, 1:2], image[:, 2:3]
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+def box_blur3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 mean filter with replicate padding on ``[B, 1, H, W]``."""
+    return _filter3(x, torch.full((3, 3), 1.0 / 9.0))
+
+
+def sobel_magnitude(gray: torch.Tensor) -> torch.Tensor:
+    kernel_x = torch.tensor(_SOBEL_X)
+    grad_x = _filter3(gray, kernel_x)
+    grad_y = _filter3(gray, kernel_x.t().contiguous())
+    return torch.sqrt(grad_x**2 + grad_y**2)
+
+
+def laplacian_magnitude(gray: torch.Tensor) -> torch.Tensor:
+    return _filter3(gray, torch.tensor(_LAPLACIAN)).abs()
+
+
+def local_variance(gray: torch.Tensor) -> torch.Tensor:
+    return box_blur3((gray - box_blur3(gray)) ** 2)
+
+
+def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile of all elements with linear interpolation, equal to ``torch.quantile``.
+
+    Works for any size (``torch.quantile`` stops at 2**24 elements).
+    """
+    flat = values.reshape(-1).float()
+    count = flat.numel()
+    if count == 0:
+        raise ValueError("quantile of an empty tensor")
+    position = q * (count - 1)
+    lower_index = int(position)
+    fraction = position - lower_index
+    upper_index = min(lower_index + 1, count - 1)
+    try:
+        lower = torch.kthvalue(flat, lower_index + 1).values
+        upper = torch.kthvalue(flat, upper_index + 1).values if upper_index != lower_index else lower
+    except (NotImplementedError, RuntimeError):  # e.g. kthvalue missing on some backends
+        ordered = torch.sort(flat).values
+        lower, upper = ordered[lower_index], ordered[upper_index]
+    return torch.lerp(lower, upper, torch.tensor(fraction, dtype=flat.dtype, device=flat.device))
+
+
+def percentile_normalize(x: torch.Tensor, *, low: float = 0.05, high: float = 0.95) -> torch.Tensor:
+    """Per-image ``clamp((x - q_low) / (q_high - q_low + 1e-6), 0, 1)`` on ``[B, C, H, W]``."""
+    normalized = []
+    for sample in x.float():
+        q_low = exact_quantile(sample, low)
+        q_high = exact_quantile(sample, high)
+        normalized.append(torch.clamp((sample - q_low) / (q_high - q_low + 1e-6), 0.0, 1.0))
+    return torch.stack(normalized)
+
+
+def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tensor:
+    """Detail map ``D`` of ``[B, 3, H, W]`` -> ``[B, 1, H, W]`` in ``[0, 1]``, float32.
+
+    ``image`` is in ``[-1, 1]``.  Inference (LFIM) shifts it to ``[0, 1]`` first;
+    the released trainer's DAW map uses the ``[-1, 1]`` values as they are, which
+    is ``shift_to_unit=False``.
+    """
+    maps = []
+    for index in range(image.shape[0]):
+        sample = image[index : index + 1].float()
+        if shift_to_unit:
+            sample = (sample + 1.0) * 0.5
+        gray = luminance(sample)
+        structure = (sobel_magnitude(gray) + laplacian_magnitude(gray) + local_variance(gray)) / 3.0
+        maps.append(box_blur3(percentile_normalize(structure)))
+    return torch.cat(maps, dim=0)

@@ -1,0 +1,169 @@
+"""Training-free latent frequency injection, LF and HF branches (SPEC §4).
+
+Both branches compute a *delta* from the refined latent ``z = z_L − r̃`` and the
+LQ latent ``z_L``; neither reads the other's output, so they commute and
+stack.  Strengths here are *effective* strengths: the released script merges
+the two branch outputs 50/50 (``0.5·z_lf + 0.5·z_hf``), so its
+``--lf_scale 0.2 --hf_scale 0.2`` equals ``lf strength 0.1, hf strength 0.1``
+here; a branch run alone with the newest script keeps its scale (LF 0.2 alone
+is 0.2 here), while the first code release, which always averaged, halves it.
+
+Every map and filter runs in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .detail_map import detail_map, percentile_normalize
+from .frequency import FILTER_GEOMETRIES, FilterGeometry, butterworth_highpass, butterworth_lowpass
+
+__all__ = [
+    "LowFrequencySettings",
+    "HighFrequencySettings",
+    "spatial_gate",
+    "channel_gate",
+    "residual_magnitude_map",
+    "low_frequency_delta",
+    "high_frequency_delta",
+    "inject_frequencies",
+]
+
+
+def _check_common(name: str, *, cutoff: float, order: int, gamma: float, geometry: str) -> None:
+    if not 0.0 < cutoff <= 1.0:
+        raise ValueError(f"{name}: cutoff must be in (0, 1], got {cutoff}")
+    if order < 1:
+        raise ValueError(f"{name}: order must be >= 1, got {order}")
+    if gamma <= 0:
+        raise ValueError(f"{name}: gamma must be > 0, got {gamma}")
+    if geometry not in FILTER_GEOMETRIES:
+        raise ValueError(f"{name}: filter must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
+
+
+@dataclass(frozen=True)
+class LowFrequencySettings:
+    """LF branch; defaults are the released test code's, strength is effective (see module doc)."""
+
+    strength: float = 0.1
+    cutoff: float = 0.10
+    order: int = 2
+    channel_tau: float = 0.8
+    channel_sharpness: float = 10.0
+    gamma: float = 1.2
+    filter: FilterGeometry = "official"
+
+    def __post_init__(self) -> None:
+        _check_common("LF injection", cutoff=self.cutoff, order=self.order, gamma=self.gamma, geometry=self.filter)
+
+
+@dataclass(frozen=True)
+class HighFrequencySettings:
+    """HF branch; its channel gate uses the LF branch's settings in the released code."""
+
+    strength: float = 0.1
+    cutoff: float = 0.32
+    order: int = 2
+    gamma: float = 1.2
+    channel_cutoff: float = 0.10
+    channel_order: int = 2
+    channel_tau: float = 0.8
+    channel_sharpness: float = 10.0
+    filter: FilterGeometry = "official"
+
+    def __post_init__(self) -> None:
+        _check_common("HF injection", cutoff=self.cutoff, order=self.order, gamma=self.gamma, geometry=self.filter)
+        _check_common(
+            "HF injection channel gate",
+            cutoff=self.channel_cutoff,
+            order=self.channel_order,
+            gamma=1.0,
+            geometry=self.filter,
+        )
+
+
+def spatial_gate(upscaled_lq: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """``M_sp``: detail map of the upscaled LQ ``[B, 3, H, W]`` (in [-1, 1]) at latent size ``[B, 1, h, w]``."""
+    detail = detail_map(upscaled_lq)
+    gate = F.interpolate(detail, size=latent_size, mode="bilinear", align_corners=False)
+    return gate.clamp(0.0, 1.0)
+
+
+def channel_gate(
+    z_lq: torch.Tensor,
+    *,
+    cutoff: float,
+    order: int,
+    tau: float,
+    sharpness: float,
+    geometry: FilterGeometry = "official",
+) -> torch.Tensor:
+    """``M_ch`` ``[B, C, 1, 1]``: how low-frequency each channel of ``z_L`` is, squashed by a sigmoid."""
+    z_lq = z_lq.float()
+    low = butterworth_lowpass(z_lq, cutoff=cutoff, order=order, geometry=geometry)
+    low_norm = torch.linalg.vector_norm(low, dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    full_norm = torch.linalg.vector_norm(z_lq, dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    ratio = (low_norm / full_norm).clamp(0.0, 1.0)
+    return torch.sigmoid(sharpness * (ratio - tau))
+
+
+def residual_magnitude_map(refined_residual: torch.Tensor) -> torch.Tensor:
+    """``R = pnorm(0.8·mean_c|r̃| + 0.2·std_c|r̃|)`` ``[B, 1, h, w]`` (unbiased std over channels)."""
+    magnitude = refined_residual.float().abs()
+    mixed = 0.8 * magnitude.mean(dim=1, keepdim=True) + 0.2 * magnitude.std(dim=1, keepdim=True)
+    return percentile_normalize(mixed)
+
+
+def low_frequency_delta(
+    z: torch.Tensor, z_lq: torch.Tensor, gate: torch.Tensor, settings: LowFrequencySettings
+) -> torch.Tensor:
+    """``s_lf · M · M_ch · LPF(z)``: what the LF branch adds to the refined latent ``z``."""
+    z, z_lq = z.float(), z_lq.float()
+    if settings.strength == 0:
+        return torch.zeros_like(z)
+    low = butterworth_lowpass(z, cutoff=settings.cutoff, order=settings.order, geometry=settings.filter)
+    residual_map = residual_magnitude_map(z_lq - z)
+    mask = percentile_normalize((1.0 - gate.float()) * residual_map) ** settings.gamma
+    per_channel = channel_gate(
+        z_lq,
+        cutoff=settings.cutoff,
+        order=settings.order,
+        tau=settings.channel_tau,
+        sharpness=settings.channel_sharpness,
+        geometry=settings.filter,
+    )
+    return settings.strength * mask * per_channel * low
+
+
+def high_frequency_delta(
+    z: torch.Tensor, z_lq: torch.Tensor, gate: torch.Tensor, settings: HighFrequencySettings
+) -> torch.Tensor:
+    """``s_hf · M_sp^γ · (1 − M_ch) · (HPF(z) − HPF(z_L))``: what the HF branch adds to ``z``."""
+    z, z_lq = z.float(), z_lq.float()
+    if settings.strength == 0:
+        return torch.zeros_like(z)
+    kwargs = {"cutoff": settings.cutoff, "order": settings.order, "geometry": settings.filter}
+    detail_gap = butterworth_highpass(z, **kwargs) - butterworth_highpass(z_lq, **kwargs)
+    per_channel = channel_gate(
+        z_lq,
+        cutoff=settings.channel_cutoff,
+        order=settings.channel_order,
+        tau=settings.channel_tau,
+        sharpness=settings.channel_sharpness,
+        geometry=settings.filter,
+    )
+    return settings.strength * gate.float() ** settings.gamma * (1.0 - per_channel) * detail_gap
+
+
+def inject_frequencies(
+    z: torch.Tensor,
+    z_lq: torch.Tensor,
+    gate: torch.Tensor,
+    low: LowFrequencySettings,
+    high: HighFrequencySettings,
+) -> torch.Tensor:
+    """Refined latent plus both deltas (float32); strengths of 0 switch a branch off."""
+    return z.float() + low_frequency_delta(z, z_lq, gate, low) + high_frequency_delta(z, z_lq, gate, high)

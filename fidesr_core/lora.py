@@ -1,0 +1,114 @@
+"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft (SPEC §5).
+
+Three adapters split the U-Net: ``default_encoder`` (down blocks and
+``conv_in``), ``default_decoder`` (up blocks and ``conv_out``) and
+``default_others`` (the mid block).  For SD 2.1 that is 94 / 148 / 16 modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+__all__ = [
+    "ADAPTER_NAMES",
+    "LORA_TARGET_PATTERNS",
+    "lora_target_modules",
+    "add_lora_adapters",
+    "load_lora_state",
+    "lora_state_dict",
+    "merge_lora",
+]
+
+ADAPTER_NAMES: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
+LORA_TARGET_PATTERNS: tuple[str, ...] = (
+    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+    "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
+)  # fmt: skip
+
+
+def lora_target_modules(unet: nn.Module) -> dict[str, list[str]]:
+    """Module names per adapter, by the released trainer's rule on parameter names."""
+    groups: dict[str, list[str]] = {name: [] for name in ADAPTER_NAMES}
+    for name, _ in unet.named_parameters():
+        if "bias" in name or "norm" in name or not any(p in name for p in LORA_TARGET_PATTERNS):
+            continue
+        module = name.removesuffix(".weight")
+        if "down_blocks" in name or "conv_in" in name:
+            groups["default_encoder"].append(module)
+        elif "up_blocks" in name or "conv_out" in name:
+            groups["default_decoder"].append(module)
+        else:
+            groups["default_others"].append(module)
+    return groups
+
+
+def add_lora_adapters(
+    unet: nn.Module,
+    target_modules: Mapping[str, Sequence[str]],
+    *,
+    rank: int,
+    init_lora_weights: bool | str = "gaussian",
+) -> None:
+    """Inject one peft LoRA adapter per group (``lora_alpha = rank``, so scale 1) and activate all."""
+    for adapter, modules in target_modules.items():
+        if not modules:
+            continue
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights=init_lora_weights, target_modules=list(modules)
+        )
+        with warnings.catch_warnings():
+            # peft warns when a second adapter joins the first: three is the design.
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            unet.add_adapter(config, adapter_name=adapter)
+    unet.set_adapter([adapter for adapter, modules in target_modules.items() if modules])
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Every U-Net state entry whose name contains ``lora`` (the authors' ``state_dict_unet``)."""
+    return {key: value for key, value in unet.state_dict().items() if "lora" in key}
+
+
+def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load LoRA tensors into injected adapters; every adapter tensor must be present and fit.
+
+    Raises ``KeyError`` naming missing or unexpected keys and ``ValueError`` on shape mismatch.
+    """
+    expected = lora_state_dict(unet)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise KeyError("LoRA tensors do not match the adapters: " + ", ".join(parts))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"LoRA tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    unet.load_state_dict(dict(state), strict=False)
+
+
+def merge_lora(unet: nn.Module) -> None:
+    """Fold every LoRA layer into its base weight and remove the peft wrappers (in place).
+
+    Raises ``ValueError`` if a merged weight is not finite.
+    """
+    for name, module in list(unet.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        module.merge(safe_merge=True)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child_name, module.get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    unet._hf_peft_config_loaded = False

@@ -1,0 +1,66 @@
+"""Containers for the loaded networks.  Loading lives in ``base_model`` and ``loading``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from .lrrb import LRRB
+
+__all__ = ["SCALING_FACTOR", "BaseModel", "FiDeSRModel"]
+
+SCALING_FACTOR = 0.18215  # SD 2.x VAE latent scale
+
+
+@dataclass(eq=False)
+class BaseModel:
+    """Stable Diffusion 2.x parts FiDeSR builds on, as loaded (float32, CPU)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    source: str  # what it was loaded from, for messages
+    kind: str  # e.g. "diffusers folder", "single file (.safetensors)", "tiny random"
+
+
+@dataclass(eq=False)
+class FiDeSRModel:
+    """Everything inference needs: LoRA-merged U-Net, VAE, LRRB, empty-prompt embedding.
+
+    ``dtype`` is the compute precision of the U-Net and VAE; the LRRB and all
+    frequency maths stay in float32.  The text encoder is not kept: the only
+    prompt FiDeSR uses is the empty one, computed once at load time.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    lrrb: LRRB
+    prompt_embedding: torch.Tensor  # [1, 77, cross_attention_dim], float32
+    dtype: torch.dtype
+    description: dict[str, str] = field(default_factory=dict)
+    scaling_factor: float = SCALING_FACTOR
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: torch.device | str) -> FiDeSRModel:
+        """Move every network to ``device`` (in place) and return self."""
+        device = torch.device(device)
+        if self.device != device:
+            self.unet.to(device)
+            self.vae.to(device)
+            self.lrrb.to(device)
+            self.prompt_embedding = self.prompt_embedding.to(device)
+        return self
+
+    def memory_bytes(self) -> int:
+        """Bytes held by parameters and buffers of all networks."""
+        total = 0
+        for module in (self.unet, self.vae, self.lrrb):
+            for tensor in (*module.parameters(), *module.buffers()):
+                total += tensor.numel() * tensor.element_size()
+        return total

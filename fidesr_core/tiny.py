@@ -1,0 +1,85 @@
+"""Tiny random SD 2-shaped models for tests, ``doctor`` and benchmarks.
+
+Same block types, attention layout, latent channels and ×8 VAE as SD 2.1-base
+(so every code path runs) at a few hundred kilobytes of weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .lora import add_lora_adapters, lora_state_dict, lora_target_modules
+from .lrrb import LRRB
+from .model import BaseModel
+from .weights import FiDeSRWeights
+
+__all__ = ["TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_TEXT_CONFIG", "tiny_base_model", "tiny_fidesr_weights"]
+
+TINY_UNET_CONFIG: dict = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+}
+TINY_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+TINY_TEXT_CONFIG: dict = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+}
+
+
+def tiny_base_model(seed: int = 0) -> BaseModel:
+    """A random SD 2-shaped base model (float32, CPU, eval mode), reproducible from ``seed``."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, source=f"tiny random (seed {seed})", kind="tiny random")
+
+
+def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> FiDeSRWeights:
+    """Random FiDeSR weights for ``base``'s U-Net: non-zero LoRA A and B and a non-zero LRRB.
+
+    ``base.unet`` is left untouched (the adapters are built on a copy).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(base.unet.config)
+    targets = lora_target_modules(unet)
+    add_lora_adapters(unet, targets, rank=rank)
+    lora_state = {
+        key: torch.randn(value.shape, generator=generator) * scale for key, value in lora_state_dict(unet).items()
+    }
+    lrrb = LRRB(latent_channels=unet.config.in_channels)
+    lrrb_state = {key: torch.randn(value.shape, generator=generator) * scale for key, value in lrrb.state_dict().items()}
+    return FiDeSRWeights(
+        lora_rank=rank,
+        target_modules=targets,
+        unet_lora_state=lora_state,
+        lrrb_state=lrrb_state,
+        metadata={"source": f"tiny random (seed {seed})"},
+    )
