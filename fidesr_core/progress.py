@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from .errors import Cancelled
 
-__all__ = ["ProgressCallback", "CancelCheck", "check_cancelled"]
+__all__ = ["ProgressCallback", "StageProgressCallback", "CancelCheck", "check_cancelled"]
 
 # Called as ``progress(done, total)`` after each unit of work; it may raise to stop.
 ProgressCallback = Callable[[int, int], None]
@@ -17,3 +17,6 @@ CancelCheck = Callable[[], bool]
 def check_cancelled(should_cancel: CancelCheck | None) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled("stopped by the user")
+
+# Called as ``stage_progress(stage, done, total)``; stages are named in ``pipeline.STAGES``.
+StageProgressCallback = Callable[[str, int, int], None]

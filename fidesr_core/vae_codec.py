@@ -1,0 +1,84 @@
+"""VAE encode to scaled latents and decode back to images, tiled when large."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+
+from .model import FiDeSRModel
+from .progress import CancelCheck, ProgressCallback
+from .tiled_vae import decode_latents, encode_moments
+
+__all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise"]
+
+LatentMode = Literal["sample", "mode"]
+LATENT_MODES: tuple[str, ...] = ("sample", "mode")
+
+logger = logging.getLogger(__name__)
+
+
+def latent_noise(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from ``seed``: identical on every device and tiling."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def encode_image(
+    model: FiDeSRModel,
+    pixels: torch.Tensor,
+    *,
+    latent_mode: LatentMode = "sample",
+    seed: int = 0,
+    tile_size: int = 1024,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> torch.Tensor:
+    """``z_L = SF · latent`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] -> ``[B, 4, H/8, W/8]`` float32.
+
+    ``"sample"`` draws from the posterior with noise seeded by ``seed`` (the
+    released code samples unseeded); ``"mode"`` takes its mean.
+    """
+    if latent_mode not in LATENT_MODES:
+        raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+    vae_input = pixels.to(device=model.device, dtype=model.dtype)
+    moments = encode_moments(
+        model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel
+    ).float()
+    mean, log_variance = moments.chunk(2, dim=1)
+    latent = mean
+    if latent_mode == "sample":
+        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+        latent = mean + std * latent_noise(mean.shape, seed).to(mean.device)
+    return latent * model.scaling_factor
+
+
+def decode_latent(
+    model: FiDeSRModel,
+    latent: torch.Tensor,
+    *,
+    tile_size: int = 224,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> torch.Tensor:
+    """Scaled latent ``[B, 4, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1], float32.
+
+    A half-precision decode that overflows is redone in float32 (with a warning).
+    """
+    unscaled = latent.float() / model.scaling_factor
+    decoded = decode_latents(
+        model.vae,
+        unscaled.to(device=model.device, dtype=model.dtype),
+        tile_size=tile_size,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    if model.dtype != torch.float32 and not torch.isfinite(decoded).all():
+        logger.warning("VAE decode overflowed in %s; decoding again in float32", model.dtype)
+        model.vae.float()
+        try:
+            decoded = decode_latents(model.vae, unscaled.to(model.device), tile_size=tile_size, should_cancel=should_cancel)
+        finally:
+            model.vae.to(model.dtype)
+    return (decoded.float().clamp(-1.0, 1.0) + 1.0) * 0.5
