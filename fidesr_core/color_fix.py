@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingsError
+
 __all__ = ["ColorFixMethod", "COLOR_FIX_METHODS", "adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
 
 ColorFixMethod = Literal["adain", "wavelet", "none"]
@@ -62,11 +64,11 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: ColorFixMethod) -> torch.Tensor:
     """Dispatch on ``method``; ``reference`` must already have ``image``'s size."""
     if method not in COLOR_FIX_METHODS:
-        raise ValueError(f"color fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
+        raise SettingsError(f"color fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
     if method == "none":
         return image.float()
     if image.shape[-2:] != reference.shape[-2:]:
-        raise ValueError(
+        raise SettingsError(
             f"color fix reference is {tuple(reference.shape[-2:])} but the image is {tuple(image.shape[-2:])}"
         )
     if method == "adain":

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from .errors import SettingsError
+
 __all__ = [
     "FilterGeometry",
     "FILTER_GEOMETRIES",
@@ -44,7 +46,7 @@ def frequency_radius(
     elif geometry == "radial":
         ky = torch.fft.fftfreq(height, device=device).abs().to(torch.float32) * 2.0
     else:
-        raise ValueError(f"filter geometry must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
+        raise SettingsError(f"filter geometry must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
     if geometry == "official":
         kx = torch.arange(width // 2 + 1, device=device, dtype=torch.float32) / max(width // 2, 1)
     else:
@@ -64,9 +66,9 @@ def butterworth_lowpass_mask(
 ) -> torch.Tensor:
     """``1 / (1 + (ρ / cutoff)^(2·order))`` on the ``rfft2`` grid, shape ``[H, W//2 + 1]``."""
     if cutoff <= 0:
-        raise ValueError(f"Butterworth cutoff must be > 0, got {cutoff}")
+        raise SettingsError(f"Butterworth cutoff must be > 0, got {cutoff}")
     if order < 1:
-        raise ValueError(f"Butterworth order must be >= 1, got {order}")
+        raise SettingsError(f"Butterworth order must be >= 1, got {order}")
     radius = frequency_radius(height, width, geometry=geometry, device=device)
     return 1.0 / (1.0 + (radius / cutoff) ** (2 * order))
 

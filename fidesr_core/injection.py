@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .detail_map import detail_map, percentile_normalize
+from .errors import SettingsError
 from .frequency import FILTER_GEOMETRIES, FilterGeometry, butterworth_highpass, butterworth_lowpass
 
 __all__ = [
@@ -35,13 +36,13 @@ __all__ = [
 
 def _check_common(name: str, *, cutoff: float, order: int, gamma: float, geometry: str) -> None:
     if not 0.0 < cutoff <= 1.0:
-        raise ValueError(f"{name}: cutoff must be in (0, 1], got {cutoff}")
+        raise SettingsError(f"{name}: cutoff must be in (0, 1], got {cutoff}")
     if order < 1:
-        raise ValueError(f"{name}: order must be >= 1, got {order}")
+        raise SettingsError(f"{name}: order must be >= 1, got {order}")
     if gamma <= 0:
-        raise ValueError(f"{name}: gamma must be > 0, got {gamma}")
+        raise SettingsError(f"{name}: gamma must be > 0, got {gamma}")
     if geometry not in FILTER_GEOMETRIES:
-        raise ValueError(f"{name}: filter must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
+        raise SettingsError(f"{name}: filter must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import SettingsError
 from .progress import CancelCheck, ProgressCallback, check_cancelled
 
 __all__ = ["tile_starts", "gaussian_tile_weight", "needs_tiling", "run_tiled"]
@@ -26,7 +27,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         return [0]
     stride = tile - overlap
     if stride <= 0:
-        raise ValueError(f"tile overlap {overlap} must be smaller than the tile size {tile}")
+        raise SettingsError(f"tile overlap {overlap} must be smaller than the tile size {tile}")
     count = 1 + math.ceil((length - tile) / stride)
     return [min(index * stride, length - tile) for index in range(count)]
 
@@ -68,12 +69,10 @@ def run_tiled(
             progress(1, 1)
         return out
     if not 0 <= overlap < tile_size:
-        raise ValueError(f"tile overlap must be in [0, tile size {tile_size}), got {overlap}")
+        raise SettingsError(f"tile overlap must be in [0, tile size {tile_size}), got {overlap}")
     tile_h, tile_w = min(tile_size, height), min(tile_size, width)
     boxes = [
-        (top, left)
-        for top in tile_starts(height, tile_h, overlap)
-        for left in tile_starts(width, tile_w, overlap)
+        (top, left) for top in tile_starts(height, tile_h, overlap) for left in tile_starts(width, tile_w, overlap)
     ]
     weight = gaussian_tile_weight(tile_h, tile_w).to(x.device)
     blended: torch.Tensor | None = None

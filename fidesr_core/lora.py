@@ -59,9 +59,7 @@ def add_lora_adapters(
     for adapter, modules in target_modules.items():
         if not modules:
             continue
-        config = LoraConfig(
-            r=rank, lora_alpha=rank, init_lora_weights=init_lora_weights, target_modules=list(modules)
-        )
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init_lora_weights, target_modules=list(modules))
         with warnings.catch_warnings():
             # peft warns when a second adapter joins the first: three is the design.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")

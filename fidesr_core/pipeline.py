@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
+from .errors import SettingsError
 from .injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
 from .model import FiDeSRModel
 from .preprocess import prepare_lq, resize_image, resize_to_output
@@ -42,11 +43,11 @@ class UpscaleSettings:
 
     def __post_init__(self) -> None:
         if self.latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+            raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
         if self.color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {self.color_fix!r}")
+            raise SettingsError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {self.color_fix!r}")
         if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
-            raise ValueError(f"tile_overlap must be in [0, tile_size={self.tile_size}), got {self.tile_overlap}")
+            raise SettingsError(f"tile_overlap must be in [0, tile_size={self.tile_size}), got {self.tile_overlap}")
 
 
 def _stage(stage_progress: StageProgressCallback | None, stage: str) -> ProgressCallback | None:

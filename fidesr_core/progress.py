@@ -18,5 +18,6 @@ def check_cancelled(should_cancel: CancelCheck | None) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled("stopped by the user")
 
+
 # Called as ``stage_progress(stage, done, total)``; stages are named in ``pipeline.STAGES``.
 StageProgressCallback = Callable[[str, int, int], None]

@@ -59,7 +59,9 @@ def tiny_base_model(seed: int = 0) -> BaseModel:
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
     vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
-    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, source=f"tiny random (seed {seed})", kind="tiny random")
+    return BaseModel(
+        unet=unet, vae=vae, text_encoder=text_encoder, source=f"tiny random (seed {seed})", kind="tiny random"
+    )
 
 
 def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> FiDeSRWeights:
@@ -75,7 +77,9 @@ def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale:
         key: torch.randn(value.shape, generator=generator) * scale for key, value in lora_state_dict(unet).items()
     }
     lrrb = LRRB(latent_channels=unet.config.in_channels)
-    lrrb_state = {key: torch.randn(value.shape, generator=generator) * scale for key, value in lrrb.state_dict().items()}
+    lrrb_state = {
+        key: torch.randn(value.shape, generator=generator) * scale for key, value in lrrb.state_dict().items()
+    }
     return FiDeSRWeights(
         lora_rank=rank,
         target_modules=targets,

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from .errors import SettingsError
 from .model import FiDeSRModel
 from .progress import CancelCheck, ProgressCallback
 from .tiled_vae import decode_latents, encode_moments
@@ -41,7 +42,7 @@ def encode_image(
     released code samples unseeded); ``"mode"`` takes its mean.
     """
     if latent_mode not in LATENT_MODES:
-        raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+        raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
     vae_input = pixels.to(device=model.device, dtype=model.dtype)
     moments = encode_moments(
         model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel
@@ -78,7 +79,9 @@ def decode_latent(
         logger.warning("VAE decode overflowed in %s; decoding again in float32", model.dtype)
         model.vae.float()
         try:
-            decoded = decode_latents(model.vae, unscaled.to(model.device), tile_size=tile_size, should_cancel=should_cancel)
+            decoded = decode_latents(
+                model.vae, unscaled.to(model.device), tile_size=tile_size, should_cancel=should_cancel
+            )
         finally:
             model.vae.to(model.dtype)
     return (decoded.float().clamp(-1.0, 1.0) + 1.0) * 0.5

@@ -1,0 +1,7 @@
+"""``python -m fidesr_core``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

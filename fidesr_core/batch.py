@@ -1,0 +1,108 @@
+"""Upscaling image files: input discovery, output naming, skip-existing, atomic writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import FiDeSRError, ImageInputError
+from .image_io import IMAGE_EXTENSIONS, load_image, save_png_atomic
+from .model import FiDeSRModel
+from .pipeline import UpscaleSettings, upscale
+from .preprocess import resize_image
+
+__all__ = ["BatchResult", "collect_inputs", "plan_outputs", "upscale_file", "upscale_files"]
+
+
+@dataclass
+class BatchResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
+    """Files as given plus the PNG/JPEG/WebP files of given folders; errors for missing paths."""
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = _images_in(path, recursive)
+            if not images:
+                raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ImageInputError(f"{path}: no such file or folder")
+    return list(dict.fromkeys(found))  # keep order, drop repeats
+
+
+def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[tuple[Path, Path]]:
+    """Pair each input with ``output_dir/<stem>.png``; two inputs that would share an output are an error."""
+    planned: dict[Path, Path] = {}
+    for source in inputs:
+        target = output_dir / f"{source.stem}.png"
+        if target in planned:
+            raise ImageInputError(f"{planned[target]} and {source} would both be written to {target}; rename one")
+        planned[target] = source
+    return [(source, target) for target, source in planned.items()]
+
+
+def upscale_file(
+    model: FiDeSRModel,
+    source: Path,
+    target: Path,
+    settings: UpscaleSettings,
+    *,
+    stage_bar: tqdm | None = None,
+) -> None:
+    """Upscale one file to an 8-bit PNG (alpha, if any, resized bicubically alongside)."""
+    loaded = load_image(source)
+
+    def on_stage(stage: str, done: int, total: int) -> None:
+        if stage_bar is not None:
+            stage_bar.set_postfix_str(f"{source.name}: {stage} {done}/{total}")
+
+    restored = upscale(model, loaded.rgb, settings, stage_progress=on_stage)
+    alpha = None
+    if loaded.alpha is not None:
+        alpha = resize_image(loaded.alpha, tuple(restored.shape[-2:]))[0]
+    save_png_atomic(target, restored[0], alpha)
+
+
+def upscale_files(
+    model: FiDeSRModel,
+    pairs: Sequence[tuple[Path, Path]],
+    settings: UpscaleSettings,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> BatchResult:
+    """Upscale every ``(source, target)``; existing targets are skipped unless ``overwrite``.
+
+    A bad image is recorded in ``failed`` and the batch goes on.
+    """
+    result = BatchResult()
+    with tqdm(total=len(pairs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        for source, target in pairs:
+            if target.exists() and not overwrite:
+                result.skipped.append(target)
+            else:
+                try:
+                    upscale_file(model, source, target, settings, stage_bar=bar)
+                    result.written.append(target)
+                except FiDeSRError as error:
+                    result.failed.append((source, str(error)))
+                    bar.write(f"failed: {error}")
+            bar.update(1)
+    return result

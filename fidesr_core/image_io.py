@@ -1,0 +1,92 @@
+"""Reading photos into tensors and writing PNGs atomically (CLI side of the engine)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageInputError
+
+__all__ = ["IMAGE_EXTENSIONS", "LoadedImage", "load_image", "save_png_atomic", "write_atomic"]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    rgb: torch.Tensor  # [1, 3, H, W] float32 in [0, 1]
+    alpha: torch.Tensor | None  # [1, 1, H, W] float32 in [0, 1], or None when opaque
+
+
+def _to_unit_float(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype in (np.uint16, np.int32, np.int16):  # 16-bit PNG modes I;16 / I
+        return np.clip(array.astype(np.float32) / 65535.0, 0.0, 1.0)
+    if array.dtype == np.float32:
+        return np.clip(array, 0.0, 1.0)
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    raise ImageInputError(f"unsupported pixel type {array.dtype}")
+
+
+def _planes(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rgb [H, W, 3], alpha [H, W] or None)`` as float32 in [0, 1]."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit greyscale
+        grey = _to_unit_float(np.asarray(image))
+        return np.repeat(grey[..., None], 3, axis=2), None
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    converted = image.convert("RGBA" if has_alpha else "RGB")
+    array = _to_unit_float(np.asarray(converted))
+    if not has_alpha:
+        return array, None
+    alpha = array[..., 3]
+    return array[..., :3], (None if alpha.min() >= 1.0 else alpha)
+
+
+def load_image(path: str | os.PathLike) -> LoadedImage:
+    """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb, alpha = _planes(image)
+    except FileNotFoundError as error:
+        raise ImageInputError(f"{path}: no such file") from error
+    except UnidentifiedImageError as error:
+        raise ImageInputError(f"{path}: not an image this program can read (PNG, JPEG or WebP expected)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageInputError(f"{path}: the image data is damaged or truncated ({error})") from error
+    rgb_tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    alpha_tensor = None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None, None]
+    return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(temp_path)`` then move the finished file to ``path``; never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:  # including KeyboardInterrupt: no half files
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_png_atomic(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+    """Write ``rgb`` ``[3, H, W]`` (and optional ``alpha`` ``[1, H, W]``) in [0, 1] as an 8-bit PNG."""
+    planes = rgb if alpha is None else torch.cat([rgb, alpha], dim=0)
+    array = (planes.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())  # RGB or RGBA from the last axis
+    write_atomic(path, lambda temp: image.save(temp, format="PNG"))
