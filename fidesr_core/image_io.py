@@ -70,6 +70,12 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(temp_path)`` then move the finished file to ``path``; never leaves a partial file."""
     path = Path(path)
@@ -78,6 +84,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(handle)
     try:
         write(temp_name)
+        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give normal ones
         os.replace(temp_name, path)
     except BaseException:  # including KeyboardInterrupt: no half files
         Path(temp_name).unlink(missing_ok=True)
