@@ -80,6 +80,7 @@ def _check_base(path: Path, out: TextIO) -> bool:
         return False
     verdict = "usable as the FiDeSR base" if identity.is_sd2 else "NOT usable: FiDeSR needs SD 2.1-base"
     print(f"base         {path}: {identity.family}, {identity.container}; {verdict}", file=out)
+    print(f"             looks like {identity.description}", file=out)
     for note in identity.notes:
         print(f"             note: {note}", file=out)
     return identity.is_sd2
