@@ -1,0 +1,258 @@
+"""Per-stage time and peak memory of FiDeSR at full SD 2.1-base size, with random weights.
+
+Builds the U-Net and VAE from the bundled SD 2.1-base configs (no weights
+needed, runs anywhere), then times, for each case and precision:
+
+* ``ours``: the engine's pipeline as shipped (``fidesr_core`` steps);
+* ``reference``: a plain path in the style of the released code (stock
+  diffusers calls, eager, NCHW, LoRA merged, the released tiling with the
+  LRRB per tile, untiled VAE).
+
+Every (path, case, precision) runs in its own subprocess so peak memory
+(RSS on CPU, ``max_memory_allocated`` on CUDA) belongs to that run alone.
+Prints one JSON document: stage times, totals, peaks, ours/reference
+speed-up and how far bf16/fp16 outputs are from fp32.
+
+    python benchmarks/bench_pipeline.py --cases small,large --precisions fp32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fidesr_core.injection import HighFrequencySettings, LowFrequencySettings  # noqa: E402
+
+CASES = {"small": (128, 128), "large": (256, 384)}  # LQ sizes: 128->512 untiled, 256x384->1024x1536 tiled
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "fidesr_core" / "configs" / "sd21_base"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build_networks(dtype: torch.dtype, device: torch.device, channels_last: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from fidesr_core.lrrb import LRRB
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR, subfolder="vae"))
+    lrrb = LRRB()
+    for parameter in lrrb.parameters():  # an untrained LRRB is exactly zero; give it work to do
+        torch.nn.init.normal_(parameter, std=0.02)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    unet = torch.nn.Module.to(unet.eval(), device=device, dtype=dtype, memory_format=memory_format)
+    vae = torch.nn.Module.to(vae.eval(), device=device, dtype=dtype, memory_format=memory_format)
+    embedding = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
+    return unet.requires_grad_(False), vae.requires_grad_(False), lrrb.to(device).requires_grad_(False), embedding
+
+
+class StageTimer:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    def __call__(self, stage: str, fn, *args, **kwargs):
+        _sync(self.device)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        _sync(self.device)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        return result
+
+
+def _run_ours(image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer) -> torch.Tensor:
+    from fidesr_core.injection import inject_frequencies, spatial_gate
+    from fidesr_core.loading import use_channels_last
+    from fidesr_core.model import FiDeSRModel
+    from fidesr_core.pipeline import finish_image
+    from fidesr_core.preprocess import prepare_lq
+    from fidesr_core.restoration import predict_residual, refine_residual, restored_latent
+    from fidesr_core.vae_codec import decode_latent, encode_image
+
+    unet, vae, lrrb, embedding = _build_networks(dtype, device, use_channels_last(device, dtype))
+    model = FiDeSRModel(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)
+    with torch.no_grad():
+        prepared = timer("preprocess", prepare_lq, image)
+        z_lq = timer("encode", encode_image, model, prepared.pixels.to(device), latent_mode="mode")
+        residual = timer("unet", predict_residual, model, z_lq)
+        refined = timer("lrrb", refine_residual, model, z_lq, residual)
+
+        def lfim():
+            gate = spatial_gate(prepared.pixels.to(device), tuple(z_lq.shape[-2:]))
+            return inject_frequencies(
+                restored_latent(z_lq, refined), z_lq, gate, LowFrequencySettings(), HighFrequencySettings()
+            )
+
+        latent = timer("lfim", lfim)
+        decoded = timer("decode", decode_latent, model, latent)
+        return timer("colorfix", finish_image, decoded, prepared.pixels, prepared.output_size, "adain")
+
+
+def _released_tiles(length: int, tile: int, overlap: int) -> list[int]:
+    count, covered = 0, 0
+    while covered < length:
+        covered = max(count * tile - overlap * count, 0) + tile
+        count += 1
+    return [length - tile if i == count - 1 else i * (tile - overlap) for i in range(count)]
+
+
+def _run_reference(image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer) -> torch.Tensor:
+    """The released computation, written plainly: stock diffusers calls, LRRB per tile."""
+    import torch.nn.functional as F
+
+    from fidesr_core.color_fix import adain_color_fix
+    from fidesr_core.injection import inject_frequencies, spatial_gate
+    from fidesr_core.latent_tiling import gaussian_tile_weight
+
+    unet, vae, lrrb, embedding = _build_networks(dtype, device, channels_last=False)
+    scale = 0.18215
+    with torch.no_grad():
+        height, width = image.shape[-2:]
+        upscaled = F.interpolate(image, scale_factor=4, mode="bicubic", antialias=True).clamp(0, 1)
+        upscaled = upscaled[..., : upscaled.shape[-2] // 8 * 8, : upscaled.shape[-1] // 8 * 8]
+        pixels = (upscaled * 2 - 1).to(device)
+        z_lq = timer("encode", lambda: vae.encode(pixels.to(dtype)).latent_dist.mode().float() * scale)
+        emb = embedding.to(device, dtype)
+
+        def unet_and_lrrb(tile: torch.Tensor) -> torch.Tensor:
+            r = timer("unet", lambda: unet(tile.to(dtype), 1, encoder_hidden_states=emb).sample.float())
+            return timer("lrrb", lambda: r + lrrb(torch.cat([tile, r], 1)))
+
+        h, w = z_lq.shape[-2:]
+        if h * w <= 96 * 96:
+            refined = unet_and_lrrb(z_lq)
+        else:
+            tile = min(96, h, w)
+            weight = gaussian_tile_weight(tile, tile).to(device)
+            refined = torch.zeros_like(z_lq)
+            weights = torch.zeros_like(z_lq)
+            for top in _released_tiles(h, tile, 32):
+                for left in _released_tiles(w, tile, 32):
+                    out = unet_and_lrrb(z_lq[..., top : top + tile, left : left + tile])
+                    refined[..., top : top + tile, left : left + tile] += out * weight
+                    weights[..., top : top + tile, left : left + tile] += weight
+            refined = refined / weights
+
+        def lfim():
+            gate = spatial_gate(pixels, (h, w))
+            low, high = LowFrequencySettings(), HighFrequencySettings()
+            return inject_frequencies(z_lq - refined, z_lq, gate, low, high)
+
+        latent = timer("lfim", lfim)
+        decoded = timer("decode", lambda: vae.decode((latent / scale).to(dtype)).sample.float())
+        decoded = (decoded.clamp(-1, 1) + 1) / 2
+        return timer("colorfix", adain_color_fix, decoded, upscaled.to(device))
+
+
+def _worker(path: str, case: str, precision: str, device_name: str, output: Path) -> dict:
+    from fidesr_core.precision import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(precision, device)
+    height, width = CASES[case]
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(2))
+    timer = StageTimer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = _run_ours if path == "ours" else _run_reference
+    start = time.perf_counter()
+    result = run(image, dtype, device, timer)
+    total = time.perf_counter() - start
+    torch.save(result.cpu(), output)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "path": path,
+        "case": case,
+        "lq_size": [height, width],
+        "output_size": list(result.shape[-2:]),
+        "precision": precision,
+        "device": str(device),
+        "stage_seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
+        "pipeline_seconds": round(sum(v for k, v in timer.seconds.items()), 4),
+        "wall_seconds_including_model_build": round(total, 2),
+        "peak_memory_mib": round(peak / 2**20, 1),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+    }
+
+
+def _spawn(path: str, case: str, precision: str, device: str, folder: Path) -> dict:
+    output = folder / f"{path}-{case}-{precision}.pt"
+    command = [sys.executable, __file__, "--worker", path, case, precision, "--device", device, "--save", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"path": path, "case": case, "precision": precision, "error": done.stderr.strip().splitlines()[-3:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="small,large")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--paths", default="reference,ours")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--worker", nargs=3, metavar=("PATH", "CASE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(*args.worker, args.device, args.save)))
+        return
+    runs, comparisons = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for case in args.cases.split(","):
+            for precision in args.precisions.split(","):
+                for path in args.paths.split(","):
+                    runs.append(_spawn(path, case, precision, args.device, folder))
+                    print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        comparisons = _compare(runs, folder)
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                      "runs": runs, "comparisons": comparisons}, indent=2))  # fmt: skip
+
+
+def _compare(runs: list[dict], folder: Path) -> list[dict]:
+    """Speed-up of ours over reference, and output distances, per case."""
+    found = {(r["path"], r["case"], r["precision"]): r for r in runs if "error" not in r}
+    comparisons = []
+    for (path, case, precision), run in found.items():
+        if path != "ours":
+            continue
+        entry: dict = {"case": case, "precision": precision}
+        ours = torch.load(folder / f"ours-{case}-{precision}.pt")
+        for ref_precision in ("fp32", precision):
+            reference = found.get(("reference", case, ref_precision))
+            if reference:
+                entry[f"speedup_vs_reference_{ref_precision}"] = round(
+                    reference["pipeline_seconds"] / run["pipeline_seconds"], 3
+                )
+                other = torch.load(folder / f"reference-{case}-{ref_precision}.pt")
+                if other.shape == ours.shape:
+                    entry[f"max_abs_diff_vs_reference_{ref_precision}"] = float((other - ours).abs().max())
+        if ("ours", case, "fp32") in found and precision != "fp32":
+            base = torch.load(folder / f"ours-{case}-fp32.pt")
+            entry["vs_ours_fp32_max_abs"] = float((base - ours).abs().max())
+            entry["vs_ours_fp32_mean_abs"] = float((base - ours).abs().mean())
+            entry["vs_ours_fp32_psnr_db"] = float(10 * torch.log10(1 / ((base - ours) ** 2).mean()))
+        comparisons.append(entry)
+    return comparisons
+
+
+if __name__ == "__main__":
+    main()
