@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fidesr_core.errors import SettingsError
+from fidesr_core.errors import ModelFileError, SettingsError
 from fidesr_core.lrrb import LRRB
 from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
 from training.config import config_from_dict
@@ -341,6 +341,8 @@ def test_prompts_need_a_tokenizer_only_when_not_empty(workspace) -> None:
     assert not torch.allclose(captions[0], captions[1])
     with pytest.raises(SettingsError, match="--tokenizer"):
         plain.encode(["a dog"])
+    with pytest.raises(ModelFileError, match="vocab.json"):
+        load_tokenizer(workspace["root"] / "hq")
 
 
 def test_missing_tokenizer_fails_early(workspace, tmp_path: Path) -> None:
@@ -360,6 +362,14 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace, tmp_path: Path)
     plain = _totals(_train(_config(workspace, tmp_path / "a", optim={"max_steps": 2})))
     checkpointed = _totals(_train(_config(workspace, tmp_path / "b", optim={"max_steps": 2, "gradient_checkpointing": True})))  # fmt: skip
     assert checkpointed == pytest.approx(plain, abs=1e-5)
+
+
+def test_csd_teacher_can_be_another_model(workspace, tmp_path: Path) -> None:
+    shared = _train(_config(workspace, tmp_path / "a", optim={"max_steps": 1}))
+    other = _train(_config(workspace, tmp_path / "b", model={"csd_model": "tiny:1"}, optim={"max_steps": 1}))
+    # same generator output (same seed, same init), different teacher: only the CSD term moves
+    assert other.history[0]["loss/l2"] == pytest.approx(shared.history[0]["loss/l2"], abs=1e-7)
+    assert abs(other.history[0]["loss/csd"] - shared.history[0]["loss/csd"]) > 1e-4
 
 
 def test_bf16_mixed_precision_step(workspace, tmp_path: Path) -> None:
