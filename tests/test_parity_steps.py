@@ -383,19 +383,6 @@ def test_run_tiled_short_side_below_tile_with_large_area() -> None:
     _close(out, ref_tiled(fn, x, 96, 32, square_clamp=False))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2.6 read literally clamps the tile to the latent's short side on both axes (square tiles, as "
-    "the released code sizes them); the engine clamps each axis on its own (64x96 tiles on a 64x200 latent)",
-)
-def test_run_tiled_short_side_clamp_as_released() -> None:
-    torch.manual_seed(17)
-    fn = _local_fn()
-    x = torch.randn(1, 4, 64, 200)
-    with torch.no_grad():
-        _close(run_tiled(fn, x, tile_size=96, overlap=32), ref_tiled(fn, x, 96, 32, square_clamp=True))
-
-
 @pytest.mark.parametrize(("size", "tile", "overlap"), [((100, 150), 96, 32), ((64, 200), 96, 32), ((37, 53), 16, 6)])
 def test_run_tiled_identity_reproduces_input(size: tuple[int, int], tile: int, overlap: int) -> None:
     x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(18))
