@@ -1,0 +1,516 @@
+"""FiDeSR weights files: the authors' pkl, our safetensors, conversion, validation and every refusal.
+
+Every file is built here on the fly from tiny random models; the authors' pkl is
+written the way their trainer names things (SPEC §5, §6), with the key names
+spelled out in this file rather than taken from the module under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import UNet2DConditionModel
+from ldm_export import write_diffusers_folder, write_ldm_checkpoint
+from peft import LoraConfig
+from safetensors import safe_open
+
+from fidesr_core.errors import SettingsError, WeightsFileError
+from fidesr_core.lora import add_lora_adapters, load_lora_state, lora_target_modules, merge_lora
+from fidesr_core.lrrb import LRRB
+from fidesr_core.model import BaseModel
+from fidesr_core.tiny import TINY_UNET_CONFIG, tiny_base_model
+from fidesr_core.weights import (
+    FiDeSRWeights,
+    convert_fidesr_weights,
+    describe_fidesr_weights,
+    load_fidesr_weights,
+    save_fidesr_weights,
+    validate_fidesr_weights,
+)
+
+RANK = 4
+AUTHORS_KEYS = {
+    "unet_lora_encoder_modules",
+    "unet_lora_decoder_modules",
+    "unet_lora_others_modules",
+    "lora_rank_unet",
+    "state_dict_unet",
+    "lrrb_state_dict",
+}
+
+
+def _randomise(module: torch.nn.Module, names: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if names in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def authors_checkpoint(seed: int = 1) -> dict:
+    """The dict the released trainer's ``save_model`` writes, built the same way on the tiny U-Net."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    targets = lora_target_modules(unet)
+    add_lora_adapters(unet, targets, rank=RANK)
+    _randomise(unet, "lora", seed)  # gaussian init leaves lora_B at zero: make every tensor count
+    lrrb = LRRB()
+    _randomise(lrrb, "", seed + 1)
+    return {
+        "unet_lora_encoder_modules": targets["default_encoder"],
+        "unet_lora_decoder_modules": targets["default_decoder"],
+        "unet_lora_others_modules": targets["default_others"],
+        "lora_rank_unet": RANK,
+        "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k},
+        "lrrb_state_dict": lrrb.state_dict(),
+    }
+
+
+@pytest.fixture(scope="module")
+def authors() -> dict:
+    return authors_checkpoint()
+
+
+@pytest.fixture()
+def authors_pkl(authors: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "fidesr.pkl"
+    torch.save(authors, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BaseModel:
+    return tiny_base_model(seed=3)
+
+
+def _same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
+    return left.keys() == right.keys() and all(
+        left[k].dtype == right[k].dtype and torch.equal(left[k], right[k]) for k in left
+    )
+
+
+def _weights(authors: dict) -> FiDeSRWeights:
+    return FiDeSRWeights(
+        lora_rank=authors["lora_rank_unet"],
+        target_modules={
+            "default_encoder": list(authors["unet_lora_encoder_modules"]),
+            "default_decoder": list(authors["unet_lora_decoder_modules"]),
+            "default_others": list(authors["unet_lora_others_modules"]),
+        },
+        unet_lora_state={k: v.clone() for k, v in authors["state_dict_unet"].items()},
+        lrrb_state={k: v.clone() for k, v in authors["lrrb_state_dict"].items()},
+        metadata={"source": "test", "training_step": "1200"},
+    )
+
+
+def _refusal(path: Path) -> str:
+    with pytest.raises(WeightsFileError) as caught:
+        load_fidesr_weights(path)
+    message = str(caught.value)
+    assert str(path) in message
+    return message
+
+
+# --------------------------------------------------------------------------- reading and round trips
+
+
+def test_authors_pkl_loads_unchanged(authors: dict, authors_pkl: Path) -> None:
+    weights = load_fidesr_weights(authors_pkl)
+    assert weights.file_format == "pkl" and weights.metadata == {}
+    assert weights.lora_rank == RANK
+    assert weights.target_modules["default_encoder"] == authors["unet_lora_encoder_modules"]
+    assert weights.target_modules["default_decoder"] == authors["unet_lora_decoder_modules"]
+    assert weights.target_modules["default_others"] == authors["unet_lora_others_modules"]
+    assert all(authors[key] for key in ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules"))  # fmt: skip
+    assert _same_tensors(weights.unet_lora_state, authors["state_dict_unet"])
+    assert _same_tensors(weights.lrrb_state, dict(authors["lrrb_state_dict"]))
+    assert sum(v.numel() for v in weights.lrrb_state.values()) == 720_260  # SPEC §3
+
+
+def test_legacy_torch_save_and_content_detection(authors: dict, tmp_path: Path) -> None:
+    legacy = tmp_path / "legacy.pkl"
+    torch.save(authors, legacy, _use_new_zipfile_serialization=False)
+    assert _same_tensors(load_fidesr_weights(legacy).unet_lora_state, authors["state_dict_unet"])
+    # The content decides, not the extension.
+    pkl_named_safetensors = tmp_path / "really_a_pickle.safetensors"
+    torch.save(authors, pkl_named_safetensors)
+    assert load_fidesr_weights(pkl_named_safetensors).file_format == "pkl"
+    safetensors_named_pkl = tmp_path / "really_safetensors.pkl"
+    save_fidesr_weights(_weights(authors), safetensors_named_pkl, file_format="safetensors")
+    assert load_fidesr_weights(safetensors_named_pkl).file_format == "safetensors"
+
+
+def test_round_trip_pkl_safetensors_pkl(authors_pkl: Path, tmp_path: Path) -> None:
+    original = load_fidesr_weights(authors_pkl)
+    middle = convert_fidesr_weights(authors_pkl, tmp_path / "fidesr.safetensors")
+    assert middle is not original
+    via_safetensors = load_fidesr_weights(tmp_path / "fidesr.safetensors")
+    assert via_safetensors.file_format == "safetensors"
+    assert via_safetensors.metadata == {"converted_from": "fidesr.pkl"}
+    convert_fidesr_weights(tmp_path / "fidesr.safetensors", tmp_path / "again.pkl")
+    again = load_fidesr_weights(tmp_path / "again.pkl")
+    for weights in (via_safetensors, again):
+        assert weights.lora_rank == original.lora_rank
+        assert weights.target_modules == original.target_modules
+        assert _same_tensors(weights.unet_lora_state, original.unet_lora_state)
+        assert _same_tensors(weights.lrrb_state, original.lrrb_state)
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".safetensors"])
+def test_half_precision_is_kept(authors: dict, tmp_path: Path, suffix: str) -> None:
+    weights = _weights(authors)
+    weights.unet_lora_state = {k: v.half() for k, v in weights.unet_lora_state.items()}  # LRRB stays fp32
+    save_fidesr_weights(weights, tmp_path / f"half{suffix}")
+    loaded = load_fidesr_weights(tmp_path / f"half{suffix}")
+    assert _same_tensors(loaded.unet_lora_state, weights.unet_lora_state)
+    assert _same_tensors(loaded.lrrb_state, weights.lrrb_state)
+    assert describe_fidesr_weights(loaded)["dtypes"] == "float16, float32"
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_written_pkl_is_the_authors_layout_and_loads_their_way(authors: dict, tmp_path: Path) -> None:
+    path = tmp_path / "ours.pkl"
+    save_fidesr_weights(_weights(authors), path)
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert set(raw) == AUTHORS_KEYS
+    assert type(raw["lora_rank_unet"]) is int and raw["lora_rank_unet"] == RANK
+    assert all(type(raw[k]) is list for k in AUTHORS_KEYS if k.endswith("_modules"))
+    # Their test script: three LoraConfigs from the lists, copy every "lora" parameter by name, load the LRRB.
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    for adapter, key in (("default_encoder", "unet_lora_encoder_modules"), ("default_decoder", "unet_lora_decoder_modules"), ("default_others", "unet_lora_others_modules")):  # fmt: skip
+        unet.add_adapter(LoraConfig(r=raw["lora_rank_unet"], target_modules=raw[key]), adapter_name=adapter)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora" in name:
+                parameter.copy_(raw["state_dict_unet"][name])
+    LRRB().load_state_dict(raw["lrrb_state_dict"])
+    assert _same_tensors({k: v for k, v in unet.state_dict().items() if "lora" in k}, authors["state_dict_unet"])
+
+
+def test_safetensors_layout(authors: dict, tmp_path: Path) -> None:
+    path = tmp_path / "fidesr.safetensors"
+    save_fidesr_weights(_weights(authors), path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, names = handle.metadata(), set(handle.keys())
+    assert metadata["fidesr.format"] == "fidesr-weights"
+    assert metadata["fidesr.format_version"] == "1"
+    assert metadata["fidesr.lora_rank"] == str(RANK)
+    assert json.loads(metadata["fidesr.unet_lora_encoder_modules"]) == authors["unet_lora_encoder_modules"]
+    assert json.loads(metadata["fidesr.unet_lora_others_modules"]) == authors["unet_lora_others_modules"]
+    assert metadata["source"] == "test" and metadata["training_step"] == "1200"
+    assert names == {"unet_lora." + k for k in authors["state_dict_unet"]} | {"lrrb." + k for k in authors["lrrb_state_dict"]}  # fmt: skip
+    assert load_fidesr_weights(path).metadata == {"source": "test", "training_step": "1200"}
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".safetensors"])
+def test_loaded_tensors_do_not_depend_on_the_file(authors: dict, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"fidesr{suffix}"
+    save_fidesr_weights(_weights(authors), path)
+    weights = load_fidesr_weights(path)
+    path.write_bytes(b"")  # truncates the same inode: a tensor still mapped from it would fault when read
+    assert _same_tensors(weights.unet_lora_state, authors["state_dict_unet"])
+    assert _same_tensors(weights.lrrb_state, dict(authors["lrrb_state_dict"]))
+
+
+def test_loaded_lora_changes_the_unet_and_merging_matches_peft(tiny: BaseModel, authors_pkl: Path) -> None:
+    weights = load_fidesr_weights(authors_pkl)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 5, TINY_UNET_CONFIG["cross_attention_dim"], generator=generator)
+    unet = UNet2DConditionModel.from_config(tiny.unet.config).eval()
+    unet.load_state_dict(tiny.unet.state_dict())
+    with torch.no_grad():
+        plain = unet(latent, 1, encoder_hidden_states=context).sample
+        add_lora_adapters(unet, weights.target_modules, rank=weights.lora_rank, init_lora_weights=False)
+        load_lora_state(unet, weights.unet_lora_state)
+        with_peft = unet(latent, 1, encoder_hidden_states=context).sample
+        merge_lora(unet)
+        merged = unet(latent, 1, encoder_hidden_states=context).sample
+    assert not any("lora" in name for name in unet.state_dict())
+    assert (with_peft - plain).abs().max() > 1e-2
+    torch.testing.assert_close(merged, with_peft, atol=1e-5, rtol=0)
+
+
+def test_describe(authors_pkl: Path) -> None:
+    description = describe_fidesr_weights(load_fidesr_weights(authors_pkl))
+    raw = torch.load(authors_pkl, weights_only=True)
+    assert description["format"].startswith("pkl")
+    assert description["lora_rank"] == RANK
+    assert description["lora_modules"] == {
+        "default_encoder": len(raw["unet_lora_encoder_modules"]),
+        "default_decoder": len(raw["unet_lora_decoder_modules"]),
+        "default_others": len(raw["unet_lora_others_modules"]),
+    }
+    # Each module holds A [r, in(, k, k)] and B [out, r(, 1, 1)]; counted from the file's raw tensors.
+    assert description["lora_parameters"] == sum(t.numel() for t in raw["state_dict_unet"].values()) > 0
+    assert description["lrrb_parameters"] == 720_260
+    assert description["dtypes"] == "float32"
+    assert description["metadata"] == {}
+    json.dumps(description)  # the CLI's --json output
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize(("suffix", "writer"), [(".safetensors", "safetensors"), (".pkl", "torch")])
+def test_failed_save_leaves_no_partial_file(
+    authors: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, writer: str
+) -> None:
+    def write_half_then_fail(*args: object, **kwargs: object) -> None:
+        target = next(a for a in args if isinstance(a, (str, os.PathLike)))
+        Path(target).write_bytes(b"\x00" * 1000)  # a partial file is on disk when the writer dies
+        raise OSError("disk full")
+
+    path = tmp_path / f"fidesr{suffix}"
+    save_fidesr_weights(_weights(authors), path)
+    before = path.read_bytes()
+    if writer == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", write_half_then_fail)
+    else:
+        monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_fidesr_weights(_weights(authors), path)
+    with pytest.raises(OSError, match="disk full"):
+        save_fidesr_weights(_weights(authors), tmp_path / f"new{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fidesr{suffix}"]
+    assert path.read_bytes() == before
+
+
+def test_save_refuses_bad_format_requests(authors: dict, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"\.txt"):
+        save_fidesr_weights(_weights(authors), tmp_path / "fidesr.txt")
+    with pytest.raises(SettingsError, match="ckpt2"):
+        save_fidesr_weights(_weights(authors), tmp_path / "fidesr.bin", file_format="ckpt2")  # type: ignore[arg-type]
+    weights = _weights(authors)
+    weights.metadata["fidesr.format"] = "mine"
+    with pytest.raises(SettingsError, match="reserved"):
+        save_fidesr_weights(weights, tmp_path / "fidesr.safetensors")
+    weights = _weights(authors)
+    weights.lrrb_state.popitem()
+    with pytest.raises(WeightsFileError, match="LRRB"):
+        save_fidesr_weights(weights, tmp_path / "fidesr.pkl")
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_missing_empty_and_garbage_files(tmp_path: Path) -> None:
+    assert "does not exist" in _refusal(tmp_path / "nowhere.pkl")
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    assert "empty" in _refusal(tmp_path / "empty.pkl")
+    (tmp_path / "notes.pkl").write_text("these are not weights")
+    assert "neither" in _refusal(tmp_path / "notes.pkl")
+    (tmp_path / "folder").mkdir()
+    assert "folder" in _refusal(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_truncated_files(authors: dict, tmp_path: Path, kind: str) -> None:
+    whole = tmp_path / ("whole.safetensors" if kind == "safetensors" else "whole.pkl")
+    if kind == "safetensors":
+        save_fidesr_weights(_weights(authors), whole)
+    else:
+        torch.save(authors, whole, _use_new_zipfile_serialization=kind == "zip")
+    data = whole.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10):
+        cut_path = tmp_path / f"cut{cut}{whole.suffix}"
+        cut_path.write_bytes(data[:cut])
+        message = _refusal(cut_path)
+        assert "truncated" in message or "damaged" in message
+
+
+def test_corrupt_files(authors: dict, tmp_path: Path) -> None:
+    st_path = tmp_path / "fidesr.safetensors"
+    save_fidesr_weights(_weights(authors), st_path)
+    data = bytearray(st_path.read_bytes())
+    data[20:40] = b"\xff" * 20  # inside the JSON header
+    st_path.write_bytes(bytes(data))
+    assert "damaged" in _refusal(st_path)
+    legacy = tmp_path / "legacy.pkl"
+    torch.save(authors, legacy, _use_new_zipfile_serialization=False)
+    data = bytearray(legacy.read_bytes())
+    data[2:12] = b"\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a"  # garbage opcodes right after the pickle header
+    legacy.write_bytes(bytes(data))
+    assert "damaged" in _refusal(legacy)
+
+
+class _CreatesMarker:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_pickle_that_runs_code_is_refused_without_running(tmp_path: Path, writer: str) -> None:
+    # The payload is live: an unrestricted unpickle creates its marker.
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_CreatesMarker(control), protocol=2)).close()
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    payload = {"lora_rank_unet": _CreatesMarker(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    message = _refusal(path)
+    assert not marker.exists()
+    assert "contains code or Python objects that we refuse to load" in message
+
+
+def test_dict_with_other_keys(authors: dict, tmp_path: Path) -> None:
+    path = tmp_path / "extra.pkl"
+    torch.save({**authors, "optimizer": {"lr": torch.tensor(5e-5)}}, path)
+    message = _refusal(path)
+    assert "optimizer" in message and "lrrb_state_dict" in message
+    torch.save([authors["lora_rank_unet"]], tmp_path / "list.pkl")
+    assert "list" in _refusal(tmp_path / "list.pkl")
+
+
+def test_pisa_sr_checkpoint(authors: dict, tmp_path: Path) -> None:
+    lora = authors["state_dict_unet"]
+    pisa = {"lora_rank_unet_pix": RANK, "lora_rank_unet_sem": RANK, "state_dict_unet": {}}
+    for kind in ("pix", "sem"):
+        for part in ("encoder", "decoder", "others"):
+            pisa[f"unet_lora_{part}_modules_{kind}"] = authors[f"unet_lora_{part}_modules"]
+        pisa["state_dict_unet"].update({k.replace("_encoder.", f"_encoder_{kind}.").replace("_decoder.", f"_decoder_{kind}.").replace("_others.", f"_others_{kind}."): v for k, v in lora.items()})  # fmt: skip
+    torch.save(pisa, tmp_path / "pisa_sr.pkl")
+    message = _refusal(tmp_path / "pisa_sr.pkl")
+    assert "PiSA-SR" in message and "not FiDeSR" in message and "not supported by this loader" in message
+
+
+def test_osediff_checkpoint(authors: dict, tmp_path: Path) -> None:
+    osediff = {
+        "unet_lora_encoder_modules": authors["unet_lora_encoder_modules"],
+        "unet_lora_decoder_modules": authors["unet_lora_decoder_modules"],
+        "unet_lora_others_modules": authors["unet_lora_others_modules"],
+        "rank_unet": RANK,
+        "rank_vae": RANK,
+        "vae_lora_encoder_modules": ["encoder.conv_in"],
+        "state_dict_unet": authors["state_dict_unet"],
+        "state_dict_vae": {"encoder.conv_in.lora_A.default_encoder.weight": torch.zeros(RANK, 3, 3, 3)},
+    }
+    torch.save(osediff, tmp_path / "osediff.pkl")
+    message = _refusal(tmp_path / "osediff.pkl")
+    assert "OSEDiff" in message and "not FiDeSR" in message
+
+
+@pytest.mark.parametrize("form", ["safetensors", "ckpt", "diffusers folder"])
+def test_base_model_given_as_weights(tiny: BaseModel, tmp_path: Path, form: str) -> None:
+    if form == "diffusers folder":
+        path = write_diffusers_folder(tiny, tmp_path / "sd21")
+    else:
+        path = write_ldm_checkpoint(tiny, tmp_path / f"v2-1_512.{form}")
+    message = _refusal(path)
+    assert "is a base model" in message and "base model input" in message
+
+
+def test_safetensors_without_our_marker(authors: dict, tmp_path: Path) -> None:
+    path = tmp_path / "someone_elses.safetensors"
+    tensors = {"unet_lora." + k: v.contiguous() for k, v in authors["state_dict_unet"].items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    assert "without the FiDeSR format marker" in _refusal(path)
+
+
+def test_missing_lrrb(authors: dict, tmp_path: Path) -> None:
+    no_lrrb = {k: v for k, v in authors.items() if k != "lrrb_state_dict"}
+    torch.save(no_lrrb, tmp_path / "no_lrrb.pkl")
+    assert "no LRRB" in _refusal(tmp_path / "no_lrrb.pkl")
+    torch.save({**authors, "lrrb_state_dict": {}}, tmp_path / "empty_lrrb.pkl")
+    assert "no LRRB" in _refusal(tmp_path / "empty_lrrb.pkl")
+    # Our format, marker and all, without the lrrb.* tensors.
+    path = tmp_path / "no_lrrb.safetensors"
+    save_fidesr_weights(_weights(authors), path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("lrrb.")}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    assert "no LRRB" in _refusal(path)
+
+
+def test_our_safetensors_with_a_newer_version_or_stray_tensors(authors: dict, tmp_path: Path) -> None:
+    path = tmp_path / "fidesr.safetensors"
+    save_fidesr_weights(_weights(authors), path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    safetensors.torch.save_file(tensors, str(path), metadata={**metadata, "fidesr.format_version": "2"})
+    assert "version '2'" in _refusal(path)
+    safetensors.torch.save_file({**tensors, "optimizer.step": torch.zeros(1)}, str(path), metadata=metadata)
+    assert "optimizer.step" in _refusal(path)
+    safetensors.torch.save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if k != "fidesr.lora_rank"})  # fmt: skip
+    assert "fidesr.lora_rank" in _refusal(path)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "dtype"),
+    [("state_dict_unet", "nan", torch.float32), ("lrrb_state_dict", "nan", torch.float32),
+     ("state_dict_unet", "inf", torch.float16), ("lrrb_state_dict", "-inf", torch.bfloat16)],
+)  # fmt: skip
+def test_nan_and_infinite_tensors(authors: dict, tmp_path: Path, where: str, value: str, dtype: torch.dtype) -> None:
+    broken = {**authors, where: {k: v.to(dtype, copy=True) for k, v in authors[where].items()}}
+    name = sorted(broken[where])[-1]
+    broken[where][name].view(-1)[-1] = float(value)
+    torch.save(broken, tmp_path / "broken.pkl")
+    message = _refusal(tmp_path / "broken.pkl")
+    assert "NaN or infinite" in message and name in message
+    del broken[where][name]  # the same file without the bad tensor is refused for another reason
+    assert "NaN" not in str(pytest.raises(WeightsFileError, validate_fidesr_weights, _weights(broken)).value)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _broken(authors: dict, change: str) -> FiDeSRWeights:
+    weights = _weights(authors)
+    lora = weights.unet_lora_state
+    first_a = next(k for k in lora if ".lora_A.default_encoder." in k)
+    module = first_a.split(".lora_A.")[0]
+    if change == "adapter":
+        weights.target_modules["default_extra"] = weights.target_modules.pop("default_others")
+    elif change == "unlisted":
+        weights.target_modules["default_encoder"].remove(module)
+    elif change == "no lora_B":
+        del lora[first_a.replace(".lora_A.", ".lora_B.")]
+    elif change == "rank":
+        weights.lora_rank = RANK + 1
+    elif change == "lrrb shape":
+        weights.lrrb_state["in_conv.weight"] = torch.zeros(64, 6, 1, 1)
+    elif change == "bad name":
+        lora["down_blocks.0.resnets.0.conv1.lora_up.weight"] = torch.zeros(RANK, RANK)
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("adapter", "expected exactly"),
+        ("unlisted", "not in the default_encoder module list"),
+        ("no lora_B", "has no tensor"),
+        ("rank", "expected rank"),
+        ("lrrb shape", "expected (64, 8, 1, 1)"),
+        ("bad name", "is not named"),
+    ],
+)
+def test_validation_names_the_source_and_the_problem(authors: dict, change: str, expected: str) -> None:
+    validate_fidesr_weights(_weights(authors), source="fine.pkl")
+    with pytest.raises(WeightsFileError) as caught:
+        validate_fidesr_weights(_broken(authors, change), source="my/fidesr.pkl")
+    assert str(caught.value).startswith("my/fidesr.pkl: ")
+    assert expected in str(caught.value)
+
+
+def test_validation_of_a_file_with_an_unlisted_module(authors: dict, tmp_path: Path) -> None:
+    changed = {**authors, "unet_lora_encoder_modules": authors["unet_lora_encoder_modules"][1:]}
+    torch.save(changed, tmp_path / "fidesr.pkl")
+    assert "not in the default_encoder module list" in _refusal(tmp_path / "fidesr.pkl")
