@@ -6,13 +6,14 @@ import os
 
 import torch
 
+from .base_model import load_base_model
 from .errors import WeightsFileError
 from .lora import add_lora_adapters, load_lora_state, merge_lora
 from .lrrb import LRRB
 from .model import BaseModel, FiDeSRModel
 from .precision import dtype_name, resolve_device, resolve_dtype
 from .text_embedding import encode_empty_prompt
-from .weights import FiDeSRWeights
+from .weights import FiDeSRWeights, load_fidesr_weights
 
 __all__ = ["assemble_fidesr_model", "load_fidesr_model", "use_channels_last"]
 
@@ -23,7 +24,9 @@ def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _apply_lora(base: BaseModel, weights: FiDeSRWeights, source: str) -> None:
-    add_lora_adapters(base.unet, weights.target_modules, rank=weights.lora_rank, init_lora_weights=False)
+    add_lora_adapters(
+        base.unet, weights.target_modules, rank=weights.lora_rank, alpha=weights.lora_alpha, init_lora_weights=False
+    )
     try:
         load_lora_state(base.unet, weights.unet_lora_state)
     except (KeyError, ValueError) as error:
@@ -96,9 +99,6 @@ def load_fidesr_model(
     device: str | torch.device | None = None,
 ) -> FiDeSRModel:
     """Load SD 2.1-base (diffusers folder or single file) and FiDeSR weights (.pkl or .safetensors)."""
-    from .base_model import load_base_model
-    from .weights import load_fidesr_weights
-
     weights = load_fidesr_weights(weights_path)
     weights.metadata.setdefault("path", str(weights_path))
     base = load_base_model(base_path)

@@ -3,6 +3,11 @@
 Three adapters split the U-Net: ``default_encoder`` (down blocks and
 ``conv_in``), ``default_decoder`` (up blocks and ``conv_out``) and
 ``default_others`` (the mid block).  For SD 2.1 that is 94 / 148 / 16 modules.
+
+LoRA scale is ``alpha / rank``.  SPEC §5 says ``lora_alpha = rank``; the
+released code sets no alpha, so peft's default of 8 applies: scale 1 at the
+released rank 8 (where both agree) and ``8 / rank`` otherwise.  We follow the
+code.  peft is imported where it is used, so reading weight files stays fast.
 """
 
 from __future__ import annotations
@@ -11,12 +16,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 __all__ = [
     "ADAPTER_NAMES",
+    "RELEASED_LORA_ALPHA",
     "LORA_TARGET_PATTERNS",
     "lora_target_modules",
     "add_lora_adapters",
@@ -26,6 +30,7 @@ __all__ = [
 ]
 
 ADAPTER_NAMES: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
+RELEASED_LORA_ALPHA = 8  # peft's LoraConfig default, which the released trainer and test script rely on
 LORA_TARGET_PATTERNS: tuple[str, ...] = (
     "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
     "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
@@ -53,13 +58,16 @@ def add_lora_adapters(
     target_modules: Mapping[str, Sequence[str]],
     *,
     rank: int,
+    alpha: float = RELEASED_LORA_ALPHA,
     init_lora_weights: bool | str = "gaussian",
 ) -> None:
-    """Inject one peft LoRA adapter per group (``lora_alpha = rank``, so scale 1) and activate all."""
+    """Inject one peft LoRA adapter per group (scale ``alpha / rank``) and activate all."""
+    from peft import LoraConfig
+
     for adapter, modules in target_modules.items():
         if not modules:
             continue
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init_lora_weights, target_modules=list(modules))
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights, target_modules=list(modules))
         with warnings.catch_warnings():
             # peft warns when a second adapter joins the first: three is the design.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -100,6 +108,8 @@ def merge_lora(unet: nn.Module) -> None:
 
     Raises ``ValueError`` if a merged weight is not finite.
     """
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(unet.named_modules()):
         if not isinstance(module, LoraLayer):
             continue

@@ -41,7 +41,7 @@ import torch
 from .checkpoint_inspect import OpenedCheckpoint, identify_checkpoint, identify_model_file
 from .errors import ModelFileError, SettingsError, WeightsFileError
 from .image_io import write_atomic
-from .lora import ADAPTER_NAMES
+from .lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
 from .lrrb import LRRB
 
 __all__ = [
@@ -58,6 +58,8 @@ class FiDeSRWeights:
     module names; ``unet_lora_state`` uses peft names such as
     ``down_blocks.0.attentions.0.proj_in.lora_A.default_encoder.weight``.
     ``file_format`` says what they were read from ("pkl", "safetensors"; "" when built in memory).
+    ``lora_alpha``: LoRA scale is ``lora_alpha / lora_rank``; the authors' files carry no alpha
+    and their code uses peft's default 8 (see ``lora.py``).
     """
 
     lora_rank: int
@@ -66,6 +68,7 @@ class FiDeSRWeights:
     lrrb_state: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     file_format: str = ""
+    lora_alpha: float = RELEASED_LORA_ALPHA
 
 
 SAFETENSORS_FORMAT_MARKER = "fidesr-weights"
@@ -109,6 +112,9 @@ def _lora_problem(weights: FiDeSRWeights) -> str | None:
     rank, targets = weights.lora_rank, weights.target_modules
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         return f"LoRA rank is {rank!r}, expected a positive integer"
+    alpha = weights.lora_alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        return f"LoRA alpha is {alpha!r}, expected a positive number"
     if not isinstance(targets, dict) or set(targets) != set(ADAPTER_NAMES):
         names = sorted(targets) if isinstance(targets, dict) else type(targets).__name__
         return f"LoRA adapters are {names}, expected exactly {list(ADAPTER_NAMES)}"
@@ -314,6 +320,7 @@ def _read_safetensors(path: Path) -> FiDeSRWeights:
         raise WeightsFileError(f"{path} is FiDeSR safetensors format version {version!r}; this package reads version {SAFETENSORS_FORMAT_VERSION}")  # fmt: skip
     try:
         rank = int(metadata[_META + "lora_rank"])
+        alpha = float(metadata.get(_META + "lora_alpha", RELEASED_LORA_ALPHA))
         lists = {adapter: json.loads(metadata[_META + key]) for adapter, key in _LIST_KEY_OF.items()}
     except (ValueError, json.JSONDecodeError) as error:
         raise WeightsFileError(f"{path}: FiDeSR safetensors metadata is malformed ({error})") from None
@@ -327,6 +334,7 @@ def _read_safetensors(path: Path) -> FiDeSRWeights:
         lrrb_state={k.removeprefix(_LRRB_PREFIX): v for k, v in tensors.items() if k.startswith(_LRRB_PREFIX)},
         metadata={k: v for k, v in metadata.items() if not k.startswith(_META)},
         file_format="safetensors",
+        lora_alpha=alpha,
     )
 
 
@@ -375,7 +383,12 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
 
 
-def _pkl_payload(weights: FiDeSRWeights) -> dict[str, object]:
+def _pkl_payload(weights: FiDeSRWeights, path: Path) -> dict[str, object]:
+    if weights.lora_alpha != RELEASED_LORA_ALPHA:
+        raise SettingsError(
+            f"{path}: the authors' .pkl layout has no LoRA alpha (their code always uses {RELEASED_LORA_ALPHA}), "
+            f"but these weights use {weights.lora_alpha}; save them as .safetensors"
+        )
     payload: dict[str, object] = {key: list(weights.target_modules[a]) for a, key in _LIST_KEY_OF.items()}
     payload["lora_rank_unet"] = int(weights.lora_rank)
     payload["state_dict_unet"] = {key: _plain(value) for key, value in weights.unet_lora_state.items()}
@@ -393,6 +406,7 @@ def _safetensors_payload(weights: FiDeSRWeights, path: Path) -> tuple[dict[str, 
     metadata[_META + "format"] = SAFETENSORS_FORMAT_MARKER
     metadata[_META + "format_version"] = str(SAFETENSORS_FORMAT_VERSION)
     metadata[_META + "lora_rank"] = str(weights.lora_rank)
+    metadata[_META + "lora_alpha"] = repr(float(weights.lora_alpha))
     for adapter, key in _LIST_KEY_OF.items():
         metadata[_META + key] = json.dumps(list(weights.target_modules[adapter]))
     return tensors, metadata
@@ -412,7 +426,7 @@ def save_fidesr_weights(
         raise SettingsError(f"weights file format {chosen!r} is not one of 'pkl', 'safetensors'")
     validate_fidesr_weights(weights, source=f"weights to be written to {path}")
     if chosen == "pkl":
-        payload = _pkl_payload(weights)
+        payload = _pkl_payload(weights, path)
         write_atomic(path, lambda temp: torch.save(payload, temp))
     else:
         tensors, metadata = _safetensors_payload(weights, path)
@@ -443,6 +457,7 @@ def describe_fidesr_weights(weights: FiDeSRWeights) -> dict[str, object]:
     return {
         "format": formats.get(weights.file_format, "in memory"),
         "lora_rank": weights.lora_rank,
+        "lora_alpha": weights.lora_alpha,
         "lora_modules": {adapter: len(weights.target_modules.get(adapter, [])) for adapter in ADAPTER_NAMES},
         "lora_parameters": sum(tensor.numel() for tensor in weights.unet_lora_state.values()),
         "lrrb_parameters": sum(tensor.numel() for tensor in weights.lrrb_state.values()),

@@ -17,7 +17,8 @@ Details the SPEC leaves open, as read here (all confirmed in the released code):
 * the LF branch's channel gate uses the LF cutoff and order (``rc_ch = rc_lf``);
 * the min-side pre-scale and the final resize-back use PIL's default filter,
   bicubic (a = −0.5), sizes truncated with ``int``;
-* LoRA scale is 1.0 (``lora_alpha = rank``, as SPEC §2.4/§5 say).
+* LoRA: ``LoraConfig(r=rank)`` with no alpha, as the released code builds it, so peft's default
+  alpha 8 applies (scale ``8 / rank``; SPEC §5's ``lora_alpha = rank`` agrees only at the released rank 8).
 """
 
 from __future__ import annotations
@@ -400,11 +401,11 @@ def ref_empty_prompt_embedding(text_encoder: torch.nn.Module) -> torch.Tensor:
 def ref_lora_unet(
     unet: torch.nn.Module, rank: int, target_modules: dict[str, list[str]], lora_state: dict
 ) -> torch.nn.Module:
-    """A copy of ``unet`` with the three peft adapters attached (unmerged, scale 1) and filled from ``lora_state``."""
+    """A copy of ``unet`` with the three peft adapters attached (unmerged, peft's default alpha) and filled from ``lora_state``."""
     unet = copy.deepcopy(unet)
     names = list(target_modules)
     for name in names:
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules[name])
+        config = LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=target_modules[name])
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
             warnings.simplefilter("ignore", UserWarning)
             unet.add_adapter(config, adapter_name=name)

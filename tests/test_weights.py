@@ -21,7 +21,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from fidesr_core.errors import SettingsError, WeightsFileError
-from fidesr_core.lora import add_lora_adapters, load_lora_state, lora_target_modules, merge_lora
+from fidesr_core.lora import RELEASED_LORA_ALPHA, add_lora_adapters, load_lora_state, lora_target_modules, merge_lora
 from fidesr_core.lrrb import LRRB
 from fidesr_core.model import BaseModel
 from fidesr_core.tiny import TINY_UNET_CONFIG, tiny_base_model
@@ -235,6 +235,35 @@ def test_loaded_lora_changes_the_unet_and_merging_matches_peft(tiny: BaseModel, 
     assert not any("lora" in name for name in unet.state_dict())
     assert (with_peft - plain).abs().max() > 1e-2
     torch.testing.assert_close(merged, with_peft, atol=1e-5, rtol=0)
+
+
+def test_lora_alpha_follows_the_released_code_and_round_trips(authors: dict, tmp_path: Path) -> None:
+    """The authors' files carry no alpha and their code uses peft's default 8 (scale 8 / rank)."""
+    torch.save(authors, tmp_path / "a.pkl")
+    assert load_fidesr_weights(tmp_path / "a.pkl").lora_alpha == RELEASED_LORA_ALPHA == 8
+    weights = _weights(authors)
+    weights.lora_alpha = 3.5
+    save_fidesr_weights(weights, tmp_path / "b.safetensors")
+    assert load_fidesr_weights(tmp_path / "b.safetensors").lora_alpha == 3.5
+    with pytest.raises(SettingsError, match="no LoRA alpha"):
+        save_fidesr_weights(weights, tmp_path / "b.pkl")
+    assert not (tmp_path / "b.pkl").exists()
+
+
+def test_lora_alpha_scales_the_merged_delta(tiny: BaseModel, authors: dict) -> None:
+    weights = _weights(authors)
+
+    def merged_delta(alpha: float) -> torch.Tensor:
+        unet = UNet2DConditionModel.from_config(tiny.unet.config).eval()
+        unet.load_state_dict(tiny.unet.state_dict())
+        add_lora_adapters(unet, weights.target_modules, rank=weights.lora_rank, alpha=alpha, init_lora_weights=False)
+        load_lora_state(unet, weights.unet_lora_state)
+        merge_lora(unet)
+        return unet.conv_in.weight.detach() - tiny.unet.conv_in.weight.detach()
+
+    small, large = merged_delta(4.0), merged_delta(12.0)
+    assert small.abs().max() > 1e-4
+    torch.testing.assert_close(large, 3.0 * small, rtol=1e-4, atol=1e-6)
 
 
 def test_describe(authors_pkl: Path) -> None:
