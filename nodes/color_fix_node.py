@@ -1,0 +1,67 @@
+"""FiDeSR Color Fix: the decoder's colour correction for any pair of images."""
+
+from __future__ import annotations
+
+import torch
+
+from ..fidesr_core.color_fix import apply_color_fix
+from ..fidesr_core.preprocess import resize_image
+from .errors import engine_errors, node_error
+from .images import image_from_engine, image_to_engine
+
+__all__ = ["FiDeSRColorFix", "COLOR_FIX_NODE_METHODS"]
+
+CATEGORY = "image/upscaling/FiDeSR"
+COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
+
+
+class FiDeSRColorFix:
+    DISPLAY_NAME = "FiDeSR Color Fix"
+    DESCRIPTION = (
+        "Corrects the colours of an image towards a reference (e.g. the low-quality input), which is resized to the "
+        "image first: adain matches each channel's mean and std; wavelet keeps the image's detail and takes the "
+        "reference's low frequencies."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The colour-corrected image.",)
+    FUNCTION = "fix"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image whose colours are corrected."}),
+                "reference": (
+                    "IMAGE",
+                    {"tooltip": "The image with the right colours; resized (bicubic) to the image's size."},
+                ),
+                "method": (
+                    list(COLOR_FIX_NODE_METHODS),
+                    {
+                        "default": "adain",
+                        "tooltip": "adain: match each channel's mean and std. wavelet: the image's high frequencies "
+                        "plus the reference's low frequencies.",
+                    },
+                ),
+            }
+        }
+
+    def fix(self, image: torch.Tensor, reference: torch.Tensor, method: str = "adain") -> tuple[torch.Tensor]:
+        node = self.DISPLAY_NAME
+        if method not in COLOR_FIX_NODE_METHODS:
+            raise node_error(node, f"method {method!r} is not one of {', '.join(COLOR_FIX_NODE_METHODS)}")
+        target = image_to_engine(image, node, "image")
+        source = image_to_engine(reference, node, "reference")
+        if source.shape[0] not in (1, target.shape[0]):
+            raise node_error(
+                node,
+                f"reference has a batch of {source.shape[0]} but image has {target.shape[0]}; use 1 or "
+                f"{target.shape[0]} reference images",
+            )
+        source = source.expand(target.shape[0], -1, -1, -1)
+        with engine_errors(node):
+            resized = resize_image(source, tuple(target.shape[-2:]))
+            fixed = apply_color_fix(target, resized, method)
+        return (image_from_engine(fixed),)

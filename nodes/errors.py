@@ -1,0 +1,37 @@
+"""Errors the nodes raise, with messages that start with the node's display name.
+
+ComfyUI shows an exception's message on the node that raised it and keeps
+serving, so every message says which node failed, what value was wrong and
+what was expected.  Engine errors (``FiDeSRError``) are re-raised the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..fidesr_core.errors import FiDeSRError
+
+__all__ = ["FiDeSRNodeError", "node_error", "engine_errors"]
+
+
+class FiDeSRNodeError(Exception):
+    """An input a FiDeSR node cannot use, or an engine error, attributed to the node."""
+
+
+# ComfyUI shows "<module>.<class>: <message>"; the pack's module name is its file path.
+FiDeSRNodeError.__module__ = "fidesr"
+
+
+def node_error(node: str, message: str) -> FiDeSRNodeError:
+    """``FiDeSRNodeError("<node>: <message>")``, to be raised by the caller."""
+    return FiDeSRNodeError(f"{node}: {message}")
+
+
+@contextmanager
+def engine_errors(node: str) -> Iterator[None]:
+    """Re-raise engine errors as ``FiDeSRNodeError`` naming ``node`` (the original is chained)."""
+    try:
+        yield
+    except FiDeSRError as error:
+        raise node_error(node, str(error)) from error
