@@ -269,7 +269,10 @@ _Step = _Layer | _Norm | _Save | _Add
 
 
 def _group_chunks(x: torch.Tensor, groups: int) -> list[slice]:
-    """Channel slices of whole groups whose float32 copies stay under ``_NORM_CHUNK_ELEMENTS``."""
+    """Channel slices of whole groups: all channels for float32 ``x``; otherwise as many as keep a float32
+    copy under ``_NORM_CHUNK_ELEMENTS``."""
+    if x.dtype == torch.float32:
+        return [slice(None)]
     per_group = x.shape[1] // groups
     step = per_group * max(1, _NORM_CHUNK_ELEMENTS // max(1, x[:, :per_group].numel()))
     return [slice(c, c + step) for c in range(0, x.shape[1], step)]
@@ -286,12 +289,17 @@ class _GroupStats:
     def add(self, x: torch.Tensor) -> None:
         """Add one tile's core ``x`` [B, C, h, w]."""
         per_group = x.shape[1] // self.groups
-        parts = [
-            torch.var_mean(x[:, s].float().unflatten(1, (-1, per_group)), dim=(2, 3, 4), correction=0)
-            for s in _group_chunks(x, self.groups)
-        ]
-        var, mean = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-        count, before = x[0, :per_group].numel(), self.count
+        means, variances = [], []
+        for s in _group_chunks(x, self.groups):
+            values = x[:, s].float().unflatten(1, (-1, per_group))  # [B, groups, C/G, h, w]
+            # E[x²] − E[x]² is several times faster than var_mean; take it only where it cannot cancel badly
+            mean = values.mean((2, 3, 4))
+            var = torch.linalg.vector_norm(values, dim=(2, 3, 4)).square() / values[0, 0].numel() - mean.square()
+            if not bool((mean.square() <= 64 * var).all()):
+                var, mean = torch.var_mean(values, (2, 3, 4), correction=0)
+            means.append(mean)
+            variances.append(var)
+        mean, var, count, before = torch.cat(means, 1), torch.cat(variances, 1), x[0, :per_group].numel(), self.count
         self.count += count
         delta = mean - self.mean
         self.mean = self.mean + delta * (count / self.count)
@@ -304,6 +312,8 @@ class _GroupStats:
         shift = -self.mean.repeat_interleave(per_group, 1) * scale
         if norm.affine:
             scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
+        if x.dtype == torch.float32:
+            return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
         out = torch.empty_like(x)
         for s in _group_chunks(x, self.groups):
             out[:, s] = torch.addcmul(shift[:, s, None, None], x[:, s].float(), scale[:, s, None, None])

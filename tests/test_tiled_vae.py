@@ -120,6 +120,39 @@ def test_group_norm_statistics_are_whole_image(vae_no_attention: AutoencoderKL) 
     assert independent_error > 100 * tiled_error and independent_error > 1e-2
 
 
+def _group_stats_of_pieces(x: torch.Tensor, groups: int) -> tiled_vae._GroupStats:
+    stats = tiled_vae._GroupStats(groups)
+    for top, bottom in ((0, 4), (4, x.shape[2])):  # uneven pieces that partition the map
+        for left, right in ((0, 9), (9, x.shape[3])):
+            stats.add(x[..., top:bottom, left:right])
+    return stats
+
+
+def test_group_statistics_merged_over_tiles_are_exact() -> None:
+    # One group sits far from zero, where the E[x²] − E[x]² shortcut would cancel: the exact path takes over.
+    x = torch.randn(2, 8, 11, 13, generator=torch.Generator().manual_seed(4))
+    x[:, 2:4] = x[:, 2:4] * 1e-3 + 1e3
+    stats = _group_stats_of_pieces(x, 4)
+    grouped = x.double().reshape(2, 4, -1)
+    assert stats.count == grouped.shape[-1]
+    assert torch.allclose(stats.mean.double(), grouped.mean(-1), rtol=1e-6)
+    assert torch.allclose(stats.m2.double() / stats.count, grouped.var(-1, correction=0), rtol=1e-4)
+
+
+@torch.no_grad()
+def test_whole_image_statistics_normalise_like_group_norm() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 11, 13, generator=generator) * torch.linspace(0.5, 3.0, 8)[:, None, None] + 2.0
+    norm = nn.GroupNorm(4, 8, eps=1e-6)
+    nn.init.normal_(norm.weight, generator=generator)
+    nn.init.normal_(norm.bias, generator=generator)
+    stats = _group_stats_of_pieces(x, 4)
+    assert torch.allclose(stats.normalize(x, norm), norm(x), atol=1e-5)
+    half = stats.normalize(x[:, :, :5].bfloat16(), norm)  # a tile in bfloat16: computed in float32, cast back
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), norm(x)[:, :, :5], atol=0.05, rtol=0.02)
+
+
 @torch.no_grad()
 def test_attention_machinery_in_one_tile_matches_the_stock_attention(vae_with_attention: AutoencoderKL) -> None:
     # The tiled engine forced onto a single tile re-implements the mid-block attention: it must agree.
