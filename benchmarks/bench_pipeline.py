@@ -38,6 +38,25 @@ CASES = {"small": (128, 128), "large": (256, 384)}  # LQ sizes: 128->512 untiled
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "fidesr_core" / "configs" / "sd21_base"
 
 
+def _reset_peak_rss() -> bool:
+    """Linux: reset the process's peak RSS (VmHWM) so it measures what comes next."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,16 +93,15 @@ class StageTimer:
         return result
 
 
-def _run_ours(image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer) -> torch.Tensor:
+def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
     from fidesr_core.injection import inject_frequencies, spatial_gate
-    from fidesr_core.loading import use_channels_last
     from fidesr_core.model import FiDeSRModel
     from fidesr_core.pipeline import finish_image
     from fidesr_core.preprocess import prepare_lq
     from fidesr_core.restoration import predict_residual, refine_residual, restored_latent
     from fidesr_core.vae_codec import decode_latent, encode_image
 
-    unet, vae, lrrb, embedding = _build_networks(dtype, device, use_channels_last(device, dtype))
+    unet, vae, lrrb, embedding = networks
     model = FiDeSRModel(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)
     with torch.no_grad():
         prepared = timer("preprocess", prepare_lq, image)
@@ -110,7 +128,7 @@ def _released_tiles(length: int, tile: int, overlap: int) -> list[int]:
     return [length - tile if i == count - 1 else i * (tile - overlap) for i in range(count)]
 
 
-def _run_reference(image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer) -> torch.Tensor:
+def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
     """The released computation, written plainly: stock diffusers calls, LRRB per tile."""
     import torch.nn.functional as F
 
@@ -118,7 +136,7 @@ def _run_reference(image: torch.Tensor, dtype: torch.dtype, device: torch.device
     from fidesr_core.injection import inject_frequencies, spatial_gate
     from fidesr_core.latent_tiling import gaussian_tile_weight
 
-    unet, vae, lrrb, embedding = _build_networks(dtype, device, channels_last=False)
+    unet, vae, lrrb, embedding = networks
     scale = 0.18215
     with torch.no_grad():
         height, width = image.shape[-2:]
@@ -158,26 +176,34 @@ def _run_reference(image: torch.Tensor, dtype: torch.dtype, device: torch.device
         return timer("colorfix", adain_color_fix, decoded, upscaled.to(device))
 
 
-def _worker(path: str, case: str, precision: str, device_name: str, output: Path) -> dict:
+def _worker(path: str, case: str, precision: str, device_name: str, output: Path, repeats: int) -> dict:
+    from fidesr_core.loading import use_channels_last
     from fidesr_core.precision import resolve_device, resolve_dtype
 
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
     height, width = CASES[case]
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(2))
-    timer = StageTimer(device)
+    run = _run_ours if path == "ours" else _run_reference
+    networks = _build_networks(dtype, device, channels_last=path == "ours" and use_channels_last(device, dtype))
+    weights_bytes = sum(p.numel() * p.element_size() for net in networks[:3] for p in net.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run = _run_ours if path == "ours" else _run_reference
+    peak_is_pipeline_only = device.type == "cuda" or _reset_peak_rss()
+    # The fastest run per stage is kept, which filters out other work on a shared machine.
+    # A warm-up run (kernel selection, allocator) is only worth its time on accelerators.
+    if device.type != "cpu":
+        run(networks, image, dtype, device, StageTimer(device))
+    timings = []
     start = time.perf_counter()
-    result = run(image, dtype, device, timer)
+    for _ in range(repeats):
+        timer = StageTimer(device)
+        result = run(networks, image, dtype, device, timer)
+        timings.append(timer.seconds)
     total = time.perf_counter() - start
+    best = {stage: min(t[stage] for t in timings) for stage in timings[0]}
     torch.save(result.cpu(), output)
-    peak = (
-        torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
     return {
         "path": path,
         "case": case,
@@ -185,17 +211,21 @@ def _worker(path: str, case: str, precision: str, device_name: str, output: Path
         "output_size": list(result.shape[-2:]),
         "precision": precision,
         "device": str(device),
-        "stage_seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
-        "pipeline_seconds": round(sum(v for k, v in timer.seconds.items()), 4),
-        "wall_seconds_including_model_build": round(total, 2),
+        "repeats": repeats,
+        "stage_seconds": {k: round(v, 4) for k, v in best.items()},
+        "pipeline_seconds": round(sum(best.values()), 4),
+        "wall_seconds_all_repeats": round(total, 2),
         "peak_memory_mib": round(peak / 2**20, 1),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "weights_mib": round(weights_bytes / 2**20, 1),
+        "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS")
+        + (" during the runs (weights included)" if peak_is_pipeline_only else " (model build included)"),
     }
 
 
-def _spawn(path: str, case: str, precision: str, device: str, folder: Path) -> dict:
+def _spawn(path: str, case: str, precision: str, device: str, folder: Path, repeats: int) -> dict:
     output = folder / f"{path}-{case}-{precision}.pt"
-    command = [sys.executable, __file__, "--worker", path, case, precision, "--device", device, "--save", str(output)]
+    command = [sys.executable, __file__, "--worker", path, case, precision, "--device", device,
+               "--save", str(output), "--repeats", str(repeats)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"path": path, "case": case, "precision": precision, "error": done.stderr.strip().splitlines()[-3:]}
@@ -208,11 +238,12 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--paths", default="reference,ours")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement; the fastest stage times count")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "CASE", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(*args.worker, args.device, args.save)))
+        print(json.dumps(_worker(*args.worker, args.device, args.save, args.repeats)))
         return
     runs, comparisons = [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -220,7 +251,7 @@ def main() -> None:
         for case in args.cases.split(","):
             for precision in args.precisions.split(","):
                 for path in args.paths.split(","):
-                    runs.append(_spawn(path, case, precision, args.device, folder))
+                    runs.append(_spawn(path, case, precision, args.device, folder, args.repeats))
                     print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         comparisons = _compare(runs, folder)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .errors import FiDeSRError, ImageInputError
-from .image_io import IMAGE_EXTENSIONS, load_image, save_png_atomic
+from .image_io import load_image, save_png_atomic
 from .model import FiDeSRModel
 from .pipeline import UpscaleSettings, upscale
 from .preprocess import resize_image
 
-__all__ = ["BatchResult", "collect_inputs", "plan_outputs", "upscale_file", "upscale_files"]
+__all__ = ["BatchResult", "plan_outputs", "upscale_file", "upscale_files"]
 
 
 @dataclass
@@ -23,28 +22,6 @@ class BatchResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def collect_inputs(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
-    """Files as given plus the PNG/JPEG/WebP files of given folders; errors for missing paths."""
-    found: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            images = _images_in(path, recursive)
-            if not images:
-                raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ImageInputError(f"{path}: no such file or folder")
-    return list(dict.fromkeys(found))  # keep order, drop repeats
 
 
 def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[tuple[Path, Path]]:

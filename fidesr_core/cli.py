@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
-    from .batch import collect_inputs, plan_outputs, upscale_files
+    from .batch import plan_outputs, upscale_files
+    from .image_io import collect_image_files
     from .injection import HighFrequencySettings, LowFrequencySettings
     from .loading import load_fidesr_model
     from .pipeline import UpscaleSettings
@@ -84,7 +85,7 @@ def _run_upscale(args: argparse.Namespace) -> int:
         low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
         high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
     )
-    pairs = plan_outputs(collect_inputs(args.inputs, recursive=args.recursive), args.output)
+    pairs = plan_outputs(collect_image_files(args.inputs, recursive=args.recursive), args.output)
     todo = [pair for pair in pairs if args.overwrite or not pair[1].exists()]
     if not todo:
         print(f"nothing to do: all {len(pairs)} outputs exist in {args.output} (use --overwrite to redo)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +14,34 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "LoadedImage", "load_image", "save_png_atomic", "write_atomic"]
+__all__ = ["IMAGE_EXTENSIONS", "LoadedImage", "collect_image_files", "load_image", "save_png_atomic", "write_atomic"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
+    """Files as given plus the PNG/JPEG/WebP files of given folders, in order, without repeats.
+
+    Raises ``ImageInputError`` for a missing path or a folder without images.
+    """
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = _images_in(path, recursive)
+            if not images:
+                raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ImageInputError(f"{path}: no such file or folder")
+    return list(dict.fromkeys(found))
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,11 @@ import torch
 from .latent_tiling import run_tiled
 from .model import FiDeSRModel
 from .progress import CancelCheck, ProgressCallback
+from .text_embedding import batch_prompt_embedding
 
 __all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent"]
 
 RESIDUAL_TIMESTEP = 1
-
-
-def _batched_embedding(embedding: torch.Tensor, batch: int) -> torch.Tensor:
-    if embedding.ndim != 3:
-        raise ValueError(f"prompt embedding must be [B, tokens, dim], got shape {tuple(embedding.shape)}")
-    if embedding.shape[0] == batch:
-        return embedding
-    if embedding.shape[0] == 1:
-        return embedding.expand(batch, -1, -1)
-    raise ValueError(f"prompt embedding has batch {embedding.shape[0]} but the latent has batch {batch}")
 
 
 @torch.no_grad()
@@ -45,7 +36,7 @@ def predict_residual(
             f"prompt embedding width {embedding.shape[-1]} does not fit this U-Net (expects {expected_dim}); "
             "use a text encoder of the same Stable Diffusion 2.x model"
         )
-    embedding = _batched_embedding(embedding, z_lq.shape[0]).to(device=model.device, dtype=model.dtype)
+    embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=model.device, dtype=model.dtype)
     timestep = torch.tensor(RESIDUAL_TIMESTEP, device=model.device)
 
     def unet_tile(tile: torch.Tensor) -> torch.Tensor:

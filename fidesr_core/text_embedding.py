@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel
 
-__all__ = ["BOS_TOKEN_ID", "EOS_TOKEN_ID", "PAD_TOKEN_ID", "empty_prompt_token_ids", "encode_empty_prompt"]
+from .errors import SettingsError
+
+__all__ = [
+    "BOS_TOKEN_ID",
+    "EOS_TOKEN_ID",
+    "PAD_TOKEN_ID",
+    "empty_prompt_token_ids",
+    "encode_empty_prompt",
+    "batch_prompt_embedding",
+]
 
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
@@ -30,3 +39,14 @@ def encode_empty_prompt(text_encoder: CLIPTextModel) -> torch.Tensor:
     length = text_encoder.config.max_position_embeddings
     ids = empty_prompt_token_ids(length).to(device)
     return text_encoder(input_ids=ids).last_hidden_state.float()
+
+
+def batch_prompt_embedding(embedding: torch.Tensor, batch: int, name: str = "prompt") -> torch.Tensor:
+    """``[1 or batch, tokens, dim]`` -> ``[batch, tokens, dim]`` (a view when expanded)."""
+    if embedding.ndim != 3:
+        raise SettingsError(f"{name} embedding must be [B, tokens, dim], got shape {tuple(embedding.shape)}")
+    if embedding.shape[0] == batch:
+        return embedding
+    if embedding.shape[0] == 1:
+        return embedding.expand(batch, -1, -1)
+    raise SettingsError(f"{name} embedding has batch {embedding.shape[0]}, expected 1 or {batch}")

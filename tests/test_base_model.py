@@ -35,6 +35,7 @@ from fidesr_core.errors import BaseModelError, ModelFileError
 from fidesr_core.model import BaseModel
 from fidesr_core.open_clip_convert import clip_text_state_for, open_clip_to_clip_text
 from fidesr_core.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, tiny_base_model, tiny_fidesr_weights
+from fidesr_core.weights import save_fidesr_weights
 
 HUB_FUNCTIONS = ("hf_hub_download", "snapshot_download", "model_info", "hf_hub_url", "get_hf_file_metadata")
 
@@ -451,18 +452,7 @@ def _variant(tiny: BaseModel, in_channels: int) -> BaseModel:
 
 
 def _fidesr_pickle(tiny: BaseModel, path: Path) -> Path:
-    weights = tiny_fidesr_weights(tiny)
-    torch.save(
-        {
-            "unet_lora_encoder_modules": weights.target_modules["default_encoder"],
-            "unet_lora_decoder_modules": weights.target_modules["default_decoder"],
-            "unet_lora_others_modules": weights.target_modules["default_others"],
-            "lora_rank_unet": weights.lora_rank,
-            "state_dict_unet": weights.unet_lora_state,
-            "lrrb_state_dict": weights.lrrb_state,
-        },
-        path,
-    )
+    save_fidesr_weights(tiny_fidesr_weights(tiny), path)  # the authors' fidesr.pkl layout
     return path
 
 

@@ -578,21 +578,6 @@ def test_outside_comfyui_the_pack_exports_no_nodes(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- the loader
 
 
-def _write_authors_pkl(weights: Any, path: Path) -> None:
-    """A FiDeSR weights file in the released ``fidesr.pkl`` layout (SPEC §6)."""
-    torch.save(
-        {
-            "unet_lora_encoder_modules": weights.target_modules["default_encoder"],
-            "unet_lora_decoder_modules": weights.target_modules["default_decoder"],
-            "unet_lora_others_modules": weights.target_modules["default_others"],
-            "lora_rank_unet": weights.lora_rank,
-            "state_dict_unet": weights.unet_lora_state,
-            "lrrb_state_dict": weights.lrrb_state,
-        },
-        path,
-    )
-
-
 def _write_diffusers_folder(base: Any, folder: Path, config_dir: Path) -> None:
     folder.mkdir(parents=True)
     base.unet.save_pretrained(folder / "unet")
@@ -613,8 +598,9 @@ def model_files(comfy) -> SimpleNamespace:
     config_dir = PACK_ROOT / "fidesr_core" / "configs" / "sd21_base"
     _write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-sd21", config_dir)
     (comfy.models_dir / "fidesr").mkdir(exist_ok=True)
-    _write_authors_pkl(weights, comfy.models_dir / "fidesr" / "fidesr-tiny.pkl")
-    comfy.module("fidesr_core.weights").save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "tiny.safetensors")
+    save_fidesr_weights = comfy.module("fidesr_core.weights").save_fidesr_weights
+    save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "fidesr-tiny.pkl")  # the authors' layout
+    save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "tiny.safetensors")
     (comfy.models_dir / "fidesr" / "corrupt.pkl").write_bytes(b"\x80\x04this is not a torch file" * 10)
     (comfy.models_dir / "fidesr" / "readme.txt").write_text("not weights")
     return SimpleNamespace(base_seed=4, weights=weights)

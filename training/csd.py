@@ -30,6 +30,7 @@ from torch import nn
 
 import fidesr_core
 from fidesr_core.errors import SettingsError
+from fidesr_core.text_embedding import batch_prompt_embedding
 
 __all__ = [
     "NEGATIVE_PROMPT",
@@ -127,16 +128,6 @@ def _noise_of(output: Any) -> torch.Tensor:
     return output
 
 
-def _batched(embedding: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if embedding.dim() != 3:
-        raise ValueError(f"{name} embedding must be [B, tokens, dim], got shape {tuple(embedding.shape)}")
-    if embedding.shape[0] == batch:
-        return embedding
-    if embedding.shape[0] == 1:
-        return embedding.expand(batch, -1, -1)
-    raise ValueError(f"{name} embedding has batch {embedding.shape[0]}, expected 1 or {batch}")
-
-
 class ClassifierScoreDistillation(nn.Module):
     """CSD loss on the restored latent (SPEC §5, PiSA-SR).
 
@@ -192,8 +183,8 @@ class ClassifierScoreDistillation(nn.Module):
         """``g = (x0_fake − x0_real) / (mean|z − x0_real| + 1e-6)`` for given ``t`` and noise; no grad."""
         z = latent.detach().float()  # [B, 4, h, w]
         batch = z.shape[0]
-        positive = _batched(positive_embeds, batch, "positive")
-        negative = _batched(negative_embeds, batch, "negative")
+        positive = batch_prompt_embedding(positive_embeds, batch, "positive")
+        negative = batch_prompt_embedding(negative_embeds, batch, "negative")
         alpha_bar = self.alphas_cumprod.to(z.device)[timesteps.to(z.device)].view(batch, 1, 1, 1)
         noisy = alpha_bar.sqrt() * z + (1.0 - alpha_bar).sqrt() * noise.float()  # DDPM add_noise
         with _open_predictor(predictor) as model:

@@ -14,37 +14,19 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from fidesr_core.errors import FiDeSRError, ImageInputError
-from fidesr_core.image_io import IMAGE_EXTENSIONS, load_image, write_atomic
+from fidesr_core.image_io import collect_image_files, load_image, write_atomic
 
 from .degradation import DEFAULT_CONFIG, degrade, make_generator
 
-__all__ = ["build_grid", "center_crop", "collect_images", "main"]
+__all__ = ["build_grid", "center_crop", "main"]
 
 GAP = 8  # pixels between tiles
-
-
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """The given files plus the images directly inside the given folders, in order, without repeats."""
-    found: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not images:
-                raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ImageInputError(f"{path}: no such file or folder")
-    return list(dict.fromkeys(found))
 
 
 def center_crop(image: torch.Tensor, crop: int) -> torch.Tensor:
@@ -94,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ImageInputError(f"--count must be at least 1, got {args.count}")
         if args.crop < 4 * DEFAULT_CONFIG.scale:
             raise ImageInputError(f"--crop must be at least {4 * DEFAULT_CONFIG.scale} pixels, got {args.crop}")
-        paths = collect_images(args.inputs)[: args.count]
+        paths = collect_image_files(args.inputs)[: args.count]
         hq = torch.cat([center_crop(load_image(path).rgb, args.crop) for path in paths]).to(args.device)
         config = dataclasses.replace(DEFAULT_CONFIG, resize_back=not args.lq_size)
         lq = degrade(hq, config=config, generator=make_generator(args.seed, hq.device))
