@@ -76,7 +76,8 @@ def upscale(
 ) -> torch.Tensor:
     """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU."""
     settings = settings or UpscaleSettings()
-    prepared = prepare_lq(image, upscale_by=settings.upscale_by)
+    # Resize on the model's device: on a GPU the CPU resize would cost more than the U-Net.
+    prepared = prepare_lq(image.to(model.device), upscale_by=settings.upscale_by)
     z_lq = encode_image(
         model,
         prepared.pixels,
