@@ -19,8 +19,11 @@ __all__ = ["assemble_fidesr_model", "load_fidesr_model", "use_channels_last"]
 
 
 def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    """channels_last pays off on CPU only with native bf16 kernels (measured in benchmarks/)."""
-    return device.type == "cpu" and dtype == torch.bfloat16
+    """NHWC for half-precision convolutions on CUDA (tensor-core kernels want it) and for bf16 on CPU,
+    where oneDNN's native bf16 kernels want it; fp32 on CPU stays NCHW (no reliable gain, see benchmarks/)."""
+    if dtype == torch.float32:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
 
 
 def _apply_lora(base: BaseModel, weights: FiDeSRWeights, source: str) -> None:
