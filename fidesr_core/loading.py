@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from .base_model import load_base_model
 from .errors import WeightsFileError
@@ -74,8 +75,11 @@ def assemble_fidesr_model(
     lrrb = _build_lrrb(weights, base.unet.config.in_channels, source)
     prompt_embedding = encode_empty_prompt(base.text_encoder.float())
     memory_format = torch.channels_last if use_channels_last(target_device, dtype) else torch.contiguous_format
-    unet = base.unet.to(device=target_device, dtype=dtype, memory_format=memory_format).eval().requires_grad_(False)
-    vae = base.vae.to(device=target_device, dtype=dtype, memory_format=memory_format).eval().requires_grad_(False)
+    # nn.Module.to, not diffusers' override: it warns about keeping modules in fp32 that SD 2.1 does not have.
+    unet = nn.Module.to(base.unet, device=target_device, dtype=dtype, memory_format=memory_format)
+    vae = nn.Module.to(base.vae, device=target_device, dtype=dtype, memory_format=memory_format)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
     description = {
         "base": base.source,
         "base_kind": base.kind,
