@@ -1,26 +1,21 @@
-"""Reading model files without trusting them, and telling what they are.
+"""Telling what a model file or folder is, from key names, shapes and JSON configs only.
 
-Single files are ``.safetensors`` (header parsed here, tensors read one by
-one into aligned buffers) or pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``)
-read only with ``torch.load(weights_only=True)``, memory-mapped when the file
-is a zip archive.  Identification looks at key names, shapes and JSON configs
-only; the rules for single files live in ``identify_checkpoint`` and its
-helpers, those for diffusers folders in ``_identify_folder``.
+The rules for single files live in ``identify_checkpoint`` and its helpers,
+those for diffusers folders in ``_identify_folder``.  Opening single files
+(safetensors headers, weights-only pickles) lives in ``checkpoint_files``;
+``open_checkpoint`` and ``OpenedCheckpoint`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import pickle
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .checkpoint_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, OpenedCheckpoint, open_checkpoint
 from .errors import ModelFileError
 from .open_clip_convert import OPEN_CLIP_PREFIX
 
@@ -35,15 +30,9 @@ __all__ = [
     "read_json_object",
 ]
 
-SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
-CONTAINER_SAFETENSORS = "safetensors"
-CONTAINER_PICKLE = "ckpt (pickle)"
 CONTAINER_FOLDER = "diffusers folder"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-_ZIP_MAGIC = b"PK\x03\x04"
-_MAX_HEADER_BYTES = 100 * 2**20
 _COMPONENTS = ("unet", "vae", "text_encoder")
 
 
@@ -64,215 +53,6 @@ class ModelIdentity:
     is_sd2: bool
     notes: list[str] = field(default_factory=list)
     description: str = ""
-
-
-@dataclass(frozen=True)
-class _SafetensorsEntry:
-    dtype: str  # safetensors name: "F32", "F16", "BF16", ...
-    shape: tuple[int, ...]
-    begin: int  # byte offsets into the data section
-    end: int
-
-
-@dataclass(eq=False)
-class OpenedCheckpoint:
-    """A single-file checkpoint whose key names and shapes are known; tensors load on demand.
-
-    safetensors: only the header has been read (``entries``).  Pickles: the
-    state dict is in ``tensors``, memory-mapped (``mapped``, cheap to inspect)
-    or read into memory (handed over key by key by ``load``).
-    """
-
-    path: Path
-    container: str
-    shapes: dict[str, tuple[int, ...]]
-    top_keys: frozenset[str] = frozenset()  # keys of a pickled dict's top level (training outputs)
-    metadata: dict[str, str] = field(default_factory=dict)
-    entries: dict[str, _SafetensorsEntry] = field(default_factory=dict)
-    data_start: int = 0  # safetensors: byte offset of the data section
-    tensors: dict[str, torch.Tensor] | None = None
-    mapped: bool = False
-
-    def load(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Tensors for ``keys``, cast to ``dtype`` one at a time (no second full copy ever exists).
-
-        Every returned tensor owns fresh, aligned memory.  A pickle read into
-        memory hands its tensors over: each key can be loaded once.
-        """
-        if self.tensors is None:
-            return self._read_safetensors(list(keys), dtype)
-        if self.mapped:  # copies: weights must not stay backed by the file (replacing it would crash us)
-            return {key: self.tensors[key].to(dtype or self.tensors[key].dtype, copy=True) for key in keys}
-        return {key: _cast(self.tensors.pop(key), dtype) for key in keys}
-
-    def _read_safetensors(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        # Read straight into torch-allocated buffers: safetensors' own reader returns unaligned
-        # tensors, and copying those fragments the heap (measured: +2 GB RSS kept after a 5 GB load).
-        loaded = {}
-        with open(self.path, "rb") as handle:
-            for key in keys:
-                entry = self.entries[key]
-                torch_dtype = _SAFETENSORS_DTYPES.get(entry.dtype)
-                if torch_dtype is None:
-                    raise ModelFileError(f"{self.path}: tensor {key} has the unsupported dtype {entry.dtype}")
-                size = entry.end - entry.begin
-                expected = math.prod(entry.shape) * torch.empty((), dtype=torch_dtype).element_size()
-                if size != expected:
-                    raise ModelFileError(f"{self.path}: tensor {key} has {size} bytes for shape {entry.shape}: damaged")  # fmt: skip
-                buffer = torch.empty(size, dtype=torch.uint8)
-                handle.seek(self.data_start + entry.begin)
-                if size and handle.readinto(memoryview(buffer.numpy())) != size:
-                    raise ModelFileError(f"{self.path} ends inside tensor {key}: the file is truncated")
-                loaded[key] = _cast(buffer.view(torch_dtype).reshape(entry.shape), dtype)
-        return loaded
-
-    def release(self) -> None:
-        """Drop the pickled state dict (tensors already handed out stay valid)."""
-        self.tensors = None
-
-
-_SAFETENSORS_DTYPES = {
-    name: getattr(torch, attribute)
-    for name, attribute in (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-                            ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
-                            ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-    if hasattr(torch, attribute)
-}  # fmt: skip
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
-# --------------------------------------------------------------------------- reading files
-
-
-def _read_safetensors_header(path: Path) -> OpenedCheckpoint:
-    """Key shapes, offsets and ``__metadata__`` of a safetensors file, reading only its header.
-
-    Checks that the header is well formed and that the file is long enough for
-    the tensors it describes (a truncated download fails here, not mid-load).
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ModelFileError(f"{path} has {size} bytes, too few for a safetensors file (empty or truncated)")
-        if prefix.startswith(_ZIP_MAGIC):
-            raise ModelFileError(f"{path} is a PyTorch zip checkpoint, not safetensors: rename it to .ckpt")
-        header_bytes = int.from_bytes(prefix, "little")
-        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
-            raise ModelFileError(
-                f"{path} is not a valid safetensors file: its header length field says {header_bytes} bytes "
-                f"but the file has {size} (damaged, truncated or another format)"
-            )
-        raw = handle.read(header_bytes)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{path} is not a valid safetensors file: its header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path} is not a valid safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    metadata = metadata if isinstance(metadata, dict) else {}
-    entries: dict[str, _SafetensorsEntry] = {}
-    for key, info in header.items():
-        try:
-            begin, end = (int(offset) for offset in info["data_offsets"])
-            entries[key] = _SafetensorsEntry(str(info["dtype"]), tuple(int(n) for n in info["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelFileError(f"{path}: safetensors header entry {key!r} is malformed") from error
-    data_end = max((entry.end for entry in entries.values()), default=0)
-    if 8 + header_bytes + data_end > size:
-        raise ModelFileError(
-            f"{path} is truncated: its header describes {8 + header_bytes + data_end} bytes, "
-            f"the file has {size} (incomplete download or copy?)"
-        )
-    return OpenedCheckpoint(
-        path,
-        CONTAINER_SAFETENSORS,
-        {key: entry.shape for key, entry in entries.items()},
-        metadata={str(key): str(value) for key, value in metadata.items()},
-        entries=entries,
-        data_start=8 + header_bytes,
-    )
-
-
-def _torch_load(path: Path, mmap: bool) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; every failure becomes ModelFileError."""
-    if path.stat().st_size == 0:
-        raise ModelFileError(f"{path} is empty (0 bytes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL\s+([\w.]+)", str(error))
-        if refused:
-            raise ModelFileError(
-                f"{path} was refused: it is a pickle that asks for the Python object {refused.group(1)!r}, "
-                "and model files are only read with torch.load(weights_only=True), which allows tensors "
-                "and plain containers only (nothing in it was run). Use a .safetensors copy of the model instead"
-            ) from None
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(error))
-        detail = reason.group(1).strip() if reason else type(error).__name__
-        raise ModelFileError(
-            f"{path} is not a readable PyTorch checkpoint ({detail}): damaged, or not written by torch.save"
-        ) from None
-    except EOFError:
-        raise ModelFileError(f"{path} ends too early: the file is truncated (incomplete download or copy?)") from None
-    except RuntimeError as error:
-        if "zip archive" in str(error) or "central directory" in str(error):
-            raise ModelFileError(
-                f"{path} is a damaged or truncated PyTorch zip checkpoint (incomplete download or copy?)"
-            ) from None
-        raise ModelFileError(f"{path} cannot be read as a PyTorch checkpoint ({str(error)[:200]})") from None
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
-
-
-def _sniff_container(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return CONTAINER_SAFETENSORS
-    if suffix in PICKLE_SUFFIXES:
-        return CONTAINER_PICKLE
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":  # zip archive or pickle protocol >= 2
-        return CONTAINER_PICKLE
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length then JSON
-        return CONTAINER_SAFETENSORS
-    if head.startswith(b"GGUF"):
-        raise ModelFileError(f"{path} is a GGUF (quantised) file; only .safetensors and .ckpt checkpoints are read")
-    raise ModelFileError(
-        f"{path} is not a model file this loader reads (expected .safetensors, or .ckpt/.pt/.pth/.bin/.pkl)"
-    )
-
-
-def open_checkpoint(path: str | Path, *, mmap: bool = True) -> OpenedCheckpoint:
-    """Open a single-file checkpoint: the header of a safetensors file, or a weights-only load of a pickle.
-
-    ``mmap`` (zip pickles): map the file instead of reading it, cheap for
-    inspection; loaders pass False, so tensors are read once and handed over.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path} does not exist")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a checkpoint file")
-    if _sniff_container(path) == CONTAINER_SAFETENSORS:
-        return _read_safetensors_header(path)
-    with open(path, "rb") as handle:
-        mapped = mmap and handle.read(4) == _ZIP_MAGIC  # legacy (non-zip) torch.save files cannot be mapped
-    loaded = _torch_load(path, mapped)
-    if not isinstance(loaded, dict):
-        raise ModelFileError(f"{path} holds a {type(loaded).__name__}, not a dict of tensors: not a model checkpoint")
-    top_keys = frozenset(str(key) for key in loaded)
-    state: Any = loaded
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # Lightning-style {"state_dict": {...}, "global_step": ...}
-    tensors = {key: value for key, value in state.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
-    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
-    return OpenedCheckpoint(path, CONTAINER_PICKLE, shapes, top_keys=top_keys, tensors=tensors, mapped=mapped)
 
 
 def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -309,6 +89,24 @@ def _first_shape(shapes: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, 
 
 def _found(checks: Iterable[tuple[str, bool]]) -> list[str]:
     return [reason for reason, found in checks if found]
+
+
+def _not_sd2_text_to_image(
+    sd1_evidence: list[str], in_channels: int, container: str, what: str, channels: str
+) -> ModelIdentity | None:
+    """The refusal of an SD 1.x model or a variant whose U-Net does not take 4 channels; None otherwise.
+
+    ``what`` names the container ("checkpoint", "diffusers folder"), ``channels`` says where
+    ``in_channels`` was read.
+    """
+    base, version = ("sd1", "SD 1.x") if sd1_evidence else ("sd2", "SD 2.x")
+    if in_channels != 4:
+        variant = _CHANNEL_VARIANTS.get(in_channels, f"{in_channels}-channel")
+        description = f"an {version} {variant} {what} ({channels}; {_NOT_4_CHANNELS})"
+        return _refused(f"{base}-{variant}", container, description)
+    if sd1_evidence:
+        return _refused("sd1", container, f"an SD 1.x {what} ({', '.join(sd1_evidence)})")
+    return None
 
 
 def _training_output(checkpoint: OpenedCheckpoint) -> ModelIdentity | None:
@@ -353,13 +151,9 @@ def _ldm_unet_identity(checkpoint: OpenedCheckpoint) -> ModelIdentity:
         ("conv proj_in", proj_in is not None and len(proj_in) == 4),
         ("CLIP ViT-L text encoder cond_stage_model.transformer", _has(shapes, "cond_stage_model.transformer.")),
     ))  # fmt: skip
-    base, version = ("sd1", "SD 1.x") if sd1_evidence else ("sd2", "SD 2.x")
-    if in_channels != 4:
-        variant = _CHANNEL_VARIANTS.get(in_channels, f"{in_channels}-channel")
-        description = f"an {version} {variant} checkpoint (conv_in takes {in_channels} input channels; {_NOT_4_CHANNELS})"  # fmt: skip
-        return _refused(f"{base}-{variant}", container, description)
-    if sd1_evidence:
-        return _refused("sd1", container, f"an SD 1.x checkpoint ({', '.join(sd1_evidence)})")
+    channels = f"conv_in takes {in_channels} input channels"
+    if refused := _not_sd2_text_to_image(sd1_evidence, in_channels, container, "checkpoint", channels):
+        return refused
     if label_emb:
         return _refused("sd2-unclip", container, "an SD 2.x unCLIP checkpoint (image-embedding label_emb)")
 
@@ -498,13 +292,9 @@ def _identify_folder(folder: Path) -> ModelIdentity:
         ("text encoder hidden size 768", text.get("hidden_size") == 768),
         ("conv proj_in", unet.get("use_linear_projection") is False),
     ))  # fmt: skip
-    base, version = ("sd1", "SD 1.x") if sd1_evidence else ("sd2", "SD 2.x")
-    if in_channels != 4:
-        variant = _CHANNEL_VARIANTS.get(in_channels, f"{in_channels}-channel")
-        description = f"an {version} {variant} diffusers folder (unet in_channels {in_channels}; {_NOT_4_CHANNELS})"
-        return _refused(f"{base}-{variant}", CONTAINER_FOLDER, description)
-    if sd1_evidence:
-        return _refused("sd1", CONTAINER_FOLDER, f"an SD 1.x diffusers folder ({', '.join(sd1_evidence)})")
+    channels = f"unet in_channels {in_channels}"
+    if refused := _not_sd2_text_to_image(sd1_evidence, in_channels, CONTAINER_FOLDER, "diffusers folder", channels):
+        return refused
     if unet.get("class_embed_type") or unet.get("num_class_embeds"):
         return _refused("sd2-unclip", CONTAINER_FOLDER, "an SD 2.x unCLIP diffusers folder (unet class embedding)")
     v_evidence = _found((

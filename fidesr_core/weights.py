@@ -19,18 +19,17 @@ files.  The layout has no place for metadata: writing a ``.pkl`` drops it.
   bare ``format`` key other writers use (``"pt"``).
 
 The format is told by content (zip or pickle magic versus a safetensors JSON header), not by the extension.
+Weights are checked on reading and before writing by ``validate_fidesr_weights`` (``weights_validation``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -38,11 +37,20 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint_inspect import OpenedCheckpoint, identify_checkpoint, identify_model_file
+from .checkpoint_files import (
+    CONTAINER_PICKLE,
+    CONTAINER_SAFETENSORS,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    ZIP_MAGIC,
+    OpenedCheckpoint,
+    state_dict_tensors,
+)
+from .checkpoint_inspect import identify_checkpoint, identify_model_file
 from .errors import ModelFileError, SettingsError, WeightsFileError
 from .image_io import write_atomic
 from .lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
-from .lrrb import LRRB
+from .weights_validation import validate_fidesr_weights
 
 __all__ = [
     "FiDeSRWeights", "SAFETENSORS_FORMAT_MARKER", "SAFETENSORS_FORMAT_VERSION", "load_fidesr_weights",
@@ -79,109 +87,8 @@ _LORA_PREFIX, _LRRB_PREFIX = "unet_lora.", "lrrb."
 _MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules")
 _LIST_KEY_OF = dict(zip(ADAPTER_NAMES, _MODULE_LIST_KEYS, strict=True))  # adapter -> the authors' list key
 _PKL_KEYS = (*_MODULE_LIST_KEYS, "lora_rank_unet", "state_dict_unet", "lrrb_state_dict")
-_PKL_SUFFIXES = frozenset({".pkl", ".pt", ".pth", ".ckpt", ".bin"})
-_SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
-_ZIP_MAGIC = b"PK\x03\x04"
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _BASE_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "dit", "vae-only", "unet-only", "text-encoder-only")
 _EXPECTED = "FiDeSR weights (fidesr.pkl from the authors, or a fidesr.safetensors written by this package)"
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@cache
-def _lrrb_shapes() -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in LRRB().state_dict().items()}
-
-
-def _tensor_problem(name: str, tensor: object) -> str | None:
-    if not isinstance(tensor, torch.Tensor):
-        return f"{name} is a {type(tensor).__name__}, expected a tensor"
-    if not tensor.is_floating_point():
-        return f"{name} has dtype {tensor.dtype}, expected a floating-point tensor"
-    # A float64 sum of fp32/fp16/bf16 values cannot overflow, so it is finite exactly when every element is
-    # (and it allocates nothing the size of the tensor, unlike isfinite()).
-    wide = tensor.dtype == torch.float64
-    if not (bool(torch.isfinite(tensor).all()) if wide else math.isfinite(tensor.sum(dtype=torch.float64).item())):
-        return f"{name} holds NaN or infinite values (damaged or diverged weights)"
-    return None
-
-
-def _lora_problem(weights: FiDeSRWeights) -> str | None:
-    rank, targets = weights.lora_rank, weights.target_modules
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        return f"LoRA rank is {rank!r}, expected a positive integer"
-    alpha = weights.lora_alpha
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        return f"LoRA alpha is {alpha!r}, expected a positive number"
-    if not isinstance(targets, dict) or set(targets) != set(ADAPTER_NAMES):
-        names = sorted(targets) if isinstance(targets, dict) else type(targets).__name__
-        return f"LoRA adapters are {names}, expected exactly {list(ADAPTER_NAMES)}"
-    for adapter, modules in targets.items():
-        if not isinstance(modules, list) or not all(isinstance(module, str) for module in modules):
-            return f"the module list of {adapter} is not a list of module names"
-    if not any(targets.values()):
-        return "no U-Net module carries a LoRA (all three module lists are empty)"
-    if not isinstance(weights.unet_lora_state, dict):
-        return f"the LoRA state is a {type(weights.unet_lora_state).__name__}, expected a dict of tensors"
-    listed = {adapter: set(modules) for adapter, modules in targets.items()}
-    found: dict[tuple[str, str], set[str]] = {}  # (adapter, module) -> {"A", "B"}
-    for key, tensor in weights.unet_lora_state.items():
-        match = _LORA_KEY.match(key) if isinstance(key, str) else None
-        if match is None:
-            return f"LoRA tensor {key!r} is not named <module>.lora_A|lora_B.<adapter>.weight"
-        module, part, adapter = match["module"], match["part"], match["adapter"]
-        if adapter not in targets:
-            return f"LoRA tensor {key} belongs to adapter {adapter!r}, expected one of {list(ADAPTER_NAMES)}"
-        if module not in listed[adapter]:
-            return f"LoRA tensor {key} is for module {module}, which is not in the {adapter} module list"
-        if problem := _tensor_problem(f"LoRA tensor {key}", tensor):
-            return problem
-        shape = tuple(tensor.shape)  # A: [r, in] or [r, in, kh, kw]; B: [out, r] or [out, r, 1, 1]
-        rank_axis = 0 if part == "A" else 1
-        if len(shape) not in (2, 4) or shape[rank_axis] != rank:
-            return f"LoRA tensor {key} has shape {shape}, expected rank {rank} on axis {rank_axis} (2-D or 4-D)"
-        found.setdefault((adapter, module), set()).add(part)
-    for adapter, modules in targets.items():
-        for module in modules:
-            absent = [f"{module}.lora_{part}.{adapter}.weight" for part in "AB" if part not in found.get((adapter, module), ())]  # fmt: skip
-            if absent:
-                return f"module {module} is in the {adapter} module list but has no tensor {' or '.join(absent)}"
-    return None
-
-
-def _lrrb_problem(state: object) -> str | None:
-    if not isinstance(state, dict):
-        return f"the LRRB state is a {type(state).__name__}, expected a dict of tensors"
-    if not state:
-        return "there is no LRRB (no LRRB tensors); FiDeSR weights hold the LoRA and the LRRB"
-    expected = _lrrb_shapes()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        return (
-            f"the LRRB tensors do not match the LRRB architecture (SPEC §3): {len(missing)} missing"
-            f"{f' (first: {missing[0]})' if missing else ''}, {len(unexpected)} unexpected"
-            f"{f' (first: {unexpected[0]!r})' if unexpected else ''}"
-        )
-    for key, tensor in state.items():
-        if problem := _tensor_problem(f"LRRB tensor {key}", tensor):
-            return problem
-        if tuple(tensor.shape) != expected[key]:
-            return f"LRRB tensor {key} has shape {tuple(tensor.shape)}, expected {expected[key]}"
-    return None
-
-
-def validate_fidesr_weights(weights: FiDeSRWeights, *, source: str = "") -> None:
-    """Check that ``weights`` are consistent FiDeSR weights; raise ``WeightsFileError`` naming the first problem.
-
-    Adapters are the three known ones; every LoRA key belongs to a listed module of its
-    adapter; every listed module has ``lora_A`` and ``lora_B``; shapes agree with the rank;
-    LRRB names and shapes equal ``LRRB().state_dict()``'s; every tensor is finite.
-    """
-    problem = _lora_problem(weights) or _lrrb_problem(weights.lrrb_state)
-    if problem:
-        raise WeightsFileError(f"{source or 'FiDeSR weights'}: {problem}")
 
 
 # --------------------------------------------------------------------------- telling files apart
@@ -190,7 +97,7 @@ def validate_fidesr_weights(weights: FiDeSRWeights, *, source: str = "") -> None
 def _sniff_format(path: Path) -> Literal["pkl", "safetensors"]:
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip archive, or pickle protocol >= 2
+    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip archive, or pickle protocol >= 2
         return "pkl"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
         return "safetensors"  # 8-byte little-endian header length, then the JSON header
@@ -239,7 +146,7 @@ def _torch_load(path: Path) -> object:
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices from the weights-only unpickler
-            mmap = by_path and handle.read(4) == _ZIP_MAGIC  # zip archives map lazily: a base model costs nothing
+            mmap = by_path and handle.read(4) == ZIP_MAGIC  # zip archives map lazily: a base model costs nothing
             handle.seek(0)
             return torch.load(path if by_path else handle, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
@@ -272,11 +179,8 @@ def _read_pkl(path: Path) -> FiDeSRWeights:
         raise WeightsFileError(f"{path} holds a {type(loaded).__name__}; expected the FiDeSR dict with keys {list(_PKL_KEYS)}")  # fmt: skip
     keys = {str(key) for key in loaded}
     if keys != set(_PKL_KEYS):
-        state: object = loaded
-        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # Lightning-style nesting, as base checkpoints have
-        tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        opened = OpenedCheckpoint(path, "ckpt (pickle)", {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys))  # fmt: skip
+        tensors = state_dict_tensors(loaded)  # Lightning-style nesting unwrapped, as base checkpoints have
+        opened = OpenedCheckpoint(path, CONTAINER_PICKLE, {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys))  # fmt: skip
         if message := _foreign_checkpoint(path, opened):
             raise WeightsFileError(message)
         missing, unexpected = [k for k in _PKL_KEYS if k not in keys], sorted(keys - set(_PKL_KEYS))
@@ -304,7 +208,7 @@ def _read_safetensors(path: Path) -> FiDeSRWeights:
             names = list(handle.keys())
             if metadata.get(_META + "format") != SAFETENSORS_FORMAT_MARKER:
                 shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
-                opened = OpenedCheckpoint(path, "safetensors", shapes, metadata=metadata)
+                opened = OpenedCheckpoint(path, CONTAINER_SAFETENSORS, shapes, metadata=metadata)
                 raise WeightsFileError(
                     _foreign_checkpoint(path, opened)
                     or f"{path} is a safetensors file without the FiDeSR format marker (its metadata has no "
@@ -371,9 +275,9 @@ def load_fidesr_weights(path: str | os.PathLike) -> FiDeSRWeights:
 
 def _format_from_extension(path: Path) -> Literal["pkl", "safetensors"]:
     suffix = path.suffix.lower()
-    if suffix in _PKL_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         return "pkl"
-    if suffix in _SAFETENSORS_SUFFIXES:
+    if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
     raise SettingsError(f"{path}: cannot tell the weights format from the extension {suffix or '(none)'!r}; use .pkl or .safetensors")  # fmt: skip
 
