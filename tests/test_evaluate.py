@@ -1,8 +1,8 @@
-"""training.evaluate / training.metrics: pairing, errors, outputs, and Y-channel PSNR/SSIM against numpy.
+"""training.evaluate: pairing, errors, outputs (table, CSV, JSON) and the command line.
 
-Offline: images are tiny PNGs written to tmp_path. Tests marked ``needs_pyiqa`` run the real
-library (only PSNR/SSIM, which download nothing) and are skipped when it is not installed;
-the others replace pyiqa with a small fake module so the plumbing is tested without it.
+Offline: images are tiny PNGs written to tmp_path, and a small fake module replaces pyiqa so the
+plumbing is tested with known metric values.  Y-channel PSNR/SSIM against numpy and running
+without the library: ``test_evaluate_metrics.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -20,44 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image
+from evaluate_helpers import flat_image, quiet, touch_images, write_image
 
 from fidesr_core.errors import ImageInputError, SettingsError
-from training import metrics as metrics_module
 from training.evaluate import evaluate_folders, format_table, main, pair_images, write_csv, write_json
-from training.metrics import PAPER_METRICS, MetricSuite, MetricUnavailableError, parse_metric_names
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _has_pyiqa() -> bool:
-    try:
-        import pyiqa  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_pyiqa = pytest.mark.skipif(not _has_pyiqa(), reason="pyiqa (the eval extra) is not installed")
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _write(path: Path, rgb: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb.astype(np.uint8), "RGB").save(path)
-    return path
-
-
-def _flat(value: int, size: tuple[int, int] = (12, 10)) -> np.ndarray:
-    return np.full((size[0], size[1], 3), value, dtype=np.uint8)
-
-
-def _touch_images(folder: Path, names: list[str]) -> None:
-    for name in names:
-        _write(folder / name, _flat(128))
+from training.metrics import PAPER_METRICS, parse_metric_names
 
 
 class FakePyiqa(types.ModuleType):
@@ -101,87 +67,14 @@ def fake_pyiqa(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePyiqa]:
         sys.modules.pop("pkg_resources", None)
 
 
-def _quiet(**kwargs):
-    return {"show_progress": False, "announce": lambda _line: None, **kwargs}
-
-
-# ---------------------------------------------------------------- independent PSNR/SSIM on Y (numpy)
-
-
-def _y_bt601(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of 8-bit RGB on the [16, 235] scale."""
-    return 16.0 + rgb.astype(np.float64) / 255.0 @ np.array([65.481, 128.553, 24.966])
-
-
-def _psnr_y(a: np.ndarray, b: np.ndarray) -> float:
-    return 10.0 * math.log10(255.0**2 / np.mean((_y_bt601(a) - _y_bt601(b)) ** 2))
-
-
-def _ssim_y(a: np.ndarray, b: np.ndarray) -> float:
-    """Wang et al. 2004: 11x11 Gaussian window (sigma 1.5), valid region, K1 = 0.01, K2 = 0.03, L = 255."""
-    offsets = np.arange(11) - 5
-    gauss = np.exp(-(offsets**2) / (2 * 1.5**2))
-    window = np.outer(gauss, gauss) / np.outer(gauss, gauss).sum()
-
-    def local_mean(image: np.ndarray) -> np.ndarray:
-        return np.einsum("ijkl,kl->ij", sliding_window_view(image, (11, 11)), window)
-
-    x, y = _y_bt601(a), _y_bt601(b)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = local_mean(x), local_mean(y)
-    vx, vy, cxy = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
-    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
-
-
-def _noisy_pair(rng: np.random.Generator, size: tuple[int, int], sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    hq = rng.integers(0, 256, (*size, 3)).astype(np.uint8)
-    sr = np.clip(hq + rng.normal(0.0, sigma, hq.shape).round(), 0, 255).astype(np.uint8)
-    return sr, hq
-
-
-def _tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-
-
-@needs_pyiqa
-@pytest.mark.parametrize(("size", "sigma"), [((40, 48), 6.0), ((33, 57), 20.0), ((45, 38), 60.0)])
-def test_psnr_ssim_on_y_match_numpy_definition(size: tuple[int, int], sigma: float) -> None:
-    sr, hq = _noisy_pair(np.random.default_rng(int(sigma)), size, sigma)
-    scores = MetricSuite(["psnr", "ssim"], "cpu", announce=lambda _line: None).score_pair(_tensor(sr), _tensor(hq))
-    # pyiqa computes PSNR in float32 and rounds Y to integers for SSIM: differences stay far below
-    # what a wrong colour space would give (YIQ instead of BT.601 Y shifts PSNR by about 1.3 dB).
-    assert scores["psnr"] == pytest.approx(_psnr_y(sr, hq), abs=2e-3)
-    assert scores["ssim"] == pytest.approx(_ssim_y(sr, hq), abs=5e-4)
-
-
-@needs_pyiqa
-def test_folders_through_files_match_numpy_and_identical_folders_score_perfectly(tmp_path: Path) -> None:
-    rng = np.random.default_rng(7)
-    expected_psnr, expected_ssim = [], []
-    for index in range(3):
-        sr, hq = _noisy_pair(rng, (36, 44), 12.0)
-        _write(tmp_path / "sr" / f"{index:04d}_x4.png", sr)
-        _write(tmp_path / "hq" / f"{index:04d}.png", hq)
-        _write(tmp_path / "same" / f"{index:04d}.png", hq)
-        expected_psnr.append(_psnr_y(sr, hq))
-        expected_ssim.append(_ssim_y(sr, hq))
-    result = evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr,ssim", device="cpu"))
-    assert [s["psnr"] for s in result.per_image] == pytest.approx(expected_psnr, abs=2e-3)
-    assert result.means["ssim"] == pytest.approx(np.mean(expected_ssim), abs=5e-4)
-
-    identical = evaluate_folders(tmp_path / "same", tmp_path / "hq", **_quiet(metrics="psnr,ssim", device="cpu"))
-    assert all(s["psnr"] >= 60.0 for s in identical.per_image)  # pyiqa's epsilon caps it at 80 dB; inf is fine too
-    assert all(s["ssim"] == pytest.approx(1.0, abs=1e-9) for s in identical.per_image)
-
-
 # ---------------------------------------------------------------- pairing
 
 
 def test_pairing_by_stem_with_suffixes_and_unmatched_reporting(tmp_path: Path) -> None:
-    _touch_images(tmp_path / "hq", ["0001.png", "0002.png", "0003.png", "a.png", "a_b.png", "only_hq.jpg"])
-    _touch_images(tmp_path / "sr", ["0001.jpg", "0002_x4.png", "0003-fidesr.webp", "a_b_x4.png", "stray.png"])
+    touch_images(tmp_path / "hq", ["0001.png", "0002.png", "0003.png", "a.png", "a_b.png", "only_hq.jpg"])
+    touch_images(tmp_path / "sr", ["0001.jpg", "0002_x4.png", "0003-fidesr.webp", "a_b_x4.png", "stray.png"])
     (tmp_path / "sr" / "notes.txt").write_text("not an image")
-    _write(tmp_path / "sr" / ".0004.png", _flat(1))  # hidden file
+    write_image(tmp_path / "sr" / ".0004.png", flat_image(1))  # hidden file
 
     pairing = pair_images(tmp_path / "sr", tmp_path / "hq")
     paired = {pair.hq.name: pair.sr.name for pair in pairing.pairs}
@@ -196,8 +89,8 @@ def test_pairing_by_stem_with_suffixes_and_unmatched_reporting(tmp_path: Path) -
 
 
 def test_pairing_with_explicit_suffixes(tmp_path: Path) -> None:
-    _touch_images(tmp_path / "hq", ["Canon_001_HR.png", "Canon_002_HR.png"])
-    _touch_images(tmp_path / "sr", ["Canon_001_LR4.png", "Canon_002_LR4.png"])
+    touch_images(tmp_path / "hq", ["Canon_001_HR.png", "Canon_002_HR.png"])
+    touch_images(tmp_path / "sr", ["Canon_001_LR4.png", "Canon_002_LR4.png"])
     assert pair_images(tmp_path / "sr", tmp_path / "hq").pairs == ()
     pairing = pair_images(tmp_path / "sr", tmp_path / "hq", sr_suffix="_LR4", hq_suffix="_HR")
     assert [(p.key, p.sr.name, p.hq.name) for p in pairing.pairs] == [
@@ -207,11 +100,11 @@ def test_pairing_with_explicit_suffixes(tmp_path: Path) -> None:
 
 
 def test_pairing_ambiguities_are_errors(tmp_path: Path) -> None:
-    _touch_images(tmp_path / "hq", ["0001.png"])
-    _touch_images(tmp_path / "sr", ["0001.png", "0001_x4.png"])
+    touch_images(tmp_path / "hq", ["0001.png"])
+    touch_images(tmp_path / "sr", ["0001.png", "0001_x4.png"])
     with pytest.raises(ImageInputError, match=r"0001\.png and 0001_x4\.png both pair with HQ image 0001\.png"):
         pair_images(tmp_path / "sr", tmp_path / "hq")
-    _touch_images(tmp_path / "hq2", ["0001.png", "0001.jpg"])
+    touch_images(tmp_path / "hq2", ["0001.png", "0001.jpg"])
     with pytest.raises(ImageInputError, match=r"HQ folder has two images for '0001'"):
         pair_images(tmp_path / "sr", tmp_path / "hq2")
 
@@ -219,7 +112,7 @@ def test_pairing_ambiguities_are_errors(tmp_path: Path) -> None:
 def test_empty_and_missing_folders_are_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    _touch_images(tmp_path / "hq", ["0001.png"])
+    touch_images(tmp_path / "hq", ["0001.png"])
     with pytest.raises(ImageInputError, match=r"SR folder .*empty holds no images"):
         pair_images(tmp_path / "empty", tmp_path / "hq")
     with pytest.raises(ImageInputError, match=r"HQ folder .*missing does not exist"):
@@ -230,18 +123,18 @@ def test_empty_and_missing_folders_are_errors(tmp_path: Path) -> None:
 
 
 def test_size_mismatch_names_both_files(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
-    _write(tmp_path / "hq" / "0001.png", _flat(10, (12, 10)))
-    _write(tmp_path / "sr" / "0001_x4.png", _flat(10, (12, 11)))
+    write_image(tmp_path / "hq" / "0001.png", flat_image(10, (12, 10)))
+    write_image(tmp_path / "sr" / "0001_x4.png", flat_image(10, (12, 11)))
     with pytest.raises(ImageInputError, match=r"SR .*0001_x4\.png is 11x12 but HQ .*0001\.png is 10x12"):
-        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu"))
+        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr", device="cpu"))
 
 
 def test_unreadable_image_is_named(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
-    _write(tmp_path / "hq" / "0001.png", _flat(10))
+    write_image(tmp_path / "hq" / "0001.png", flat_image(10))
     (tmp_path / "sr").mkdir()
     (tmp_path / "sr" / "0001.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(ImageInputError, match=r"0001\.png"):
-        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu"))
+        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr", device="cpu"))
 
 
 def test_unknown_metric_lists_known_ones() -> None:
@@ -252,22 +145,22 @@ def test_unknown_metric_lists_known_ones() -> None:
 
 
 def test_strict_and_no_pairs(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
-    _touch_images(tmp_path / "hq", ["0001.png", "0002.png"])
-    _touch_images(tmp_path / "sr", ["0001.png"])
+    touch_images(tmp_path / "hq", ["0001.png", "0002.png"])
+    touch_images(tmp_path / "sr", ["0001.png"])
     with pytest.raises(ImageInputError, match=r"1 HQ image\(s\) have no partner: 0002\.png"):
-        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu", strict=True))
-    _touch_images(tmp_path / "other", ["zzz.png"])
+        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr", device="cpu", strict=True))
+    touch_images(tmp_path / "other", ["zzz.png"])
     with pytest.raises(ImageInputError, match=r"no SR image .* pairs with an HQ image"):
-        evaluate_folders(tmp_path / "other", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu"))
+        evaluate_folders(tmp_path / "other", tmp_path / "hq", **quiet(metrics="psnr", device="cpu"))
 
 
 def test_crop_border_reaches_the_metrics(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
-    _write(tmp_path / "hq" / "0001.png", _flat(10, (12, 10)))
-    _write(tmp_path / "sr" / "0001.png", _flat(20, (12, 10)))
-    evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr,musiq", device="cpu", crop_border=2))
+    write_image(tmp_path / "hq" / "0001.png", flat_image(10, (12, 10)))
+    write_image(tmp_path / "sr" / "0001.png", flat_image(20, (12, 10)))
+    evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr,musiq", device="cpu", crop_border=2))
     assert fake_pyiqa.shapes == [(1, 3, 8, 6), (1, 3, 8, 6)]
     with pytest.raises(SettingsError, match=r"--crop-border 5 leaves nothing of .*0001\.png"):
-        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu", crop_border=5))
+        evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr", device="cpu", crop_border=5))
 
 
 # ---------------------------------------------------------------- outputs (fake library: known values)
@@ -276,16 +169,16 @@ def test_crop_border_reaches_the_metrics(tmp_path: Path, fake_pyiqa: FakePyiqa) 
 def _three_pairs_with_extras(root: Path) -> list[tuple[int, int]]:
     values = [(40, 50), (100, 100), (200, 180)]  # (SR grey level, HQ grey level)
     for index, (sr_value, hq_value) in enumerate(values):
-        _write(root / "sr" / f"im{index}_out.png", _flat(sr_value))
-        _write(root / "hq" / f"im{index}.png", _flat(hq_value))
-    _write(root / "sr" / "extra.png", _flat(0))  # unmatched: must stay out of FID
+        write_image(root / "sr" / f"im{index}_out.png", flat_image(sr_value))
+        write_image(root / "hq" / f"im{index}.png", flat_image(hq_value))
+    write_image(root / "sr" / "extra.png", flat_image(0))  # unmatched: must stay out of FID
     return values
 
 
 def test_means_fid_table_csv_and_json(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
     values = _three_pairs_with_extras(tmp_path)
     result = evaluate_folders(
-        tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="all", device="cpu", name="mine", crop_border=1)
+        tmp_path / "sr", tmp_path / "hq", **quiet(metrics="all", device="cpu", name="mine", crop_border=1)
     )
     full_reference = [abs(s - h) / 255 for s, h in values]
     no_reference = [s / 255 for s, _ in values]
@@ -332,7 +225,7 @@ def test_means_fid_table_csv_and_json(tmp_path: Path, fake_pyiqa: FakePyiqa) -> 
 
 def test_non_finite_values_are_null_in_json(tmp_path: Path, fake_pyiqa: FakePyiqa) -> None:
     _three_pairs_with_extras(tmp_path)
-    result = evaluate_folders(tmp_path / "sr", tmp_path / "hq", **_quiet(metrics="psnr", device="cpu"))
+    result = evaluate_folders(tmp_path / "sr", tmp_path / "hq", **quiet(metrics="psnr", device="cpu"))
     result.per_image[0]["psnr"] = math.inf
     result.means["psnr"] = math.inf
     write_json(result, tmp_path / "r.json")
@@ -359,49 +252,3 @@ def test_cli_writes_outputs_and_prints_table(
 
     assert main(["--sr", str(tmp_path / "sr"), "--hq", str(tmp_path / "hq"), "--metrics", "psnr,nope"]) == 2
     assert "unknown metric(s) nope; known: psnr, ssim" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- library missing
-
-
-def test_missing_library_gives_install_hint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "pyiqa", None)  # makes `import pyiqa` raise ImportError
-    with pytest.raises(MetricUnavailableError, match=r"pip install 'comfyui-fidesr\[eval\]'"):
-        MetricSuite(["psnr"])
-    _touch_images(tmp_path / "sr", ["0001.png"])
-    _touch_images(tmp_path / "hq", ["0001.png"])
-    assert main(["--sr", str(tmp_path / "sr"), "--hq", str(tmp_path / "hq"), "--no-progress"]) == 2
-    assert "pip install 'comfyui-fidesr[eval]'" in capsys.readouterr().err
-    assert not (tmp_path / "sr_metrics.csv").exists()
-
-
-def test_module_imports_without_the_library() -> None:
-    script = (
-        "import sys; sys.modules['pyiqa'] = None\n"
-        "import training.evaluate, training.metrics\n"
-        "assert 'pyiqa' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-        "training.evaluate.build_parser().format_help()\n"
-    )
-    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr
-
-
-def test_pkg_resources_stand_in_for_openai_clip(monkeypatch: pytest.MonkeyPatch) -> None:
-    saved = sys.modules.pop("pkg_resources", None)
-    real_find_spec = metrics_module.importlib.util.find_spec
-    monkeypatch.setattr(
-        metrics_module.importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "pkg_resources" else real_find_spec(name, *args),
-    )
-    try:
-        metrics_module._provide_pkg_resources_packaging()
-        from pkg_resources import packaging  # what openai-clip does
-
-        assert packaging.version.parse("2.14.1") > packaging.version.parse("1.7.1")
-    finally:
-        sys.modules.pop("pkg_resources", None)
-        if saved is not None:
-            sys.modules["pkg_resources"] = saved

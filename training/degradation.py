@@ -13,25 +13,31 @@ batch one tensor): the resize directions, scales and interpolation modes and the
 stage. ``per_sample_resize=True`` makes those per image as well by running the chain image by image.
 
 Everything runs batched in torch on the images' device; ``generator`` makes it reproducible. The
-degradation is data preparation and runs without autograd.
+degradation is data preparation and runs without autograd. The stages themselves (kernels, resizing,
+noise, JPEG) are in ``training.degradation_stages``; this module holds the settings and the chain.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from kornia.color import rgb_to_grayscale
-from kornia.enhance import jpeg_codec_differentiable
 from torch import nn
 
 from fidesr_core.errors import ImageInputError, SettingsError
 
 from .blur_kernels import KERNEL_TYPES, RandomStream, sample_blur_kernels, sample_final_sinc_kernels
+from .degradation_stages import (
+    RESIZE_MODES,
+    Range,
+    add_random_noise,
+    apply_kernels,
+    jpeg_round_trip,
+    random_resize,
+    resize_images,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -43,7 +49,6 @@ __all__ = [
     "make_generator",
 ]
 
-RESIZE_MODES = ("area", "bilinear", "bicubic")
 STAGE_SWITCHES = (
     "first_blur",
     "first_resize",
@@ -57,7 +62,7 @@ STAGE_SWITCHES = (
     "quantize",
 )
 MIN_LQ_SIDE = 4  # smaller LQ images are rejected: below this the degradation is meaningless
-Range = tuple[float, float]
+_add_random_noise = add_random_noise  # its name here before the stages moved to training.degradation_stages
 
 
 @dataclass(frozen=True)
@@ -186,96 +191,6 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return generator
 
 
-def apply_kernels(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Convolve each image ``[B, C, H, W]`` with its own kernel ``[B, k, k]`` (reflect padding, same size).
-
-    The kernels are point-symmetric, so correlation (what ``conv2d`` does) equals convolution.
-    """
-    batch, channels, height, width = images.shape
-    pad = kernels.shape[-1] // 2
-    # reflect needs pad < side; tiny intermediate images fall back to edge replication
-    mode = "reflect" if pad < height and pad < width else "replicate"
-    padded = F.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode=mode)
-    weight = kernels.to(images.dtype).repeat_interleave(channels, dim=0).unsqueeze(1)  # [B*C, 1, k, k]
-    return F.conv2d(padded, weight, groups=batch * channels).view(batch, channels, height, width)
-
-
-def _resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    if mode == "area":
-        return F.interpolate(images, size=size, mode="area")
-    return F.interpolate(images, size=size, mode=mode, align_corners=False)
-
-
-def _random_resize(
-    images: torch.Tensor,
-    rng: RandomStream,
-    *,
-    probs: Sequence[float],
-    scale_range: Range,
-    base_size: tuple[float, float],
-    modes: Sequence[str],
-) -> torch.Tensor:
-    """Resize to ``base_size · scale`` with scale up (U[1, hi]), down (U[lo, 1]) or kept (1), random mode."""
-    direction = rng.pick(probs)  # 0 up, 1 down, 2 keep
-    fraction = float(rng.uniform(1).item())
-    low, high = scale_range
-    scale = (1 + fraction * (high - 1), low + fraction * (1 - low), 1.0)[direction]
-    mode = modes[rng.pick([1 / len(modes)] * len(modes))]
-    size = (max(1, int(base_size[0] * scale)), max(1, int(base_size[1] * scale)))
-    return _resize(images, size, mode)
-
-
-def _distinct_level_counts(levels: torch.Tensor) -> torch.Tensor:
-    """``[B]`` number of distinct 8-bit values in each image of ``levels`` ``[B, ...]`` (integers 0..255)."""
-    flat = levels.reshape(levels.shape[0], -1).long()
-    histogram = torch.zeros(flat.shape[0], 256, device=flat.device)
-    histogram.scatter_add_(1, flat, torch.ones_like(flat, dtype=histogram.dtype))
-    return (histogram > 0).sum(dim=1)
-
-
-def _poisson_residual(images: torch.Tensor, rng: RandomStream) -> torch.Tensor:
-    """Shot-noise residual of the 8-bit version of ``images``, with the photon count set by its number of levels."""
-    levels = torch.clamp((images * 255).round(), 0, 255)
-    quantized = levels / 255
-    # photons per unit intensity: the next power of two above the number of distinct values
-    photons = 2.0 ** torch.ceil(torch.log2(_distinct_level_counts(levels).float()))
-    photons = photons.view(-1, *([1] * (images.ndim - 1)))
-    return rng.poisson(quantized * photons) / photons - quantized
-
-
-def _add_random_noise(
-    images: torch.Tensor,
-    rng: RandomStream,
-    *,
-    gaussian_prob: float,
-    sigma_range: Range,
-    poisson_range: Range,
-    gray_prob: float,
-) -> torch.Tensor:
-    """Per image: Gaussian noise (σ/255) with probability ``gaussian_prob``, else scaled Poisson noise."""
-    batch, channels, height, width = images.shape
-    per_image = (batch, 1, 1, 1)
-    use_gaussian = (rng.uniform(batch) < gaussian_prob).view(per_image)
-    gray = (rng.uniform(batch) < gray_prob).to(images.dtype).view(per_image)
-
-    sigma = (rng.uniform(batch, *sigma_range) / 255).view(per_image)
-    colour_normal = rng.normal((batch, channels, height, width)).to(images.dtype)
-    gray_normal = rng.normal((batch, 1, height, width)).to(images.dtype)
-    gaussian = sigma * (gray * gray_normal + (1 - gray) * colour_normal)
-
-    poisson_scale = rng.uniform(batch, *poisson_range).view(per_image)
-    colour_shot = _poisson_residual(images, rng)
-    gray_shot = _poisson_residual(rgb_to_grayscale(images.clamp(0, 1)), rng)  # [B, 1, H, W]
-    poisson = poisson_scale * (gray * gray_shot + (1 - gray) * colour_shot)
-
-    return torch.clamp(images + torch.where(use_gaussian, gaussian, poisson), 0, 1)
-
-
-def _jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """JPEG round trip with one quality per image (kornia's differentiable codec)."""
-    return jpeg_codec_differentiable(images.clamp(0, 1), quality).clamp(0, 1)
-
-
 def _check_images(hq: torch.Tensor, config: DegradationConfig) -> None:
     if not isinstance(hq, torch.Tensor) or hq.ndim != 4 or hq.shape[1] != 3:
         shape = tuple(hq.shape) if isinstance(hq, torch.Tensor) else type(hq).__name__
@@ -309,17 +224,17 @@ def _degrade_batch(hq: torch.Tensor, config: DegradationConfig, rng: RandomStrea
         )  # fmt: skip
         out = apply_kernels(out, kernels)
     if config.first_resize:
-        out = _random_resize(
+        out = random_resize(
             out, rng, probs=config.resize_probs, scale_range=config.resize_range,
             base_size=(out.shape[-2], out.shape[-1]), modes=config.resize_modes,
         )  # fmt: skip
     if config.first_noise:
-        out = _add_random_noise(
+        out = add_random_noise(
             out, rng, gaussian_prob=config.gaussian_noise_prob, sigma_range=config.noise_range,
             poisson_range=config.poisson_scale_range, gray_prob=config.gray_noise_prob,
         )  # fmt: skip
     if config.first_jpeg:
-        out = _jpeg(out, rng.uniform(batch, *config.jpeg_range))
+        out = jpeg_round_trip(out, rng.uniform(batch, *config.jpeg_range))
 
     # second degradation
     if config.second_blur:
@@ -332,12 +247,12 @@ def _degrade_batch(hq: torch.Tensor, config: DegradationConfig, rng: RandomStrea
         pulse[:, config.kernel_size // 2, config.kernel_size // 2] = 1
         out = apply_kernels(out, torch.where(skip, pulse, kernels))
     if config.second_resize:
-        out = _random_resize(
+        out = random_resize(
             out, rng, probs=config.resize_probs2, scale_range=config.resize_range2,
             base_size=(height / config.scale, width / config.scale), modes=config.resize_modes,
         )  # fmt: skip
     if config.second_noise:
-        out = _add_random_noise(
+        out = add_random_noise(
             out, rng, gaussian_prob=config.gaussian_noise_prob2, sigma_range=config.noise_range2,
             poisson_range=config.poisson_scale_range2, gray_prob=config.gray_noise_prob2,
         )  # fmt: skip
@@ -352,18 +267,18 @@ def _degrade_batch(hq: torch.Tensor, config: DegradationConfig, rng: RandomStrea
         )
     quality = rng.uniform(batch, *config.jpeg_range2) if config.second_jpeg else None
     if not resize_first and quality is not None:
-        out = _jpeg(out, quality)
-    out = _resize(out, lq_size, mode)
+        out = jpeg_round_trip(out, quality)
+    out = resize_images(out, lq_size, mode)
     if sinc is not None:
         out = apply_kernels(out, sinc)
     if resize_first and quality is not None:
-        out = _jpeg(out, quality)
+        out = jpeg_round_trip(out, quality)
 
     out = out.clamp(0, 1)
     if config.quantize:
         out = (out * 255).round() / 255
     if config.resize_back:
-        out = _resize(out, (height, width), "bicubic").clamp(0, 1)
+        out = resize_images(out, (height, width), "bicubic").clamp(0, 1)
     return out
 
 

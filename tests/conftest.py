@@ -1,0 +1,83 @@
+"""Fixtures shared by the node test files (``test_nodes*.py``).
+
+The ComfyUI stand-in with the pack imported as ComfyUI imports it, a tiny random FiDeSR model,
+LQ images and one run of the whole node chain.  The module-scoped ones are built once per test
+file and undone when the file is done, so other test files never see fake ComfyUI modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from comfy_stub import import_pack, install_comfy_stubs, remove_from_sys_modules
+from node_helpers import PACK_ROOT, chain
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory):
+    """Stub ComfyUI modules plus the pack imported the way ComfyUI imports it."""
+    models_dir = tmp_path_factory.mktemp("models")
+    stub = install_comfy_stubs(models_dir)
+    threads = torch.get_num_threads()
+    # The tiny networks are too small to gain from threads, and on a busy CI machine threads that
+    # wait for each other make them several times slower.
+    torch.set_num_threads(1)
+    try:
+        pack = import_pack(PACK_ROOT)
+
+        def module(relative: str) -> ModuleType:
+            return importlib.import_module(f"{pack.__name__}.{relative}")
+
+        yield SimpleNamespace(stub=stub, pack=pack, module=module, models_dir=models_dir)
+    finally:
+        torch.set_num_threads(threads)
+        remove_from_sys_modules(PACK_ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_records(request: pytest.FixtureRequest) -> None:
+    """Each node test starts with an empty record of what the nodes asked the stand-in for (others: no-op)."""
+    if "comfy" in request.fixturenames:
+        request.getfixturevalue("comfy").stub.reset_records()
+
+
+@pytest.fixture(scope="module")
+def handle(comfy):
+    """A FIDESR_MODEL around a tiny random FiDeSR model (fp32, CPU)."""
+    tiny = comfy.module("fidesr_core.tiny")
+    loading = comfy.module("fidesr_core.loading")
+    base = tiny.tiny_base_model(seed=1)
+    weights = tiny.tiny_fidesr_weights(base, seed=2)
+    model = loading.assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
+    model_handle = comfy.module("nodes.model_handle")
+    return model_handle.FiDeSRModelHandle(
+        model=model,
+        load_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+        base_name="tiny",
+        weights_name="tiny",
+    )
+
+
+@pytest.fixture(scope="module")
+def lq_images() -> torch.Tensor:
+    """ComfyUI IMAGE [2, 32, 32, 3]; pre-scaled to 128 px (the min-side rule), so latents are 64 x 64.
+
+    The tiny U-Net's attention makes whole 64 x 64 latents the slow part: most tests use one image.
+    """
+    generator = torch.Generator().manual_seed(7)
+    return torch.rand((2, 32, 32, 3), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def lq_image(lq_images: torch.Tensor) -> torch.Tensor:
+    return lq_images[:1]
+
+
+@pytest.fixture(scope="module")
+def default_chain(comfy, handle, lq_image) -> dict[str, Any]:
+    return chain(comfy, handle, lq_image)
