@@ -18,47 +18,20 @@ from ..fidesr_core.preprocess import prepare_lq
 from ..fidesr_core.vae_codec import LATENT_MODES, decode_latent, encode_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
+from .inputs import (
+    CATEGORY,
+    COLOR_FIX_INPUT,
+    LATENT_MODE_INPUT,
+    LQ_IMAGE_INPUT,
+    MODEL_INPUT,
+    SEED_INPUT,
+    UPSCALE_BY_INPUT,
+)
 from .latent_state import DECODE_NODE, ENCODE_NODE, FiDeSRLatentState, make_latent, read_state
-from .model_handle import FIDESR_MODEL, FiDeSRModelHandle, require_handle
+from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import TileProgress, interrupt_check, model_on_device, retry_with_smaller_tile, working_memory_bytes
 
-__all__ = ["FiDeSREncode", "FiDeSRDecode", "encode_step", "decode_step", "MODEL_INPUT"]
-
-CATEGORY = "image/upscaling/FiDeSR"
-MODEL_INPUT = (FIDESR_MODEL, {"tooltip": "The FiDeSR model from Load FiDeSR Model."})
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-UPSCALE_BY_INPUT = (
-    "FLOAT",
-    {
-        "default": 4.0,
-        "min": 1.0,
-        "max": 16.0,
-        "step": 0.01,
-        "tooltip": "Output size = upscale_by × input size. FiDeSR was trained for 4×. Images whose short side would "
-        "end below 512 px are enlarged first and the result is resized back to exactly this factor.",
-    },
-)
-LATENT_MODE_INPUT = (
-    list(LATENT_MODES),
-    {
-        "default": "sample",
-        "tooltip": "sample draws the VAE latent using the seed (the authors sample, unseeded); mode takes the "
-        "posterior mean, which needs no seed.",
-    },
-)
-SEED_INPUT = (
-    "INT",
-    {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of the VAE latent sample (latent_mode = sample)."},
-)
-COLOR_FIX_INPUT = (
-    list(COLOR_FIX_METHODS),
-    {
-        "default": "adain",
-        "tooltip": "Colour correction towards the upscaled input: adain matches each channel's mean and std (the "
-        "authors' default); wavelet keeps the result's detail and takes the input's low frequencies; none is off.",
-    },
-)
+__all__ = ["FiDeSREncode", "FiDeSRDecode", "encode_step", "decode_step"]
 
 
 def _tiles_pixels(height: int, width: int, tile: int) -> int:
@@ -145,7 +118,7 @@ class FiDeSREncode:
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "image": ("IMAGE", {"tooltip": "The low-quality image(s) to restore and upscale."}),
+                "image": LQ_IMAGE_INPUT,
                 "upscale_by": UPSCALE_BY_INPUT,
                 "latent_mode": LATENT_MODE_INPUT,
                 "seed": SEED_INPUT,

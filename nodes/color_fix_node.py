@@ -8,10 +8,10 @@ from ..fidesr_core.color_fix import apply_color_fix
 from ..fidesr_core.preprocess import resize_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
+from .inputs import CATEGORY
 
 __all__ = ["FiDeSRColorFix", "COLOR_FIX_NODE_METHODS"]
 
-CATEGORY = "image/upscaling/FiDeSR"
 COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
 
 

@@ -20,12 +20,12 @@ from ..fidesr_core.injection import (
     spatial_gate,
 )
 from .errors import engine_errors
+from .inputs import CATEGORY
 from .latent_state import HF_NODE, LF_NODE, REFINE_NODE, RESIDUAL_NODE, make_latent, read_state, require_residual
 from .runtime import check_interrupted
 
 __all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject", "low_frequency_step", "high_frequency_step"]
 
-CATEGORY = "image/upscaling/FiDeSR"
 _CONNECT_TO = f"{REFINE_NODE} (or {RESIDUAL_NODE})"
 
 
@@ -71,32 +71,34 @@ def _latent_input(what: str) -> tuple[str, dict]:
     return ("LATENT", {"tooltip": f"The output of {REFINE_NODE} (or of another injection node); {what}"})
 
 
-def low_frequency_step(latent: Any, settings_kwargs: dict[str, Any], *, node: str) -> dict[str, Any]:
-    """samples + s_lf · M · M_ch · LPF(z)."""
+def _injection_step(latent: Any, settings: LowFrequencySettings | HighFrequencySettings, *, node: str) -> dict:
+    """``samples`` plus the branch's delta, computed from the state's restored latent (never from ``samples``)."""
     state = read_state(latent, node, connect_to=_CONNECT_TO)
     require_residual(state, node)
     check_interrupted()
     with engine_errors(node):
-        settings = LowFrequencySettings(**settings_kwargs)
         z = state.restored()
         gate = spatial_gate(state.upscaled_lq, tuple(z.shape[-2:]))
-        delta = low_frequency_delta(z, state.z_lq, gate, settings)
+        if isinstance(settings, LowFrequencySettings):
+            delta, branch = low_frequency_delta(z, state.z_lq, gate, settings), "lf"
+        else:
+            delta, branch = high_frequency_delta(z, state.z_lq, gate, settings), "hf"
     samples = latent["samples"] + state.to_samples(delta)
-    return make_latent(samples, state.with_injection("lf"), base=latent)
+    return make_latent(samples, state.with_injection(branch), base=latent)
+
+
+def low_frequency_step(latent: Any, settings_kwargs: dict[str, Any], *, node: str) -> dict[str, Any]:
+    """samples + s_lf · M · M_ch · LPF(z)."""
+    with engine_errors(node):
+        settings = LowFrequencySettings(**settings_kwargs)
+    return _injection_step(latent, settings, node=node)
 
 
 def high_frequency_step(latent: Any, settings_kwargs: dict[str, Any], *, node: str) -> dict[str, Any]:
     """samples + s_hf · M_sp^γ · (1 − M_ch) · (HPF(z) − HPF(z_L))."""
-    state = read_state(latent, node, connect_to=_CONNECT_TO)
-    require_residual(state, node)
-    check_interrupted()
     with engine_errors(node):
         settings = HighFrequencySettings(**settings_kwargs)
-        z = state.restored()
-        gate = spatial_gate(state.upscaled_lq, tuple(z.shape[-2:]))
-        delta = high_frequency_delta(z, state.z_lq, gate, settings)
-    samples = latent["samples"] + state.to_samples(delta)
-    return make_latent(samples, state.with_injection("hf"), base=latent)
+    return _injection_step(latent, settings, node=node)
 
 
 class FiDeSRLowFrequencyInject:

@@ -20,12 +20,12 @@ from ..fidesr_core.loading import assemble_fidesr_model
 from ..fidesr_core.precision import PRECISIONS, dtype_name
 from ..fidesr_core.weights import load_fidesr_weights
 from .errors import engine_errors, node_error
+from .inputs import CATEGORY
 from .model_folders import base_model_choices, fidesr_weight_choices, resolve_base_model, resolve_fidesr_weights
 from .model_handle import FIDESR_MODEL, FiDeSRModelHandle
 
 __all__ = ["FiDeSRModelLoader", "auto_precision"]
 
-CATEGORY = "image/upscaling/FiDeSR"
 logger = logging.getLogger("FiDeSR")
 
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from ..fidesr_core.restoration import predict_residual, refine_residual
-from .codec_nodes import MODEL_INPUT
 from .errors import engine_errors, node_error
+from .inputs import CATEGORY, MODEL_INPUT, POSITIVE_INPUT, TILE_OVERLAP_INPUT, TILE_SIZE_INPUT
 from .latent_state import (
     ENCODE_NODE,
     LF_NODE,
@@ -30,39 +30,6 @@ from .runtime import (
 )
 
 __all__ = ["FiDeSRResidual", "FiDeSRRefine", "residual_step", "refine_step", "prompt_embedding_from_conditioning"]
-
-CATEGORY = "image/upscaling/FiDeSR"
-
-TILE_SIZE_INPUT = (
-    "INT",
-    {
-        "default": 96,
-        "min": 0,
-        "max": 1024,
-        "step": 8,
-        "tooltip": "U-Net tile in latent pixels, 8 image pixels each (the authors use 96). Latents larger than one "
-        "tile are processed in overlapping tiles blended with a Gaussian; 0 never tiles. Halved once automatically "
-        "when memory runs out.",
-    },
-)
-TILE_OVERLAP_INPUT = (
-    "INT",
-    {
-        "default": 32,
-        "min": 0,
-        "max": 512,
-        "step": 8,
-        "tooltip": "Overlap of neighbouring U-Net tiles in latent pixels (the authors use 32); must be smaller "
-        "than tile_size.",
-    },
-)
-POSITIVE_INPUT = (
-    "CONDITIONING",
-    {
-        "tooltip": "Optional prompt for the U-Net, e.g. CLIP Text Encode with the CLIP of Load Checkpoint "
-        "(SD 2.1). Without it the U-Net gets the empty prompt, as the authors ran it."
-    },
-)
 
 
 def prompt_embedding_from_conditioning(

@@ -13,23 +13,26 @@ from typing import Any
 import torch
 
 from ..fidesr_core.pipeline import UpscaleSettings
-from .codec_nodes import (
+from .codec_nodes import decode_step, encode_step
+from .frequency_nodes import high_frequency_step, low_frequency_step
+from .inputs import (
+    CATEGORY,
     COLOR_FIX_INPUT,
     LATENT_MODE_INPUT,
+    LQ_IMAGE_INPUT,
     MODEL_INPUT,
+    POSITIVE_INPUT,
     SEED_INPUT,
+    TILE_OVERLAP_INPUT,
+    TILE_SIZE_INPUT,
     UPSCALE_BY_INPUT,
-    decode_step,
-    encode_step,
 )
-from .frequency_nodes import high_frequency_step, low_frequency_step
 from .model_handle import FiDeSRModelHandle, require_handle
-from .restoration_nodes import POSITIVE_INPUT, TILE_OVERLAP_INPUT, TILE_SIZE_INPUT, refine_step, residual_step
+from .restoration_nodes import refine_step, residual_step
 from .runtime import model_on_device
 
 __all__ = ["FiDeSRUpscale"]
 
-CATEGORY = "image/upscaling/FiDeSR"
 _ENGINE_DEFAULTS = UpscaleSettings()
 
 
@@ -65,7 +68,7 @@ class FiDeSRUpscale:
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "image": ("IMAGE", {"tooltip": "The low-quality image(s) to restore and upscale."}),
+                "image": LQ_IMAGE_INPUT,
                 "upscale_by": UPSCALE_BY_INPUT,
                 "lf_strength": _strength_input("low-frequency (structure)", _ENGINE_DEFAULTS.low.strength),
                 "hf_strength": _strength_input("high-frequency (detail)", _ENGINE_DEFAULTS.high.strength),
