@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ModelFileError
+from .safe_torch_load import ZIP_MAGIC, load_tensors_only
 
 __all__ = [
     "SAFETENSORS_SUFFIXES",
@@ -36,7 +35,6 @@ SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
 CONTAINER_SAFETENSORS = "safetensors"
 CONTAINER_PICKLE = "ckpt (pickle)"
-ZIP_MAGIC = b"PK\x03\x04"  # a torch.save zip archive starts with this
 _MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -169,37 +167,6 @@ def _read_safetensors_header(path: Path) -> OpenedCheckpoint:
     )
 
 
-def _torch_load(path: Path, mmap: bool) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; every failure becomes ModelFileError."""
-    if path.stat().st_size == 0:
-        raise ModelFileError(f"{path} is empty (0 bytes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL\s+([\w.]+)", str(error))
-        if refused:
-            raise ModelFileError(
-                f"{path} was refused: it is a pickle that asks for the Python object {refused.group(1)!r}, "
-                "and model files are only read with torch.load(weights_only=True), which allows tensors "
-                "and plain containers only (nothing in it was run). Use a .safetensors copy of the model instead"
-            ) from None
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(error))
-        detail = reason.group(1).strip() if reason else type(error).__name__
-        raise ModelFileError(
-            f"{path} is not a readable PyTorch checkpoint ({detail}): damaged, or not written by torch.save"
-        ) from None
-    except EOFError:
-        raise ModelFileError(f"{path} ends too early: the file is truncated (incomplete download or copy?)") from None
-    except RuntimeError as error:
-        if "zip archive" in str(error) or "central directory" in str(error):
-            raise ModelFileError(
-                f"{path} is a damaged or truncated PyTorch zip checkpoint (incomplete download or copy?)"
-            ) from None
-        raise ModelFileError(f"{path} cannot be read as a PyTorch checkpoint ({str(error)[:200]})") from None
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
-
-
 def _sniff_container(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
@@ -234,7 +201,7 @@ def open_checkpoint(path: str | Path, *, mmap: bool = True) -> OpenedCheckpoint:
         return _read_safetensors_header(path)
     with open(path, "rb") as handle:
         mapped = mmap and handle.read(4) == ZIP_MAGIC  # legacy (non-zip) torch.save files cannot be mapped
-    loaded = _torch_load(path, mapped)
+    loaded = load_tensors_only(path, mmap=mapped)
     if not isinstance(loaded, dict):
         raise ModelFileError(f"{path} holds a {type(loaded).__name__}, not a dict of tensors: not a model checkpoint")
     top_keys = frozenset(str(key) for key in loaded)

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +48,7 @@ from .checkpoint_inspect import identify_checkpoint, identify_model_file
 from .errors import ModelFileError, SettingsError, WeightsFileError
 from .image_io import write_atomic
 from .lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
+from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
 
 __all__ = [
@@ -140,41 +139,13 @@ def _foreign_checkpoint(path: Path, opened: OpenedCheckpoint) -> str | None:
 # --------------------------------------------------------------------------- reading
 
 
-def _torch_load(path: Path) -> object:
-    # torch.load hands paths ending in .safetensors to safetensors: give it the open file then (no mmap).
-    by_path = not str(path).endswith(".safetensors")
-    try:
-        with open(path, "rb") as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pickle-protocol notices from the weights-only unpickler
-            mmap = by_path and handle.read(4) == ZIP_MAGIC  # zip archives map lazily: a base model costs nothing
-            handle.seek(0)
-            return torch.load(path if by_path else handle, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL\s+([\w.]+)", str(error))
-        if refused:
-            raise WeightsFileError(
-                f"{path} contains code or Python objects that we refuse to load (it asks for {refused.group(1)!r}); "
-                "weights are read with torch.load(weights_only=True), which allows tensors and plain containers "
-                f"only, and nothing in the file was run. Expected {_EXPECTED}"
-            ) from None
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(error) + "\n")
-        detail = reason.group(1).strip() if reason else "unreadable pickle"
-        raise WeightsFileError(
-            f"{path} is a pickle that torch.load(weights_only=True) refuses ({detail}): damaged, or holding "
-            f"objects we refuse to load (nothing in it was run); expected {_EXPECTED}"
-        ) from None
-    except (EOFError, OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
-        detail = re.split(r"(?<=\.)\s", str(error).strip() or type(error).__name__)[0][:160]  # first sentence
-        raise WeightsFileError(f"{path} is truncated or damaged: it cannot be read as a PyTorch file ({detail}); expected {_EXPECTED}") from None  # fmt: skip
-
-
 def _owned(value: object) -> object:
     """A copy in fresh memory: memory-mapped tensors must not stay backed by the file."""
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _read_pkl(path: Path) -> FiDeSRWeights:
-    loaded = _torch_load(path)
+    loaded = load_tensors_only(path, mmap=True, error=WeightsFileError, expected=_EXPECTED)
     if not isinstance(loaded, dict):
         raise WeightsFileError(f"{path} holds a {type(loaded).__name__}; expected the FiDeSR dict with keys {list(_PKL_KEYS)}")  # fmt: skip
     keys = {str(key) for key in loaded}

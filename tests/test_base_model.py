@@ -552,7 +552,7 @@ BAD_INPUTS = {
     "sd2-inpainting": ("sd2-inpainting", ["inpainting", "9 input channels"]),
     "sd2-depth": ("sd2-depth", ["depth", "5 input channels"]),
     "random-safetensors": (None, ["not a valid safetensors file"]),
-    "random-ckpt": (None, ["not a readable PyTorch checkpoint"]),
+    "random-ckpt": (None, ["not a readable PyTorch file"]),
     "truncated-safetensors": (None, ["is truncated"]),
     "truncated-ckpt": (None, ["truncated"]),
     "empty-file": (None, ["empty (0 bytes)"]),
