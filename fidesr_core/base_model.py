@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -38,6 +39,7 @@ from .open_clip_convert import clip_text_state_for, needed_open_clip_keys, open_
 __all__ = ["SD21_BASE_CONFIG_DIR", "SD21_BASE_HINT", "load_base_model", "empty_components"]
 
 logger = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 SD21_BASE_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base"
 SD21_BASE_HINT = (
@@ -124,7 +126,7 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, w
         owner.register_buffer(buffer_name, torch.arange(buffer.shape[-1]).expand(1, -1), persistent=False)
 
 
-def _finish(model: torch.nn.Module) -> torch.nn.Module:
+def _finish(model: ModelT) -> ModelT:
     return model.eval().requires_grad_(False)
 
 
@@ -141,24 +143,16 @@ def _convert(convert, state: dict[str, torch.Tensor], config: dict, *, what: str
         ) from error
 
 
-def _unet_from_checkpoint(checkpoint: OpenedCheckpoint, unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def _component_from_checkpoint(checkpoint: OpenedCheckpoint, model: ModelT, *, prefix: str, what: str) -> ModelT:
+    """Convert the ``prefix.*`` weights of an original-layout checkpoint into ``model`` (the U-Net or the VAE)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    original = checkpoint.load([key for key in checkpoint.shapes if key.startswith(UNET_PREFIX)], torch.float32)
-    state = _convert(convert_ldm_unet_checkpoint, original, dict(unet.config), what="U-Net", source=checkpoint.path)
+    converter = convert_ldm_unet_checkpoint if prefix == UNET_PREFIX else convert_ldm_vae_checkpoint
+    original = checkpoint.load([key for key in checkpoint.shapes if key.startswith(prefix)], torch.float32)
+    state = _convert(converter, original, dict(model.config), what=what, source=checkpoint.path)
     del original
-    _assign_weights(unet, state, what="U-Net", source=checkpoint.path)
-    return _finish(unet)
-
-
-def _vae_from_checkpoint(checkpoint: OpenedCheckpoint, vae: AutoencoderKL) -> AutoencoderKL:
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    original = checkpoint.load([key for key in checkpoint.shapes if key.startswith(VAE_PREFIX)], torch.float32)
-    state = _convert(convert_ldm_vae_checkpoint, original, dict(vae.config), what="VAE", source=checkpoint.path)
-    del original
-    _assign_weights(vae, state, what="VAE", source=checkpoint.path)
-    return _finish(vae)
+    _assign_weights(model, state, what=what, source=checkpoint.path)
+    return _finish(model)
 
 
 def _text_encoder_from_checkpoint(checkpoint: OpenedCheckpoint, text_encoder: CLIPTextModel) -> CLIPTextModel:
@@ -184,8 +178,8 @@ def _load_single_file(path: Path, config_dir: Path) -> BaseModel:
     for note in identity.notes:
         logger.warning("%s: %s", path, note)
     unet, vae, text_encoder = empty_components(config_dir)
-    unet = _unet_from_checkpoint(checkpoint, unet)
-    vae = _vae_from_checkpoint(checkpoint, vae)
+    unet = _component_from_checkpoint(checkpoint, unet, prefix=UNET_PREFIX, what="U-Net")
+    vae = _component_from_checkpoint(checkpoint, vae, prefix=VAE_PREFIX, what="VAE")
     text_encoder = _text_encoder_from_checkpoint(checkpoint, text_encoder)
     checkpoint.release()
     return BaseModel(
