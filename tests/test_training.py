@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_helpers import write_training_workspace
 
 from fidesr_core.errors import ModelFileError, SettingsError
 from fidesr_core.lrrb import LRRB
@@ -50,32 +51,9 @@ def _quiet_machine(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-def _write_tokenizer(folder: Path) -> Path:
-    """A tiny CLIP BPE vocabulary: single letters and ',' (ids < 49408 so the tiny text encoder can embed them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"!": 0}
-    for index, char in enumerate("abcdefghijklmnopqrstuvwxyz,"):
-        vocab[char], vocab[f"{char}</w>"] = 1 + 2 * index, 2 + 2 * index
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 49406, 49407
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("training")
-    hq = root / "hq"
-    hq.mkdir()
-    rng = np.random.default_rng(0)
-    for index, (height, width) in enumerate([(40, 48), (48, 40), (24, 36)]):  # the last is smaller than the crop
-        yy, xx = np.mgrid[0:height, 0:width]
-        smooth = np.stack([np.sin(xx / (3 + index)), np.cos(yy / 4), np.sin((xx + yy) / 5)], -1) * 0.4 + 0.5
-        pixels = np.clip(smooth + 0.1 * rng.standard_normal((height, width, 3)), 0, 1)
-        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(hq / f"{index}.png")
-    (hq / "0.txt").write_text("a red dog")
-    (hq / "1.txt").write_text("grass, sky")
-    return {"root": root, "hq": hq, "tokenizer": _write_tokenizer(root / "tokenizer")}
+    return write_training_workspace(tmp_path_factory.mktemp("training"))
 
 
 def _config(workspace: dict[str, Path], output: Path, **sections) -> object:
