@@ -10,6 +10,7 @@ against SPEC §5's formula; prompts, validation and the command line.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -96,11 +97,16 @@ def _totals(result) -> list[float]:
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_steps_run_with_finite_terms_and_only_trainable_tensors_change(workspace, tmp_path: Path) -> None:
+def test_steps_run_with_finite_terms_and_only_trainable_tensors_change(workspace, tmp_path: Path, caplog) -> None:
     base = tiny_base_model(0)
     reference = tiny_base_model(0)
-    result = _train(_config(workspace, tmp_path / "run"), base_model=base)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        result = _train(_config(workspace, tmp_path / "run", logging={"every": 2}), base_model=base)
     assert result.step == 3 and len(result.history) == 3
+    # without a progress bar each logged step (every 2nd, and the last) is a log line with its terms and time
+    step_lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("step ")]
+    assert [line.split(":")[0] for line in step_lines] == ["step 2/3", "step 3/3"]
+    assert all(entry["time/step_seconds"] > 0 for entry in result.history)
     for entry in result.history:
         for name in ("loss/total", "loss/l2", "loss/lpips", "loss/csd", "grad_norm"):
             assert np.isfinite(entry[name]), (name, entry)

@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,7 @@ def train(
     batches = iter(loader)
     last_saved = step
     while step < optim.max_steps:
+        started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         grad_norm = torch.zeros((), device=accelerator.device)
         for _ in range(optim.gradient_accumulation):
@@ -189,11 +191,17 @@ def train(
                 sums[name] = sums.get(name, 0) + terms[name].float() / optim.gradient_accumulation
         step += 1
         logs = step_logs(accelerator, sums, grad_norm, optimizer)
+        logs["time/step_seconds"] = time.perf_counter() - started
         result.history.append({"step": float(step), **logs})
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss/total']:.4f}", l2=f"{logs['loss/l2']:.4f}", lpips=f"{logs['loss/lpips']:.4f}", csd=f"{logs['loss/csd']:.3g}")  # fmt: skip
         if step % config.logging.every == 0 or step == optim.max_steps:
             accelerator.log(logs, step=step)
+            if bar.disable and accelerator.is_main_process:  # without a bar (e.g. logging to a file) say it here
+                logger.info(
+                    "step %d/%d: loss %.4f (l2 %.4f, lpips %.4f, csd %.4g), %.2f s/step", step, optim.max_steps,
+                    logs["loss/total"], logs["loss/l2"], logs["loss/lpips"], logs["loss/csd"], logs["time/step_seconds"],
+                )  # fmt: skip
             if not math.isfinite(logs["loss/total"]):
                 logger.warning("step %d: the loss is not finite (%s)", step, logs["loss/total"])
         if step % config.checkpoint.every == 0 or step == optim.max_steps:
