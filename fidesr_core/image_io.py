@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,24 +95,35 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp_file(path: Path) -> tuple[Path, int]:
+    """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here.
+
+    Created with mode 0o666 so the kernel applies the umask (``mkstemp`` would make it 0600);
+    reading the result back avoids ``os.umask``, which changes the whole process's mask.
+    """
+    for _ in range(100):
+        temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+        try:
+            handle = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        mode = os.fstat(handle).st_mode & 0o777
+        os.close(handle)
+        return temp, mode
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(temp_path)`` then move the finished file to ``path``; never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
+    temp, mode = _create_temp_file(path)
     try:
-        write(temp_name)
-        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give normal ones
-        os.replace(temp_name, path)
+        write(str(temp))
+        os.chmod(temp, mode)  # writers that replace the file (safetensors does) leave it 0600
+        os.replace(temp, path)
     except BaseException:  # including KeyboardInterrupt: no half files
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 
