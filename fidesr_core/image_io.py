@@ -14,14 +14,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "LoadedImage", "collect_image_files", "load_image", "save_png_atomic", "write_atomic"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DATASET_IMAGE_EXTENSIONS",
+    "LoadedImage",
+    "image_files_in",
+    "collect_image_files",
+    "load_image",
+    "save_png_atomic",
+    "write_atomic",
+]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # what the CLI upscales
+# Training and evaluation sets also come as BMP or TIFF (PIL reads them all).
+DATASET_IMAGE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | {".bmp", ".tif", ".tiff"}
 
 
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def image_files_in(
+    folder: Path, *, extensions: frozenset[str] = IMAGE_EXTENSIONS, recursive: bool = False
+) -> list[Path]:
+    """The image files in ``folder`` (and below it if ``recursive``), sorted; hidden files such as
+    macOS's ``._name.png`` copies are skipped."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        path
+        for path in candidates
+        if path.suffix.lower() in extensions and not path.name.startswith(".") and path.is_file()
+    )
 
 
 def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
@@ -33,7 +52,7 @@ def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool 
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = _images_in(path, recursive)
+            images = image_files_in(path, recursive=recursive)
             if not images:
                 raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
             found.extend(images)

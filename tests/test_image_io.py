@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fidesr_core.image_io import save_png_atomic, write_atomic
+from fidesr_core.errors import ImageInputError
+from fidesr_core.image_io import (
+    DATASET_IMAGE_EXTENSIONS,
+    collect_image_files,
+    image_files_in,
+    save_png_atomic,
+    write_atomic,
+)
 
 
 @pytest.fixture
@@ -55,3 +62,20 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) ->
         write_atomic(target, failing_writer)
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["a.png"]
+
+
+def test_image_folders_list_images_only_skipping_hidden_copies(tmp_path: Path) -> None:
+    for name in ("b.png", "._b.png", "a.JPG", "notes.txt", "c.bmp", "sub/d.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in collect_image_files([tmp_path])] == ["a.JPG", "b.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in collect_image_files([tmp_path], recursive=True)] == [
+        "a.JPG",
+        "b.png",
+        "sub/d.webp",
+    ]
+    dataset = image_files_in(tmp_path, extensions=DATASET_IMAGE_EXTENSIONS)
+    assert [p.name for p in dataset] == ["a.JPG", "b.png", "c.bmp"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageInputError, match="holds no PNG, JPEG or WebP"):
+        collect_image_files([tmp_path / "sub" / "d.webp", tmp_path / "empty"])

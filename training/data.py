@@ -28,9 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from fidesr_core.errors import ImageInputError, SettingsError
+from fidesr_core.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "ImageRecord",
     "derive_seed",
     "scan_image_folder",
@@ -42,7 +42,6 @@ __all__ = [
     "StepBatchSampler",
 ]
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 _IMAGE_COLUMNS = ("image", "path", "file", "file_name", "filename", "name")
 _CAPTION_COLUMNS = ("caption", "text", "prompt", "tags")
 
@@ -68,11 +67,7 @@ def scan_image_folder(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise SettingsError(f"HQ image folder {root} does not exist or is not a folder")
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
-    )
+    return image_files_in(root, extensions=DATASET_IMAGE_EXTENSIONS, recursive=True)
 
 
 def read_image_list(list_file: str | os.PathLike) -> list[Path]:

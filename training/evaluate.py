@@ -34,12 +34,11 @@ import torch
 from tqdm import tqdm
 
 from fidesr_core.errors import FiDeSRError, ImageInputError, SettingsError
-from fidesr_core.image_io import load_image, write_atomic
+from fidesr_core.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in, load_image, write_atomic
 
 from .metrics import METRICS, PAPER_METRICS, PAPER_RESULTS, MetricSuite, parse_metric_names
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "ImagePair",
     "Pairing",
     "EvaluationResult",
@@ -52,7 +51,6 @@ __all__ = [
     "main",
 ]
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 _KEY_SEPARATORS = "_-."
 _EXIT_USAGE, _EXIT_INTERRUPTED = 2, 130
 
@@ -88,13 +86,9 @@ def list_images(folder: str | Path, role: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageInputError(f"{role} folder {folder} does not exist or is not a folder")
-    images = sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    images = image_files_in(folder, extensions=DATASET_IMAGE_EXTENSIONS)
     if not images:
-        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        kinds = ", ".join(sorted(DATASET_IMAGE_EXTENSIONS))
         raise ImageInputError(f"{role} folder {folder} holds no images ({kinds})")
     return images
 

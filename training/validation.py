@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fidesr_core.errors import SettingsError
-from fidesr_core.image_io import IMAGE_EXTENSIONS, load_image, save_png_atomic
+from fidesr_core.image_io import image_files_in, load_image, save_png_atomic
 from fidesr_core.model import FiDeSRModel
 from fidesr_core.pipeline import UpscaleSettings, upscale
 
@@ -44,8 +44,7 @@ class ValidationImage:
 def _images_by_stem(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise SettingsError(f"validation {role} folder {folder} does not exist")
-    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
-    return {path.stem: path for path in images}
+    return {path.stem: path for path in image_files_in(folder)}
 
 
 def collect_validation_images(
