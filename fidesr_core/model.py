@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
 
 from .lrrb import LRRB
+
+if TYPE_CHECKING:  # annotations only: importing diffusers/transformers takes seconds (ComfyUI start-up)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 __all__ = ["SCALING_FACTOR", "BaseModel", "FiDeSRModel"]
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import CLIPTextModel
 
 from .errors import SettingsError
+
+if TYPE_CHECKING:  # annotation only; transformers is imported by whoever built the text encoder
+    from transformers import CLIPTextModel
 
 __all__ = [
     "BOS_TOKEN_ID",

@@ -10,7 +10,6 @@ import torch
 from .errors import SettingsError
 from .model import FiDeSRModel
 from .progress import CancelCheck, ProgressCallback
-from .tiled_vae import decode_latents, encode_moments
 
 __all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise"]
 
@@ -43,6 +42,8 @@ def encode_image(
     """
     if latent_mode not in LATENT_MODES:
         raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+    from .tiled_vae import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
+
     vae_input = pixels.to(device=model.device, dtype=model.dtype)
     moments = encode_moments(
         model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel
@@ -67,6 +68,8 @@ def decode_latent(
 
     A half-precision decode that overflows is redone in float32 (with a warning).
     """
+    from .tiled_vae import decode_latents  # see encode_image
+
     unscaled = latent.float() / model.scaling_factor
     decoded = decode_latents(
         model.vae,

@@ -15,10 +15,7 @@ import logging
 import comfy.model_management as model_management
 import torch
 
-from ..fidesr_core.base_model import load_base_model
-from ..fidesr_core.loading import assemble_fidesr_model
 from ..fidesr_core.precision import PRECISIONS, dtype_name
-from ..fidesr_core.weights import load_fidesr_weights
 from .errors import engine_errors, node_error
 from .inputs import CATEGORY
 from .model_folders import base_model_choices, fidesr_weight_choices, resolve_base_model, resolve_fidesr_weights
@@ -89,6 +86,12 @@ class FiDeSRModelLoader:
         load_device = model_management.get_torch_device()
         offload_device = model_management.unet_offload_device()
         chosen = auto_precision(load_device) if precision == "auto" else precision
+        # diffusers and transformers take seconds to import: pay for them when a model is loaded,
+        # not at every ComfyUI start.
+        from ..fidesr_core.base_model import load_base_model
+        from ..fidesr_core.loading import assemble_fidesr_model
+        from ..fidesr_core.weights import load_fidesr_weights
+
         with engine_errors(node):
             weights = load_fidesr_weights(weights_path)
             weights.metadata.setdefault("path", weights_path)

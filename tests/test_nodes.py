@@ -12,6 +12,9 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +136,23 @@ def test_pack_imports_by_file_path_under_a_mangled_name(comfy) -> None:
     # The engine the nodes use is the pack's own copy, reached by relative imports.
     engine = comfy.module("fidesr_core.pipeline")
     assert engine.__name__ == f"{pack.__name__}.fidesr_core.pipeline"
+
+
+def test_loading_the_pack_does_not_import_the_model_libraries(tmp_path: Path) -> None:
+    """ComfyUI imports every pack at start-up; diffusers/transformers/peft cost seconds and wait for a model load."""
+    script = (
+        "import sys; from pathlib import Path; from comfy_stub import import_pack, install_comfy_stubs\n"
+        f"install_comfy_stubs(Path({str(tmp_path)!r})); pack = import_pack(Path({str(PACK_ROOT)!r}))\n"
+        "assert len(pack.NODE_CLASS_MAPPINGS) == 9\n"
+        "print(sorted(name for name in ('diffusers', 'transformers', 'peft') if name in sys.modules))"
+    )
+    tests_folder = str(Path(__file__).parent)
+    finished = subprocess.run(
+        [sys.executable, "-c", script], cwd=tests_folder, env={**os.environ, "PYTHONPATH": tests_folder},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "[]"
 
 
 def _absolute_imports_of_pack_modules(path: Path) -> list[str]:
