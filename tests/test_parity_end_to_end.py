@@ -3,9 +3,9 @@
 Same tiny random weights on both sides (non-zero LoRA and LRRB), ``latent_mode="mode"``,
 float32 on the CPU, no tiling.  The reference attaches the LoRA with peft (unmerged,
 scale 1), computes the empty-prompt embedding from the token ids, and re-implements
-every FiDeSR-specific step (``reference_impl.py``); only the stock diffusers modules
-are shared.  The latent right before decoding must agree to float precision and the
-8-bit output to 1/255.
+every FiDeSR-specific step (``reference_impl.py``, ``reference_image_steps.py``); only
+the stock diffusers modules are shared.  The latent right before decoding must agree
+to float precision and the 8-bit output to 1/255.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_image_steps import ref_prepare_lq, ref_tiled
 from reference_impl import (
     ref_decode_and_finish,
     ref_empty_prompt_embedding,
     ref_lfim,
     ref_lora_unet,
     ref_lrrb,
-    ref_prepare_lq,
     ref_restored_latent,
-    ref_tiled,
 )
 
 from fidesr_core.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
