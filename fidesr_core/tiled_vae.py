@@ -55,10 +55,8 @@ from torch import nn
 
 from .errors import ImageInputError, SettingsError
 from .progress import CancelCheck, ProgressCallback, check_cancelled
-from .tiled_vae_group_norm import _GroupStats as _GroupStats  # re-exported: tests reach it here
 from .tiled_vae_runner import _run_tiled, _sizes
 from .tiled_vae_steps import _Activation, _Add, _Attention, _Conv, _Norm, _Save, _Step, _unsupported, _Upsample
-from .tiled_vae_steps import _Box as _Box  # re-exported: tests reach it here
 
 __all__ = ["encode_moments", "decode_latents"]
 

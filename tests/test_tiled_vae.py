@@ -16,6 +16,8 @@ from torch import nn
 from fidesr_core import tiled_vae
 from fidesr_core.errors import BaseModelError, Cancelled, ImageInputError, SettingsError
 from fidesr_core.tiled_vae import decode_latents, encode_moments
+from fidesr_core.tiled_vae_group_norm import _GroupStats
+from fidesr_core.tiled_vae_steps import _Box, _Conv
 from fidesr_core.tiny import TINY_VAE_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +122,8 @@ def test_group_norm_statistics_are_whole_image(vae_no_attention: AutoencoderKL) 
     assert independent_error > 100 * tiled_error and independent_error > 1e-2
 
 
-def _group_stats_of_pieces(x: torch.Tensor, groups: int) -> tiled_vae._GroupStats:
-    stats = tiled_vae._GroupStats(groups)
+def _group_stats_of_pieces(x: torch.Tensor, groups: int) -> _GroupStats:
+    stats = _GroupStats(groups)
     for top, bottom in ((0, 4), (4, x.shape[2])):  # uneven pieces that partition the map
         for left, right in ((0, 9), (9, x.shape[3])):
             stats.add(x[..., top:bottom, left:right])
@@ -281,7 +283,7 @@ def test_conv_regions_are_exact(kernel: int, stride: int, padding: int, extra_pa
     # Any region the conv step says it computed equals the untiled conv there; needs() asks for enough input.
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding)
-    step = tiled_vae._Conv(conv, extra_pad)
+    step = _Conv(conv, extra_pad)
     full_input = torch.randn(1, 2, 22, 18)
     with torch.no_grad():
         full = conv(nn.functional.pad(full_input, extra_pad))
@@ -291,7 +293,7 @@ def test_conv_regions_are_exact(kernel: int, stride: int, padding: int, extra_pa
             left, right = sorted(torch.randint(0, full.shape[3] + 1, (2,), generator=generator).tolist())
             if top == bottom or left == right:
                 continue
-            wanted = tiled_vae._Box(top, bottom, left, right, *full.shape[-2:])
+            wanted = _Box(top, bottom, left, right, *full.shape[-2:])
             need = step.needs(wanted, (22, 18))
             tile = full_input[..., need.top : need.bottom, need.left : need.right]
             out, box = step.run(tile, need)
