@@ -32,7 +32,7 @@ from fidesr_core.lora import ADAPTER_NAMES, add_lora_adapters, load_lora_state, 
 from fidesr_core.lrrb import LRRB
 from fidesr_core.model import SCALING_FACTOR, BaseModel
 from fidesr_core.restoration import RESIDUAL_TIMESTEP
-from fidesr_core.text_embedding import empty_prompt_token_ids
+from fidesr_core.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
 from fidesr_core.weights import FiDeSRWeights
 
 from .csd import frozen_unet
@@ -161,8 +161,7 @@ class FiDeSRGenerator(nn.Module):
         """One generator pass on ``lq`` ``[B, 3, H, W]`` in [-1, 1] with ``prompt_embeds`` ``[B or 1, 77, D]``."""
         z_lq = self.encode_lq(lq, generator)  # [B, 4, h, w]
         batch = z_lq.shape[0]
-        if prompt_embeds.shape[0] == 1 and batch > 1:
-            prompt_embeds = prompt_embeds.expand(batch, -1, -1)
+        prompt_embeds = batch_prompt_embedding(prompt_embeds, batch)
         unet_dtype = _frozen_dtype(self.unet)
         timestep = torch.full((batch,), RESIDUAL_TIMESTEP, device=z_lq.device, dtype=torch.long)
         residual = self.unet(
