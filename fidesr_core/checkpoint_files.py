@@ -26,6 +26,7 @@ __all__ = [
     "CONTAINER_SAFETENSORS",
     "CONTAINER_PICKLE",
     "ZIP_MAGIC",
+    "container_by_content",
     "OpenedCheckpoint",
     "open_checkpoint",
     "state_dict_tensors",
@@ -167,18 +168,28 @@ def _read_safetensors_header(path: Path) -> OpenedCheckpoint:
     )
 
 
+def container_by_content(path: Path) -> str | None:
+    """``CONTAINER_PICKLE`` or ``CONTAINER_SAFETENSORS`` from the first bytes of ``path``; None if neither."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip archive, or pickle protocol >= 2
+        return CONTAINER_PICKLE
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
+        return CONTAINER_SAFETENSORS  # 8-byte little-endian header length, then the JSON header
+    return None
+
+
 def _sniff_container(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return CONTAINER_SAFETENSORS
     if suffix in PICKLE_SUFFIXES:
         return CONTAINER_PICKLE
+    container = container_by_content(path)
+    if container is not None:
+        return container
     with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # zip archive or pickle protocol >= 2
-        return CONTAINER_PICKLE
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length then JSON
-        return CONTAINER_SAFETENSORS
+        head = handle.read(4)
     if head.startswith(b"GGUF"):
         raise ModelFileError(f"{path} is a GGUF (quantised) file; only .safetensors and .ckpt checkpoints are read")
     raise ModelFileError(

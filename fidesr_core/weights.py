@@ -40,8 +40,8 @@ from .checkpoint_files import (
     CONTAINER_SAFETENSORS,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
-    ZIP_MAGIC,
     OpenedCheckpoint,
+    container_by_content,
     state_dict_tensors,
 )
 from .checkpoint_inspect import identify_checkpoint, identify_model_file
@@ -94,12 +94,11 @@ _EXPECTED = "FiDeSR weights (fidesr.pkl from the authors, or a fidesr.safetensor
 
 
 def _sniff_format(path: Path) -> Literal["pkl", "safetensors"]:
+    container = container_by_content(path)
+    if container is not None:
+        return "pkl" if container == CONTAINER_PICKLE else "safetensors"
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip archive, or pickle protocol >= 2
-        return "pkl"
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
-        return "safetensors"  # 8-byte little-endian header length, then the JSON header
     raise WeightsFileError(
         f"{path} is neither a PyTorch pickle/zip file nor a safetensors file (it starts with {head!r}); "
         f"expected {_EXPECTED}"
