@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fidesr_core.injection import HighFrequencySettings, LowFrequencySettings  # noqa: E402
+from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings  # noqa: E402
 
 CASES = {"small": (128, 128), "large": (256, 384)}  # LQ sizes: 128->512 untiled, 256x384->1024x1536 tiled
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "fidesr_core" / "configs" / "sd21_base"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "fidesr_core" / "loading" / "configs" / "sd21_base"
 
 
 def _reset_peak_rss() -> bool:
@@ -65,7 +65,7 @@ def _sync(device: torch.device) -> None:
 def _build_networks(dtype: torch.dtype, device: torch.device, channels_last: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fidesr_core.lrrb import LRRB
+    from fidesr_core.networks.lrrb import LRRB
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
@@ -94,12 +94,12 @@ class StageTimer:
 
 
 def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
-    from fidesr_core.injection import inject_frequencies, spatial_gate
-    from fidesr_core.model import FiDeSRModel
+    from fidesr_core.networks.model import FiDeSRModel
     from fidesr_core.pipeline import finish_image
-    from fidesr_core.preprocess import prepare_lq
-    from fidesr_core.restoration import predict_residual, refine_residual, restored_latent
-    from fidesr_core.vae_codec import decode_latent, encode_image
+    from fidesr_core.steps.injection import inject_frequencies, spatial_gate
+    from fidesr_core.steps.preprocess import prepare_lq
+    from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
+    from fidesr_core.steps.vae_codec import decode_latent, encode_image
 
     unet, vae, lrrb, embedding = networks
     model = FiDeSRModel(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)
@@ -132,9 +132,9 @@ def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, dev
     """The released computation, written plainly: stock diffusers calls, LRRB per tile."""
     import torch.nn.functional as F
 
-    from fidesr_core.color_fix import adain_color_fix
-    from fidesr_core.injection import inject_frequencies, spatial_gate
-    from fidesr_core.latent_tiling import gaussian_tile_weight
+    from fidesr_core.steps.color_fix import adain_color_fix
+    from fidesr_core.steps.injection import inject_frequencies, spatial_gate
+    from fidesr_core.steps.latent_tiling import gaussian_tile_weight
 
     unet, vae, lrrb, embedding = networks
     scale = 0.18215
@@ -177,7 +177,7 @@ def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, dev
 
 
 def _worker(path: str, case: str, precision: str, device_name: str, output: Path, repeats: int) -> dict:
-    from fidesr_core.loading import use_channels_last
+    from fidesr_core.loading.assemble import use_channels_last
     from fidesr_core.precision import resolve_device, resolve_dtype
 
     device = resolve_device(device_name)

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
 from .errors import SettingsError
-from .injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from .model import FiDeSRModel
-from .preprocess import prepare_lq, resize_image, resize_to_output
+from .networks.model import FiDeSRModel
 from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
-from .restoration import predict_residual, refine_residual, restored_latent
-from .vae_codec import LATENT_MODES, LatentMode, decode_latent, encode_image
+from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
+from .steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from .steps.preprocess import prepare_lq, resize_image, resize_to_output
+from .steps.restoration import predict_residual, refine_residual, restored_latent
+from .steps.vae_codec import LATENT_MODES, LatentMode, decode_latent, encode_image
 
 __all__ = ["STAGES", "UpscaleSettings", "upscale", "finish_image"]
 

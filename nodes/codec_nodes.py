@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from ..fidesr_core.color_fix import COLOR_FIX_METHODS
 from ..fidesr_core.pipeline import finish_image
-from ..fidesr_core.preprocess import prepare_lq
-from ..fidesr_core.vae_codec import LATENT_MODES, decode_latent, encode_image
+from ..fidesr_core.steps.color_fix import COLOR_FIX_METHODS
+from ..fidesr_core.steps.preprocess import prepare_lq
+from ..fidesr_core.steps.vae_codec import LATENT_MODES, decode_latent, encode_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import (

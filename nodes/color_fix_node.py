@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..fidesr_core.color_fix import apply_color_fix
-from ..fidesr_core.preprocess import resize_image
+from ..fidesr_core.steps.color_fix import apply_color_fix
+from ..fidesr_core.steps.preprocess import resize_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import CATEGORY

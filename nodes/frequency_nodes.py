@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..fidesr_core.frequency import FILTER_GEOMETRIES
-from ..fidesr_core.injection import (
+from ..fidesr_core.steps.frequency import FILTER_GEOMETRIES
+from ..fidesr_core.steps.injection import (
     HighFrequencySettings,
     LowFrequencySettings,
     high_frequency_delta,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..fidesr_core.color_fix import COLOR_FIX_METHODS
-from ..fidesr_core.vae_codec import LATENT_MODES
+from ..fidesr_core.steps.color_fix import COLOR_FIX_METHODS
+from ..fidesr_core.steps.vae_codec import LATENT_MODES
 from .model_handle import FIDESR_MODEL
 
 __all__ = [

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..fidesr_core.restoration import restored_latent
+from ..fidesr_core.steps.restoration import restored_latent
 from .errors import node_error
 
 __all__ = [

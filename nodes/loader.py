@@ -88,9 +88,9 @@ class FiDeSRModelLoader:
         chosen = auto_precision(load_device) if precision == "auto" else precision
         # diffusers and transformers take seconds to import: pay for them when a model is loaded,
         # not at every ComfyUI start.
-        from ..fidesr_core.base_model import load_base_model
-        from ..fidesr_core.loading import assemble_fidesr_model
-        from ..fidesr_core.weights import load_fidesr_weights
+        from ..fidesr_core.loading.assemble import assemble_fidesr_model
+        from ..fidesr_core.loading.base_model import load_base_model
+        from ..fidesr_core.loading.weights import load_fidesr_weights
 
         with engine_errors(node):
             weights = load_fidesr_weights(weights_path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..fidesr_core.model import FiDeSRModel
+from ..fidesr_core.networks.model import FiDeSRModel
 from .errors import node_error
 
 __all__ = ["FIDESR_MODEL", "FiDeSRModelHandle", "require_handle"]

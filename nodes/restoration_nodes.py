@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..fidesr_core.restoration import predict_residual, refine_residual
+from ..fidesr_core.steps.restoration import predict_residual, refine_residual
 from .errors import engine_errors, node_error
 from .inputs import CATEGORY, MODEL_INPUT, POSITIVE_INPUT, TILE_OVERLAP_INPUT, TILE_SIZE_INPUT
 from .latent_state import (

@@ -48,8 +48,8 @@ def _fresh_records(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="module")
 def handle(comfy):
     """A FIDESR_MODEL around a tiny random FiDeSR model (fp32, CPU)."""
-    tiny = comfy.module("fidesr_core.tiny")
-    loading = comfy.module("fidesr_core.loading")
+    tiny = comfy.module("fidesr_core.networks.tiny")
+    loading = comfy.module("fidesr_core.loading.assemble")
     base = tiny.tiny_base_model(seed=1)
     weights = tiny.tiny_fidesr_weights(base, seed=2)
     model = loading.assemble_fidesr_model(base, weights, precision="fp32", device="cpu")

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from fidesr_core.model import BaseModel
+from fidesr_core.networks.model import BaseModel
 
 __all__ = [
     "unet_to_ldm",

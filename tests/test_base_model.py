@@ -20,11 +20,11 @@ import torch
 from base_model_fixtures import guard_network
 from ldm_export import ldm_state_dict, write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 
-from fidesr_core.base_model import SD21_BASE_CONFIG_DIR, empty_components, load_base_model
-from fidesr_core.checkpoint_inspect import identify_model_file, read_checkpoint_state_dict
 from fidesr_core.errors import BaseModelError, ModelFileError
-from fidesr_core.model import BaseModel
-from fidesr_core.tiny import TINY_TEXT_CONFIG, tiny_base_model
+from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR, empty_components, load_base_model
+from fidesr_core.loading.identify import identify_model_file, read_checkpoint_state_dict
+from fidesr_core.networks.model import BaseModel
+from fidesr_core.networks.tiny import TINY_TEXT_CONFIG, tiny_base_model
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +186,7 @@ def test_768_file_name_loads_with_a_note(
     identity = identify_model_file(path)
     assert identity.is_sd2 and identity.family == "sd2"
     assert any("768-v" in note for note in identity.notes)
-    with caplog.at_level("WARNING", logger="fidesr_core.base_model"):
+    with caplog.at_level("WARNING", logger="fidesr_core.loading.base_model"):
         load_base_model(path, config_dir=tiny_config_dir)
     assert "768-v" in caplog.text
 
@@ -259,7 +259,7 @@ def test_identification_reads_only_the_safetensors_header(
     import safetensors
     import safetensors.torch
 
-    from fidesr_core.checkpoint_inspect import OpenedCheckpoint
+    from fidesr_core.loading.identify import OpenedCheckpoint
 
     path = write_ldm_checkpoint(tiny, tmp_path / "model.safetensors")
 

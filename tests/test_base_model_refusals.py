@@ -19,12 +19,12 @@ from base_model_fixtures import guard_network
 from diffusers import UNet2DConditionModel
 from ldm_export import ldm_state_dict, vae_to_ldm, write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 
-from fidesr_core.base_model import load_base_model
-from fidesr_core.checkpoint_inspect import identify_model_file
 from fidesr_core.errors import BaseModelError, ModelFileError
-from fidesr_core.model import BaseModel
-from fidesr_core.tiny import TINY_UNET_CONFIG, tiny_base_model, tiny_fidesr_weights
-from fidesr_core.weights import save_fidesr_weights
+from fidesr_core.loading.base_model import load_base_model
+from fidesr_core.loading.identify import identify_model_file
+from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.networks.model import BaseModel
+from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_base_model, tiny_fidesr_weights
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ import torch
 from ldm_export import write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 from PIL import Image
 
-from fidesr_core import cli
-from fidesr_core.base_model import load_base_model
-from fidesr_core.loading import assemble_fidesr_model
+from fidesr_core.app import cli
+from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.base_model import load_base_model
+from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.weights import load_fidesr_weights, save_fidesr_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fidesr_core.loading import assemble_fidesr_model
+from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.tiled_vae import decode_latents, encode_moments
-from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
+from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

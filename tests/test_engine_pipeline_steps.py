@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fidesr_core.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from fidesr_core.errors import Cancelled, ImageInputError, SettingsError, WeightsFileError
-from fidesr_core.loading import assemble_fidesr_model
-from fidesr_core.model import FiDeSRModel
+from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.networks.model import FiDeSRModel
+from fidesr_core.networks.text_embedding import empty_prompt_token_ids
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import STAGES, UpscaleSettings, upscale
-from fidesr_core.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
-from fidesr_core.restoration import predict_residual, refine_residual, restored_latent
-from fidesr_core.text_embedding import empty_prompt_token_ids
-from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.vae_codec import decode_latent, encode_image, latent_noise
+from fidesr_core.steps.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
+from fidesr_core.steps.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
+from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.steps.vae_codec import decode_latent, encode_image, latent_noise
 
 # ------------------------------------------------------------------ colour fix
 

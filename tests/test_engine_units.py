@@ -11,15 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fidesr_core.detail_map import detail_map, exact_quantile, percentile_normalize
 from fidesr_core.errors import Cancelled, SettingsError
-from fidesr_core.frequency import (
+from fidesr_core.pipeline import UpscaleSettings
+from fidesr_core.steps.detail_map import detail_map, exact_quantile, percentile_normalize
+from fidesr_core.steps.frequency import (
     butterworth_highpass,
     butterworth_lowpass,
     butterworth_lowpass_mask,
     frequency_radius,
 )
-from fidesr_core.injection import (
+from fidesr_core.steps.injection import (
     HighFrequencySettings,
     LowFrequencySettings,
     channel_gate,
@@ -29,8 +30,7 @@ from fidesr_core.injection import (
     residual_magnitude_map,
     spatial_gate,
 )
-from fidesr_core.latent_tiling import gaussian_tile_weight, needs_tiling, run_tiled, tile_starts
-from fidesr_core.pipeline import UpscaleSettings
+from fidesr_core.steps.latent_tiling import gaussian_tile_weight, needs_tiling, run_tiled, tile_starts
 
 # ------------------------------------------------------------------- latent tiling
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fidesr_core.errors import ImageInputError
-from fidesr_core.image_io import (
+from fidesr_core.app.image_io import (
     DATASET_IMAGE_EXTENSIONS,
     collect_image_files,
     image_files_in,
     save_png_atomic,
     write_atomic,
 )
+from fidesr_core.errors import ImageInputError
 
 
 @pytest.fixture

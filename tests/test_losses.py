@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from fidesr_core.errors import SettingsError
-from fidesr_core.lora import add_lora_adapters, lora_target_modules
-from fidesr_core.tiny import TINY_UNET_CONFIG
+from fidesr_core.networks.lora import add_lora_adapters, lora_target_modules
+from fidesr_core.networks.tiny import TINY_UNET_CONFIG
 from training.csd import NEGATIVE_PROMPT, ClassifierScoreDistillation, ddpm_alphas_cumprod, frozen_unet
 from training.losses import FiDeSRLoss, WeightedL2Loss, WeightedLPIPSLoss, daw_alpha, daw_weights
 from training.lpips_net import LPIPSNet

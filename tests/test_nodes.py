@@ -206,7 +206,7 @@ def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
 
 
 def test_node_defaults_are_the_engines_defaults(comfy) -> None:
-    injection = comfy.module("fidesr_core.injection")
+    injection = comfy.module("fidesr_core.steps.injection")
     pipeline = comfy.module("fidesr_core.pipeline")
     mappings = comfy.pack.NODE_CLASS_MAPPINGS
 

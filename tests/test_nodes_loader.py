@@ -29,13 +29,13 @@ def _write_diffusers_folder(base: Any, folder: Path, config_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def model_files(comfy) -> SimpleNamespace:
     """A tiny SD 2-shaped diffusers folder and FiDeSR weights for it, in the stub's model folders."""
-    tiny = comfy.module("fidesr_core.tiny")
+    tiny = comfy.module("fidesr_core.networks.tiny")
     base = tiny.tiny_base_model(seed=4)
     weights = tiny.tiny_fidesr_weights(base, seed=5)
-    config_dir = PACK_ROOT / "fidesr_core" / "configs" / "sd21_base"
+    config_dir = PACK_ROOT / "fidesr_core" / "loading" / "configs" / "sd21_base"
     _write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-sd21", config_dir)
     (comfy.models_dir / "fidesr").mkdir(exist_ok=True)
-    save_fidesr_weights = comfy.module("fidesr_core.weights").save_fidesr_weights
+    save_fidesr_weights = comfy.module("fidesr_core.loading.weights").save_fidesr_weights
     save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "fidesr-tiny.pkl")  # the authors' layout
     save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "tiny.safetensors")
     (comfy.models_dir / "fidesr" / "corrupt.pkl").write_bytes(b"\x80\x04this is not a torch file" * 10)
@@ -110,8 +110,8 @@ def test_loader_builds_the_model_with_comfyuis_precision(comfy, model_files) -> 
     )
     assert fp32.dtype == torch.float32
     # The same networks as assembling the tiny model and weights directly.
-    tiny = comfy.module("fidesr_core.tiny")
-    loading = comfy.module("fidesr_core.loading")
+    tiny = comfy.module("fidesr_core.networks.tiny")
+    loading = comfy.module("fidesr_core.loading.assemble")
     direct = loading.assemble_fidesr_model(
         tiny.tiny_base_model(seed=model_files.base_seed), model_files.weights, precision="fp32", device="cpu"
     )

@@ -10,8 +10,8 @@ import torch
 from ldm_export import write_config_folder, write_ldm_checkpoint
 from node_helpers import run_node
 
+from fidesr_core.networks.tiny import tiny_base_model
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.tiny import tiny_base_model
 from training.checkpoints import write_weights
 from training.generator import build_generator
 
@@ -29,7 +29,7 @@ def _trained_looking_weights(folder, seed: int) -> list:
 
 
 def test_trained_checkpoints_and_a_single_file_base_load_in_the_node(comfy, tmp_path, monkeypatch, lq_image) -> None:
-    base_module = comfy.module("fidesr_core.base_model")
+    base_module = comfy.module("fidesr_core.loading.base_model")
     # The bundled configs are SD 2.1-base's full size; the tiny single file converts with tiny ones.
     monkeypatch.setattr(
         base_module, "SD21_BASE_CONFIG_DIR", write_config_folder(tiny_base_model(seed=8), tmp_path / "cfg")
@@ -69,9 +69,9 @@ def _check_node_outputs(comfy, base_module, single_file, run_folder, lq_image) -
         torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)  # .pkl and .safetensors agree
     untrained = upscale(
-        comfy.module("fidesr_core.loading").assemble_fidesr_model(
+        comfy.module("fidesr_core.loading.assemble").assemble_fidesr_model(
             base_module.load_base_model(single_file),
-            comfy.module("fidesr_core.tiny").tiny_fidesr_weights(tiny_base_model(seed=8), rank=2, scale=0.0),
+            comfy.module("fidesr_core.networks.tiny").tiny_fidesr_weights(tiny_base_model(seed=8), rank=2, scale=0.0),
             precision="fp32",
             device="cpu",
         ),

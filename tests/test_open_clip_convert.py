@@ -12,9 +12,9 @@ from ldm_export import ldm_state_dict, text_encoder_to_open_clip, vae_to_ldm
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from fidesr_core.model import BaseModel
-from fidesr_core.open_clip_convert import clip_text_state_for, open_clip_to_clip_text
-from fidesr_core.tiny import TINY_TEXT_CONFIG, tiny_base_model
+from fidesr_core.loading.open_clip_convert import clip_text_state_for, open_clip_to_clip_text
+from fidesr_core.networks.model import BaseModel
+from fidesr_core.networks.tiny import TINY_TEXT_CONFIG, tiny_base_model
 
 
 @pytest.fixture(scope="module")

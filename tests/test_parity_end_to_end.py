@@ -26,14 +26,14 @@ from reference_impl import (
     ref_restored_latent,
 )
 
-from fidesr_core.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from fidesr_core.loading import assemble_fidesr_model
-from fidesr_core.model import FiDeSRModel
+from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.networks.model import FiDeSRModel
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
-from fidesr_core.preprocess import prepare_lq
-from fidesr_core.restoration import predict_residual, refine_residual, restored_latent
-from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.vae_codec import decode_latent, encode_image
+from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.steps.preprocess import prepare_lq
+from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.steps.vae_codec import decode_latent, encode_image
 
 LQ_SIZE = (32, 48)  # pre-scaled to 128x192 by the min-side rule, processed at 512x768, output 128x192
 

@@ -28,7 +28,8 @@ from reference_impl import (
     ref_spatial_gate,
 )
 
-from fidesr_core.detail_map import (
+from fidesr_core.networks.lrrb import LRRB
+from fidesr_core.steps.detail_map import (
     box_blur3,
     detail_map,
     exact_quantile,
@@ -38,8 +39,8 @@ from fidesr_core.detail_map import (
     percentile_normalize,
     sobel_magnitude,
 )
-from fidesr_core.frequency import butterworth_highpass, butterworth_lowpass, butterworth_lowpass_mask
-from fidesr_core.injection import (
+from fidesr_core.steps.frequency import butterworth_highpass, butterworth_lowpass, butterworth_lowpass_mask
+from fidesr_core.steps.injection import (
     HighFrequencySettings,
     LowFrequencySettings,
     channel_gate,
@@ -48,7 +49,6 @@ from fidesr_core.injection import (
     low_frequency_delta,
     spatial_gate,
 )
-from fidesr_core.lrrb import LRRB
 
 # ------------------------------------------------------------------------- LRRB
 

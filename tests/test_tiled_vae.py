@@ -13,12 +13,12 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from fidesr_core import tiled_vae
 from fidesr_core.errors import BaseModelError, Cancelled, ImageInputError, SettingsError
-from fidesr_core.tiled_vae import decode_latents, encode_moments
-from fidesr_core.tiled_vae_group_norm import _GroupStats
-from fidesr_core.tiled_vae_steps import _Box, _Conv
-from fidesr_core.tiny import TINY_VAE_CONFIG
+from fidesr_core.networks.tiny import TINY_VAE_CONFIG
+from fidesr_core.tiled_vae import codec as tiled_vae
+from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
+from fidesr_core.tiled_vae.group_norm import _GroupStats
+from fidesr_core.tiled_vae.steps import _Box, _Conv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,7 +306,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import ctypes, json
     import torch
     from diffusers import AutoencoderKL
-    from fidesr_core.tiled_vae import decode_latents
+    from fidesr_core.tiled_vae.codec import decode_latents
 
     try:  # glibc: give every block over 64 KiB back to the system when freed, so RSS follows live memory
         ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD

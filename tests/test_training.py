@@ -21,8 +21,8 @@ from PIL import Image
 from training_helpers import write_training_workspace
 
 from fidesr_core.errors import ModelFileError, SettingsError
-from fidesr_core.lrrb import LRRB
-from fidesr_core.tiny import tiny_base_model, tiny_fidesr_weights
+from fidesr_core.networks.lrrb import LRRB
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from training.config import config_from_dict
 from training.degradation import STAGE_SWITCHES
 
@@ -247,13 +247,13 @@ def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Pa
 
 
 def _empty_embedding() -> torch.Tensor:
-    from fidesr_core.text_embedding import encode_empty_prompt
+    from fidesr_core.networks.text_embedding import encode_empty_prompt
 
     return encode_empty_prompt(tiny_base_model(0).text_encoder)
 
 
 def test_fine_tuning_starts_from_the_given_weights(workspace, tmp_path: Path) -> None:
-    from fidesr_core.weights import save_fidesr_weights
+    from fidesr_core.loading.weights import save_fidesr_weights
 
     released = tiny_fidesr_weights(tiny_base_model(0), rank=2, seed=5)
     path = tmp_path / "fidesr.pkl"
@@ -272,7 +272,7 @@ def test_fine_tuning_starts_from_the_given_weights(workspace, tmp_path: Path) ->
 
 
 def test_generator_forward_follows_the_formula() -> None:
-    from fidesr_core.model import SCALING_FACTOR
+    from fidesr_core.networks.model import SCALING_FACTOR
     from training.generator import PromptEncoder, build_generator
 
     base, reference = tiny_base_model(0), tiny_base_model(0)
@@ -310,7 +310,7 @@ def test_generator_forward_follows_the_formula() -> None:
 
 
 def test_prompts_need_a_tokenizer_only_when_not_empty(workspace) -> None:
-    from fidesr_core.text_embedding import empty_prompt_token_ids
+    from fidesr_core.networks.text_embedding import empty_prompt_token_ids
     from training.generator import PromptEncoder, load_tokenizer
 
     text_encoder = tiny_base_model(0).text_encoder

@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 from training_helpers import write_training_workspace
 
-from fidesr_core.weights import load_fidesr_weights
+from fidesr_core.loading.weights import load_fidesr_weights
 
 pytest.importorskip("accelerate")
 pytest.importorskip("lpips")

@@ -22,16 +22,16 @@ from weights_fixtures import RANK, authors_checkpoint
 from weights_fixtures import weights_from_checkpoint as _weights
 
 from fidesr_core.errors import SettingsError, WeightsFileError
-from fidesr_core.lora import RELEASED_LORA_ALPHA, add_lora_adapters, load_lora_state, merge_lora
-from fidesr_core.lrrb import LRRB
-from fidesr_core.model import BaseModel
-from fidesr_core.tiny import TINY_UNET_CONFIG, tiny_base_model
-from fidesr_core.weights import (
+from fidesr_core.loading.weights import (
     convert_fidesr_weights,
     describe_fidesr_weights,
     load_fidesr_weights,
     save_fidesr_weights,
 )
+from fidesr_core.networks.lora import RELEASED_LORA_ALPHA, add_lora_adapters, load_lora_state, merge_lora
+from fidesr_core.networks.lrrb import LRRB
+from fidesr_core.networks.model import BaseModel
+from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_base_model
 
 AUTHORS_KEYS = {
     "unet_lora_encoder_modules",

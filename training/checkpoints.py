@@ -102,7 +102,7 @@ def write_weights(
     generator: FiDeSRGenerator, folder: Path, formats: Sequence[str], metadata: Mapping[str, str]
 ) -> list[Path]:
     """Write the generator's LoRA + LRRB as ``fidesr.pkl`` and/or ``fidesr.safetensors`` into ``folder``."""
-    from fidesr_core.weights import save_fidesr_weights
+    from fidesr_core.loading.weights import save_fidesr_weights
 
     weights = generator.export_weights(metadata)
     written = []

@@ -30,7 +30,7 @@ from torch import nn
 
 import fidesr_core
 from fidesr_core.errors import SettingsError
-from fidesr_core.text_embedding import batch_prompt_embedding
+from fidesr_core.networks.text_embedding import batch_prompt_embedding
 
 __all__ = [
     "NEGATIVE_PROMPT",
@@ -48,7 +48,7 @@ NEGATIVE_PROMPT = (
     "jpeg artifacts, deformed, lowres, over-smooth"
 )
 
-SCHEDULER_CONFIG_DIR = Path(fidesr_core.__file__).resolve().parent / "configs" / "sd21_base" / "scheduler"
+SCHEDULER_CONFIG_DIR = Path(fidesr_core.__file__).resolve().parent / "loading" / "configs" / "sd21_base" / "scheduler"
 
 # (noisy latent [N, 4, h, w], timesteps [N], encoder_hidden_states=[N, 77, D]) -> noise, or an output with .sample
 NoisePredictor = Callable[..., Any]
@@ -57,7 +57,7 @@ NoisePredictor = Callable[..., Any]
 def ddpm_alphas_cumprod(scheduler_config: str | Path | Mapping[str, Any] | None = None) -> torch.Tensor:
     """``ᾱ_t`` (float32, ``[num_train_timesteps]``) of a diffusers DDPM scheduler config.
 
-    ``None`` uses SD 2.1-base's config shipped in ``fidesr_core/configs`` (scaled_linear
+    ``None`` uses SD 2.1-base's config shipped in ``fidesr_core/loading/configs`` (scaled_linear
     0.00085 → 0.012, 1000 steps); a path names a folder or ``scheduler_config.json``.
     """
     if scheduler_config is None:

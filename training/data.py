@@ -27,8 +27,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from fidesr_core.app.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in
 from fidesr_core.errors import ImageInputError, SettingsError
-from fidesr_core.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in
 
 __all__ = [
     "ImageRecord",

@@ -1,7 +1,7 @@
 """The trainable FiDeSR generator and prompt encoding (SPEC §5).
 
 Frozen: the VAE, the text encoder and the base U-Net weights.  Trainable: the
-three LoRA adapters on the U-Net (``fidesr_core.lora``: same targets, names and
+three LoRA adapters on the U-Net (``fidesr_core.networks.lora``: same targets, names and
 rank rule as the released trainer) and the whole LRRB.  One forward pass::
 
     z_L = SF · sample(VAE.enc(x_L))                 # frozen, no grad
@@ -28,12 +28,18 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from fidesr_core.errors import ModelFileError, SettingsError, WeightsFileError
-from fidesr_core.lora import ADAPTER_NAMES, add_lora_adapters, load_lora_state, lora_state_dict, lora_target_modules
-from fidesr_core.lrrb import LRRB
-from fidesr_core.model import SCALING_FACTOR, BaseModel
-from fidesr_core.restoration import RESIDUAL_TIMESTEP
-from fidesr_core.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
-from fidesr_core.weights import FiDeSRWeights
+from fidesr_core.loading.weights import FiDeSRWeights
+from fidesr_core.networks.lora import (
+    ADAPTER_NAMES,
+    add_lora_adapters,
+    load_lora_state,
+    lora_state_dict,
+    lora_target_modules,
+)
+from fidesr_core.networks.lrrb import LRRB
+from fidesr_core.networks.model import SCALING_FACTOR, BaseModel
+from fidesr_core.networks.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
+from fidesr_core.steps.restoration import RESIDUAL_TIMESTEP
 
 from .csd import frozen_unet
 
@@ -264,12 +270,12 @@ def build_generator(
 def load_base(spec: str) -> BaseModel:
     """SD 2.1-base from a diffusers folder or single file; ``tiny`` / ``tiny:SEED`` is the tiny random test model."""
     if spec == "tiny" or spec.startswith("tiny:"):
-        from fidesr_core.tiny import tiny_base_model
+        from fidesr_core.networks.tiny import tiny_base_model
 
         return tiny_base_model(int(spec.partition(":")[2] or 0))
     if not spec:
         raise SettingsError("no base model: set model.base / --base to SD 2.1-base (diffusers folder or single file)")
-    from fidesr_core.base_model import load_base_model
+    from fidesr_core.loading.base_model import load_base_model
 
     return load_base_model(spec)
 
@@ -311,7 +317,7 @@ def load_tokenizer(path: str | os.PathLike):
 class PromptEncoder:
     """Prompt strings -> text-encoder embeddings ``[B, 77, D]`` (float32, no grad).
 
-    ``""`` needs no tokenizer (fixed ids, ``fidesr_core.text_embedding``); any other
+    ``""`` needs no tokenizer (fixed ids, ``fidesr_core.networks.text_embedding``); any other
     prompt does.  Embeddings of repeated prompts (the empty and negative ones) are cached.
     """
 

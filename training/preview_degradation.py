@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fidesr_core.app.image_io import collect_image_files, load_image, write_atomic
 from fidesr_core.errors import FiDeSRError, ImageInputError
-from fidesr_core.image_io import collect_image_files, load_image, write_atomic
 
 from .degradation import DEFAULT_CONFIG, degrade, make_generator
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fidesr_core.errors import FiDeSRError, SettingsError
-from fidesr_core.model import BaseModel
+from fidesr_core.networks.model import BaseModel
 
 from .checkpoints import find_checkpoint, list_checkpoints, load_checkpoint, register_state_hooks
 from .config import TrainConfig, config_to_dict, flat_scalars, load_config, save_config
@@ -111,7 +111,7 @@ def train(
     base = base_model if base_model is not None else load_base(config.model.base)
     init_weights = None
     if config.model.init_weights:
-        from fidesr_core.weights import load_fidesr_weights
+        from fidesr_core.loading.weights import load_fidesr_weights
 
         init_weights = load_fidesr_weights(config.model.init_weights)
         init_weights.metadata.setdefault("path", str(config.model.init_weights))

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fidesr_core.app.image_io import image_files_in, load_image, save_png_atomic
 from fidesr_core.errors import SettingsError
-from fidesr_core.image_io import image_files_in, load_image, save_png_atomic
-from fidesr_core.model import FiDeSRModel
+from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.pipeline import UpscaleSettings, upscale
 
 from .generator import FiDeSRGenerator

@@ -53,10 +53,10 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlo
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from .errors import ImageInputError, SettingsError
-from .progress import CancelCheck, ProgressCallback, check_cancelled
-from .tiled_vae_runner import _run_tiled, _sizes
-from .tiled_vae_steps import _Activation, _Add, _Attention, _Conv, _Norm, _Save, _Step, _unsupported, _Upsample
+from ..errors import ImageInputError, SettingsError
+from ..progress import CancelCheck, ProgressCallback, check_cancelled
+from .runner import _run_tiled, _sizes
+from .steps import _Activation, _Add, _Attention, _Conv, _Norm, _Save, _Step, _unsupported, _Upsample
 
 __all__ = ["encode_moments", "decode_latents"]
 

@@ -35,6 +35,9 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..app.image_io import write_atomic
+from ..errors import ModelFileError, SettingsError, WeightsFileError
+from ..networks.lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
 from .checkpoint_files import (
     CONTAINER_PICKLE,
     CONTAINER_SAFETENSORS,
@@ -44,10 +47,7 @@ from .checkpoint_files import (
     container_by_content,
     state_dict_tensors,
 )
-from .checkpoint_inspect import identify_checkpoint, identify_model_file
-from .errors import ModelFileError, SettingsError, WeightsFileError
-from .image_io import write_atomic
-from .lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
+from .identify import identify_checkpoint, identify_model_file
 from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
 

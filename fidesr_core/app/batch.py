@@ -8,11 +8,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import FiDeSRError, ImageInputError
+from ..errors import FiDeSRError, ImageInputError
+from ..networks.model import FiDeSRModel
+from ..pipeline import UpscaleSettings, upscale
+from ..steps.preprocess import resize_image
 from .image_io import load_image, save_png_atomic
-from .model import FiDeSRModel
-from .pipeline import UpscaleSettings, upscale
-from .preprocess import resize_image
 
 __all__ = ["BatchResult", "plan_outputs", "upscale_file", "upscale_files"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 from .safe_torch_load import ZIP_MAGIC, load_tensors_only
 
 __all__ = [

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelFileError
 from .checkpoint_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, OpenedCheckpoint, open_checkpoint
-from .errors import ModelFileError
 from .open_clip_convert import OPEN_CLIP_PREFIX
 
 __all__ = [

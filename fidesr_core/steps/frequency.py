@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 __all__ = [
     "FilterGeometry",

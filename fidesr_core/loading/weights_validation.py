@@ -2,7 +2,7 @@
 
 ``validate_fidesr_weights`` names the first problem it finds: adapters, module lists, LoRA
 key names and shapes against the rank, LRRB names and shapes against ``LRRB()``, and
-finite values everywhere.  ``fidesr_core.weights`` re-exports it.
+finite values everywhere.  ``fidesr_core.loading.weights`` re-exports it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import WeightsFileError
-from .lora import ADAPTER_NAMES
-from .lrrb import LRRB
+from ..errors import WeightsFileError
+from ..networks.lora import ADAPTER_NAMES
+from ..networks.lrrb import LRRB
 
 if TYPE_CHECKING:
     from .weights import FiDeSRWeights

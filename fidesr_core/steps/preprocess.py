@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageInputError, SettingsError
+from ..errors import ImageInputError, SettingsError
 
 __all__ = ["PreparedImage", "processing_size", "resize_image", "prepare_lq", "resize_to_output"]
 

@@ -19,10 +19,10 @@ _EXIT_FAILED, _EXIT_USAGE, _EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _add_upscale_parser(commands: argparse._SubParsersAction) -> None:
-    from .color_fix import COLOR_FIX_METHODS
-    from .frequency import FILTER_GEOMETRIES
-    from .precision import PRECISIONS
-    from .vae_codec import LATENT_MODES
+    from ..precision import PRECISIONS
+    from ..steps.color_fix import COLOR_FIX_METHODS
+    from ..steps.frequency import FILTER_GEOMETRIES
+    from ..steps.vae_codec import LATENT_MODES
 
     parser = commands.add_parser("upscale", help="super-resolve images (files and folders) to PNG")
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
+    from ..loading.assemble import load_fidesr_model
+    from ..pipeline import UpscaleSettings
+    from ..steps.injection import HighFrequencySettings, LowFrequencySettings
     from .batch import plan_outputs, upscale_files
     from .image_io import collect_image_files
-    from .injection import HighFrequencySettings, LowFrequencySettings
-    from .loading import load_fidesr_model
-    from .pipeline import UpscaleSettings
 
     settings = UpscaleSettings(
         upscale_by=args.upscale_by,
@@ -100,7 +100,7 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .weights import convert_fidesr_weights
+    from ..loading.weights import convert_fidesr_weights
 
     convert_fidesr_weights(args.source, args.destination)
     print(f"wrote {args.destination}")
@@ -108,7 +108,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
 
     description = describe_fidesr_weights(load_fidesr_weights(args.weights))
     if args.json:
@@ -146,7 +146,7 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from .errors import FiDeSRError
+    from ..errors import FiDeSRError
 
     try:
         return _COMMANDS[args.command](args)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import SettingsError
 from .detail_map import detail_map, percentile_normalize
-from .errors import SettingsError
 from .frequency import FILTER_GEOMETRIES, FilterGeometry, butterworth_highpass, butterworth_lowpass
 
 __all__ = [

@@ -11,8 +11,8 @@ from typing import TextIO
 
 import torch
 
-from .errors import FiDeSRError
-from .precision import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype
+from ..errors import FiDeSRError
+from ..precision import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype
 
 __all__ = ["run_doctor"]
 
@@ -47,9 +47,9 @@ def _report_devices(out: TextIO) -> None:
 
 def _check_tiny_pipeline(out: TextIO) -> bool:
     """Run every stage on a tiny random model on the auto device (tiled and untiled)."""
-    from .loading import assemble_fidesr_model
-    from .pipeline import UpscaleSettings, upscale
-    from .tiny import tiny_base_model, tiny_fidesr_weights
+    from ..loading.assemble import assemble_fidesr_model
+    from ..networks.tiny import tiny_base_model, tiny_fidesr_weights
+    from ..pipeline import UpscaleSettings, upscale
 
     device = resolve_device("auto")
     try:
@@ -71,7 +71,7 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
 
 
 def _check_base(path: Path, out: TextIO) -> bool:
-    from .checkpoint_inspect import identify_model_file
+    from ..loading.identify import identify_model_file
 
     try:
         identity = identify_model_file(path)
@@ -87,7 +87,7 @@ def _check_base(path: Path, out: TextIO) -> bool:
 
 
 def _check_weights(path: Path, out: TextIO) -> bool:
-    from .weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
 
     try:
         description = describe_fidesr_weights(load_fidesr_weights(path))

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 __all__ = ["ColorFixMethod", "COLOR_FIX_METHODS", "adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 if TYPE_CHECKING:  # annotation only; transformers is imported by whoever built the text encoder
     from transformers import CLIPTextModel

@@ -21,7 +21,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .checkpoint_inspect import (
+from ..errors import BaseModelError, ModelFileError
+from ..networks.model import BaseModel
+from .identify import (
     UNET_PREFIX,
     VAE_PREFIX,
     ModelIdentity,
@@ -32,8 +34,6 @@ from .checkpoint_inspect import (
     open_checkpoint,
     read_json_object,
 )
-from .errors import BaseModelError, ModelFileError
-from .model import BaseModel
 from .open_clip_convert import clip_text_state_for, needed_open_clip_keys, open_clip_to_clip_text
 
 __all__ = ["SD21_BASE_CONFIG_DIR", "SD21_BASE_HINT", "load_base_model", "empty_components"]

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import SettingsError
-from .progress import CancelCheck, ProgressCallback, check_cancelled
+from ..errors import SettingsError
+from ..progress import CancelCheck, ProgressCallback, check_cancelled
 
 __all__ = ["tile_starts", "gaussian_tile_weight", "needs_tiling", "run_tiled"]
 

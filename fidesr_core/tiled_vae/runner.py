@@ -1,6 +1,6 @@
 """Running a flat program of tiled-VAE steps on a whole image, segment by segment and tile by tile.
 
-Internal to ``fidesr_core.tiled_vae`` (whose docstring explains the method): the program is cut
+Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method): the program is cut
 into segments at every GroupNorm; for each tile the runner walks a segment backwards to find the
 regions it reads, runs it, writes the tile's core into new whole-image maps and adds the core's
 statistics for the next GroupNorm.
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .progress import CancelCheck, ProgressCallback, check_cancelled
-from .tiled_vae_group_norm import _GroupStats
-from .tiled_vae_steps import _Add, _Box, _Layer, _Norm, _Save, _Step
+from ..progress import CancelCheck, ProgressCallback, check_cancelled
+from .group_norm import _GroupStats
+from .steps import _Add, _Box, _Layer, _Norm, _Save, _Step
 
 if TYPE_CHECKING:
-    from .tiled_vae import _Program
+    from .codec import _Program
 
 __all__ = ["_sizes", "_run_tiled"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 __all__ = ["ZIP_MAGIC", "load_tensors_only"]
 

@@ -7,9 +7,9 @@ from typing import Literal
 
 import torch
 
-from .errors import SettingsError
-from .model import FiDeSRModel
-from .progress import CancelCheck, ProgressCallback
+from ..errors import SettingsError
+from ..networks.model import FiDeSRModel
+from ..progress import CancelCheck, ProgressCallback
 
 __all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise"]
 
@@ -42,7 +42,7 @@ def encode_image(
     """
     if latent_mode not in LATENT_MODES:
         raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
-    from .tiled_vae import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
+    from ..tiled_vae.codec import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
 
     vae_input = pixels.to(device=model.device, dtype=model.dtype)
     moments = encode_moments(
@@ -68,7 +68,7 @@ def decode_latent(
 
     A half-precision decode that overflows is redone in float32 (with a warning).
     """
-    from .tiled_vae import decode_latents  # see encode_image
+    from ..tiled_vae.codec import decode_latents  # see encode_image
 
     unscaled = latent.float() / model.scaling_factor
     decoded = decode_latents(

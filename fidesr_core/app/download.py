@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 __all__ = ["FIDESR_WEIGHTS_SOURCE", "SD21_BASE_SOURCE", "download_models"]
 

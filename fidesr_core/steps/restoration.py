@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..networks.model import FiDeSRModel
+from ..networks.text_embedding import batch_prompt_embedding
+from ..progress import CancelCheck, ProgressCallback
 from .latent_tiling import run_tiled
-from .model import FiDeSRModel
-from .progress import CancelCheck, ProgressCallback
-from .text_embedding import batch_prompt_embedding
 
 __all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent"]
 

@@ -1,6 +1,6 @@
 """The primitive steps a tiled VAE run is made of, and the map regions they read and write.
 
-Internal to ``fidesr_core.tiled_vae`` (whose docstring explains the method): ``_Box`` is a
+Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method): ``_Box`` is a
 rectangle of a whole-image map; the ``_Layer`` steps (activation, zero-padded convolution,
 nearest ×2 upsampling, mid-block attention) know which input region a wanted output region
 needs and run on one tile; ``_Norm``, ``_Save`` and ``_Add`` are markers the runner handles
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .errors import BaseModelError
+from ..errors import BaseModelError
 
 __all__ = [
     "_Box", "_Layer", "_Activation", "_Conv", "_Upsample", "_Attention", "_Norm", "_Save", "_Add", "_Step",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageInputError
+from ..errors import ImageInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
