@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "BaseModel": "networks.model",
     "FiDeSRModel": "networks.model",
     "LRRB": "networks.lrrb",
-    "FiDeSRWeights": "loading.weights",
+    "FiDeSRWeights": "networks.model",
     "load_fidesr_weights": "loading.weights",
     "save_fidesr_weights": "loading.weights",
     "convert_fidesr_weights": "loading.weights",

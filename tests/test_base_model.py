@@ -259,7 +259,7 @@ def test_identification_reads_only_the_safetensors_header(
     import safetensors
     import safetensors.torch
 
-    from fidesr_core.loading.identify import OpenedCheckpoint
+    from fidesr_core.loading.checkpoint_files import OpenedCheckpoint
 
     path = write_ldm_checkpoint(tiny, tmp_path / "model.safetensors")
 

@@ -15,8 +15,8 @@ from fidesr_core.app.image_io import (
     collect_image_files,
     image_files_in,
     save_png_atomic,
-    write_atomic,
 )
+from fidesr_core.atomic_write import write_atomic
 from fidesr_core.errors import ImageInputError
 
 

@@ -15,10 +15,12 @@ from torch import nn
 
 from fidesr_core.errors import BaseModelError, Cancelled, ImageInputError, SettingsError
 from fidesr_core.networks.tiny import TINY_VAE_CONFIG
-from fidesr_core.tiled_vae import codec as tiled_vae
+from fidesr_core.tiled_vae import program as tiled_vae_program
 from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
-from fidesr_core.tiled_vae.group_norm import _GroupStats
-from fidesr_core.tiled_vae.steps import _Box, _Conv
+from fidesr_core.tiled_vae.group_norm import GroupStats
+from fidesr_core.tiled_vae.program import decoder_program, encoder_program
+from fidesr_core.tiled_vae.runner import run_program
+from fidesr_core.tiled_vae.steps import Box, Conv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,8 +124,8 @@ def test_group_norm_statistics_are_whole_image(vae_no_attention: AutoencoderKL) 
     assert independent_error > 100 * tiled_error and independent_error > 1e-2
 
 
-def _group_stats_of_pieces(x: torch.Tensor, groups: int) -> _GroupStats:
-    stats = _GroupStats(groups)
+def _group_stats_of_pieces(x: torch.Tensor, groups: int) -> GroupStats:
+    stats = GroupStats(groups)
     for top, bottom in ((0, 4), (4, x.shape[2])):  # uneven pieces that partition the map
         for left, right in ((0, 9), (9, x.shape[3])):
             stats.add(x[..., top:bottom, left:right])
@@ -159,9 +161,9 @@ def test_whole_image_statistics_normalise_like_group_norm() -> None:
 def test_attention_machinery_in_one_tile_matches_the_stock_attention(vae_with_attention: AutoencoderKL) -> None:
     # The tiled engine forced onto a single tile re-implements the mid-block attention: it must agree.
     vae, latents, pixels = vae_with_attention, _latents(1, 9, 11), _pixels(1, 72, 88)
-    decoded = tiled_vae._run_tiled(tiled_vae._decoder_program(vae), latents, 16, None, None)
+    decoded = run_program(decoder_program(vae), latents, 16, None, None)
     assert _relative_error(decoded, vae.decode(latents).sample) < 1e-5
-    moments = tiled_vae._run_tiled(tiled_vae._encoder_program(vae), pixels, 16, None, None)
+    moments = run_program(encoder_program(vae), pixels, 16, None, None)
     assert _relative_error(moments, vae.encode(pixels).latent_dist.parameters) < 1e-5
 
 
@@ -170,7 +172,9 @@ def test_with_attention_tiles_stay_close_and_leave_no_seam(
     vae_with_attention: AutoencoderKL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vae, tile = vae_with_attention, 8
-    monkeypatch.setattr(tiled_vae, "_ATTENTION_CONTEXT", 4)  # the attention then really sees only part of the latent
+    monkeypatch.setattr(
+        tiled_vae_program, "ATTENTION_CONTEXT", 4
+    )  # the attention then really sees only part of the latent
     latents = _latents(1, 24, 40, seed=9)
     stock = vae.decode(latents).sample
     tiled = decode_latents(vae, latents, tile_size=tile)
@@ -283,7 +287,7 @@ def test_conv_regions_are_exact(kernel: int, stride: int, padding: int, extra_pa
     # Any region the conv step says it computed equals the untiled conv there; needs() asks for enough input.
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding)
-    step = _Conv(conv, extra_pad)
+    step = Conv(conv, extra_pad)
     full_input = torch.randn(1, 2, 22, 18)
     with torch.no_grad():
         full = conv(nn.functional.pad(full_input, extra_pad))
@@ -293,7 +297,7 @@ def test_conv_regions_are_exact(kernel: int, stride: int, padding: int, extra_pa
             left, right = sorted(torch.randint(0, full.shape[3] + 1, (2,), generator=generator).tolist())
             if top == bottom or left == right:
                 continue
-            wanted = _Box(top, bottom, left, right, *full.shape[-2:])
+            wanted = Box(top, bottom, left, right, *full.shape[-2:])
             need = step.needs(wanted, (22, 18))
             tile = full_input[..., need.top : need.bottom, need.left : need.right]
             out, box = step.run(tile, need)

@@ -19,8 +19,9 @@ from weights_fixtures import RANK, authors_checkpoint
 from weights_fixtures import weights_from_checkpoint as _weights
 
 from fidesr_core.errors import WeightsFileError
-from fidesr_core.loading.weights import FiDeSRWeights, load_fidesr_weights, save_fidesr_weights, validate_fidesr_weights
-from fidesr_core.networks.model import BaseModel
+from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
+from fidesr_core.loading.weights_validation import validate_fidesr_weights
+from fidesr_core.networks.model import BaseModel, FiDeSRWeights
 from fidesr_core.networks.tiny import tiny_base_model
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from fidesr_core.loading.weights import FiDeSRWeights
 from fidesr_core.networks.lora import add_lora_adapters, lora_target_modules
 from fidesr_core.networks.lrrb import LRRB
+from fidesr_core.networks.model import FiDeSRWeights
 from fidesr_core.networks.tiny import TINY_UNET_CONFIG
 
 __all__ = ["RANK", "authors_checkpoint", "weights_from_checkpoint"]

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fidesr_core.app.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in, load_image, write_atomic
+from fidesr_core.app.image_io import DATASET_IMAGE_EXTENSIONS, image_files_in, load_image
+from fidesr_core.atomic_write import write_atomic
 from fidesr_core.errors import FiDeSRError, ImageInputError, SettingsError
 
 from .metrics import METRICS, PAPER_METRICS, PAPER_RESULTS, MetricSuite, parse_metric_names

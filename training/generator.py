@@ -28,7 +28,6 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from fidesr_core.errors import ModelFileError, SettingsError, WeightsFileError
-from fidesr_core.loading.weights import FiDeSRWeights
 from fidesr_core.networks.lora import (
     ADAPTER_NAMES,
     add_lora_adapters,
@@ -37,7 +36,7 @@ from fidesr_core.networks.lora import (
     lora_target_modules,
 )
 from fidesr_core.networks.lrrb import LRRB
-from fidesr_core.networks.model import SCALING_FACTOR, BaseModel
+from fidesr_core.networks.model import SCALING_FACTOR, BaseModel, FiDeSRWeights
 from fidesr_core.networks.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
 from fidesr_core.steps.restoration import RESIDUAL_TIMESTEP
 

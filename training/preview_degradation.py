@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fidesr_core.app.image_io import collect_image_files, load_image, write_atomic
+from fidesr_core.app.image_io import collect_image_files, load_image
+from fidesr_core.atomic_write import write_atomic
 from fidesr_core.errors import FiDeSRError, ImageInputError
 
 from .degradation import DEFAULT_CONFIG, degrade, make_generator

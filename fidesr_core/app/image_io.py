@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..atomic_write import write_atomic
 from ..errors import ImageInputError
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "collect_image_files",
     "load_image",
     "save_png_atomic",
-    "write_atomic",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # what the CLI upscales
@@ -112,38 +111,6 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     rgb_tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
     alpha_tensor = None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None, None]
     return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
-
-
-def _create_temp_file(path: Path) -> tuple[Path, int]:
-    """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here.
-
-    Created with mode 0o666 so the kernel applies the umask (``mkstemp`` would make it 0600);
-    reading the result back avoids ``os.umask``, which changes the whole process's mask.
-    """
-    for _ in range(100):
-        temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
-        try:
-            handle = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            continue
-        mode = os.fstat(handle).st_mode & 0o777
-        os.close(handle)
-        return temp, mode
-    raise FileExistsError(f"cannot create a temporary file beside {path}")
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(temp_path)`` then move the finished file to ``path``; never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp, mode = _create_temp_file(path)
-    try:
-        write(str(temp))
-        os.chmod(temp, mode)  # writers that replace the file (safetensors does) leave it 0600
-        os.replace(temp, path)
-    except BaseException:  # including KeyboardInterrupt: no half files
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def save_png_atomic(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:

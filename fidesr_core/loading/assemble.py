@@ -10,11 +10,11 @@ from torch import nn
 from ..errors import WeightsFileError
 from ..networks.lora import add_lora_adapters, load_lora_state, merge_lora
 from ..networks.lrrb import LRRB
-from ..networks.model import BaseModel, FiDeSRModel
+from ..networks.model import BaseModel, FiDeSRModel, FiDeSRWeights
 from ..networks.text_embedding import encode_empty_prompt
 from ..precision import dtype_name, resolve_device, resolve_dtype
 from .base_model import load_base_model
-from .weights import FiDeSRWeights, load_fidesr_weights
+from .weights import load_fidesr_weights
 
 __all__ = ["assemble_fidesr_model", "load_fidesr_model", "use_channels_last"]
 

@@ -23,15 +23,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import BaseModelError, ModelFileError
 from ..networks.model import BaseModel
+from .checkpoint_files import OpenedCheckpoint, open_checkpoint
 from .identify import (
     UNET_PREFIX,
     VAE_PREFIX,
     ModelIdentity,
-    OpenedCheckpoint,
     diffusers_component_files,
     identify_checkpoint,
     identify_model_file,
-    open_checkpoint,
     read_json_object,
 )
 from .open_clip_convert import clip_text_state_for, needed_open_clip_keys, open_clip_to_clip_text

@@ -2,8 +2,7 @@
 
 The rules for single files live in ``identify_checkpoint`` and its helpers,
 those for diffusers folders in ``_identify_folder``.  Opening single files
-(safetensors headers, weights-only pickles) lives in ``checkpoint_files``;
-``open_checkpoint`` and ``OpenedCheckpoint`` are re-exported here.
+(safetensors headers, weights-only pickles) lives in ``checkpoint_files``.
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ from .open_clip_convert import OPEN_CLIP_PREFIX
 
 __all__ = [
     "ModelIdentity",
-    "OpenedCheckpoint",
     "identify_model_file",
     "read_checkpoint_state_dict",
-    "open_checkpoint",
     "identify_checkpoint",
     "diffusers_component_files",
     "read_json_object",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +34,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..app.image_io import write_atomic
+from ..atomic_write import write_atomic
 from ..errors import ModelFileError, SettingsError, WeightsFileError
 from ..networks.lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
+from ..networks.model import FiDeSRWeights
 from .checkpoint_files import (
     CONTAINER_PICKLE,
     CONTAINER_SAFETENSORS,
@@ -52,30 +52,9 @@ from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
 
 __all__ = [
-    "FiDeSRWeights", "SAFETENSORS_FORMAT_MARKER", "SAFETENSORS_FORMAT_VERSION", "load_fidesr_weights",
-    "save_fidesr_weights", "convert_fidesr_weights", "describe_fidesr_weights", "validate_fidesr_weights",
+    "SAFETENSORS_FORMAT_MARKER", "SAFETENSORS_FORMAT_VERSION", "load_fidesr_weights",
+    "save_fidesr_weights", "convert_fidesr_weights", "describe_fidesr_weights",
 ]  # fmt: skip
-
-
-@dataclass(eq=False)
-class FiDeSRWeights:
-    """What a FiDeSR checkpoint holds (SPEC §6).
-
-    ``target_modules`` maps adapter name (``default_encoder`` ...) to U-Net
-    module names; ``unet_lora_state`` uses peft names such as
-    ``down_blocks.0.attentions.0.proj_in.lora_A.default_encoder.weight``.
-    ``file_format`` says what they were read from ("pkl", "safetensors"; "" when built in memory).
-    ``lora_alpha``: LoRA scale is ``lora_alpha / lora_rank``; the authors' files carry no alpha
-    and their code uses peft's default 8 (see ``lora.py``).
-    """
-
-    lora_rank: int
-    target_modules: dict[str, list[str]]
-    unet_lora_state: dict[str, torch.Tensor]
-    lrrb_state: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    file_format: str = ""
-    lora_alpha: float = RELEASED_LORA_ALPHA
 
 
 SAFETENSORS_FORMAT_MARKER = "fidesr-weights"

@@ -10,16 +10,13 @@ from __future__ import annotations
 import math
 import re
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import WeightsFileError
 from ..networks.lora import ADAPTER_NAMES
 from ..networks.lrrb import LRRB
-
-if TYPE_CHECKING:
-    from .weights import FiDeSRWeights
+from ..networks.model import FiDeSRWeights
 
 __all__ = ["validate_fidesr_weights"]
 

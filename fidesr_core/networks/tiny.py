@@ -10,10 +10,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..loading.weights import FiDeSRWeights
 from .lora import add_lora_adapters, lora_state_dict, lora_target_modules
 from .lrrb import LRRB
-from .model import BaseModel
+from .model import BaseModel, FiDeSRWeights
 
 __all__ = ["TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_TEXT_CONFIG", "tiny_base_model", "tiny_fidesr_weights"]
 

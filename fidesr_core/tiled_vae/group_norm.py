@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["_GroupStats"]
+__all__ = ["GroupStats"]
 
 # Largest float32 temporary (elements) made while computing or applying a GroupNorm.
 _NORM_CHUNK_ELEMENTS = 1 << 24
@@ -26,7 +26,7 @@ def _group_chunks(x: torch.Tensor, groups: int) -> list[slice]:
     return [slice(c, c + step) for c in range(0, x.shape[1], step)]
 
 
-class _GroupStats:
+class GroupStats:
     """Per-sample, per-group mean and variance (float32) of a whole map, merged tile by tile (Chan et al.)."""
 
     def __init__(self, groups: int) -> None:

@@ -8,27 +8,23 @@ statistics for the next GroupNorm.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
-from .group_norm import _GroupStats
-from .steps import _Add, _Box, _Layer, _Norm, _Save, _Step
+from .group_norm import GroupStats
+from .program import Program
+from .steps import Add, Box, Layer, Norm, Save, Step
 
-if TYPE_CHECKING:
-    from .codec import _Program
-
-__all__ = ["_sizes", "_run_tiled"]
+__all__ = ["map_sizes", "run_program"]
 
 
-def _sizes(steps: list[_Step], size: tuple[int, int]) -> tuple[list[tuple[int, int]], dict[int, tuple[int, int]]]:
+def map_sizes(steps: list[Step], size: tuple[int, int]) -> tuple[list[tuple[int, int]], dict[int, tuple[int, int]]]:
     """Whole-image size of ``h`` before each step (and after the last one), and of each saved value."""
     sizes, saved = [size], {}
     for step in steps:
-        if isinstance(step, _Save):
+        if isinstance(step, Save):
             saved[step.key] = sizes[-1]
-        sizes.append(step.out_size(sizes[-1]) if isinstance(step, _Layer) else sizes[-1])
+        sizes.append(step.out_size(sizes[-1]) if isinstance(step, Layer) else sizes[-1])
     return sizes, saved
 
 
@@ -38,36 +34,36 @@ def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     return [(i * length // count, (i + 1) * length // count) for i in range(count)]
 
 
-def _needs(segment: list[_Step], first_size: list, saved_sizes: dict, wanted: dict[str | int, _Box]) -> dict:
+def _needs(segment: list[Step], first_size: list, saved_sizes: dict, wanted: dict[str | int, Box]) -> dict:
     """Walk a segment backwards from the regions ``wanted`` at its end (``"h"`` and saved keys) to those it reads.
 
     ``first_size[i]`` is the size of ``h`` before ``segment[i]``.
     """
     needed = dict(wanted)
     for step, size in zip(reversed(segment), reversed(first_size), strict=True):
-        if isinstance(step, _Add):
+        if isinstance(step, Add):
             skip = needed["h"] if step.shortcut is None else step.shortcut.needs(needed["h"], saved_sizes[step.key])
             needed[step.key] = skip.hull(needed.get(step.key))
-        elif isinstance(step, _Save):
+        elif isinstance(step, Save):
             needed["h"] = needed["h"].hull(needed.pop(step.key, None))
-        elif isinstance(step, _Layer):
+        elif isinstance(step, Layer):
             needed["h"] = step.needs(needed["h"], size)
     return needed
 
 
-def _run_steps(segment: list[_Step], values: dict, stats: _GroupStats | None) -> tuple[torch.Tensor, _Box]:
+def _run_steps(segment: list[Step], values: dict, stats: GroupStats | None) -> tuple[torch.Tensor, Box]:
     """Run a segment on one tile; ``values`` maps ``"h"`` and saved keys to (tensor, region)."""
     for step in segment:
         h, box = values["h"]
-        if isinstance(step, _Save):
+        if isinstance(step, Save):
             values[step.key] = values["h"]
-        elif isinstance(step, _Add):
+        elif isinstance(step, Add):
             skip, skip_box = values.pop(step.key)
             if step.shortcut is not None:
                 skip, skip_box = step.shortcut.run(skip, skip_box)
             common = box.intersect(skip_box)
             values["h"] = ((skip_box.crop(skip, common) + box.crop(h, common)) / step.scale, common)
-        elif isinstance(step, _Norm):
+        elif isinstance(step, Norm):
             values["h"] = (stats.normalize(h, step.module), box)
         else:
             values["h"] = step.run(h, box)
@@ -89,7 +85,7 @@ def _spare_maps(maps: dict, owned: set, consumed: set, plans: list, saved_sizes:
     ]
 
 
-def _store(maps: dict, key: str | int, piece: torch.Tensor, target: _Box, reuse: list, device: torch.device) -> None:
+def _store(maps: dict, key: str | int, piece: torch.Tensor, target: Box, reuse: list, device: torch.device) -> None:
     """Write a tile's core ``piece`` (covering ``target``) into ``maps[key]``, made on first use (from
     ``reuse`` when one of those maps has the right shape)."""
     if key not in maps:
@@ -99,8 +95,8 @@ def _store(maps: dict, key: str | int, piece: torch.Tensor, target: _Box, reuse:
     maps[key][..., target.top : target.bottom, target.left : target.right] = piece
 
 
-def _run_tiled(
-    program: _Program,
+def run_program(
+    program: Program,
     source: torch.Tensor,
     tile: int,
     progress: ProgressCallback | None,
@@ -109,19 +105,19 @@ def _run_tiled(
     """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels."""
     steps, device = program.steps, source.device
     storage = device if device.type == "cpu" else torch.device("cpu")  # where whole-image maps wait
-    sizes, saved_sizes = _sizes(steps, tuple(source.shape[-2:]))
+    sizes, saved_sizes = map_sizes(steps, tuple(source.shape[-2:]))
     latent = sizes[-1] if sizes[-1][0] < sizes[0][0] else sizes[0]  # the encoder's output, the decoder's input
-    cores = [_Box(*rows, *cols, *latent) for rows in _spans(latent[0], tile) for cols in _spans(latent[1], tile)]
-    bounds = [0] + [i for i, step in enumerate(steps) if isinstance(step, _Norm)] + [len(steps)]
+    cores = [Box(*rows, *cols, *latent) for rows in _spans(latent[0], tile) for cols in _spans(latent[1], tile)]
+    bounds = [0] + [i for i, step in enumerate(steps) if isinstance(step, Norm)] + [len(steps)]
     maps: dict[str | int, torch.Tensor] = {"h": source}
     owned: set[str | int] = set()  # maps allocated here (the caller's tensor is never written)
     stats, total, done = None, (len(bounds) - 1) * len(cores), 0
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         segment, last = steps[start:stop], stop == len(steps)
-        consumed = {step.key for step in segment if isinstance(step, _Add)}
-        saved = [step.key for step in segment if isinstance(step, _Save) and step.key not in consumed]
-        aliased = segment[-1].key if isinstance(segment[-1], _Save) else None  # saved value is h itself
-        next_stats = None if last else _GroupStats(steps[stop].module.num_groups)
+        consumed = {step.key for step in segment if isinstance(step, Add)}
+        saved = [step.key for step in segment if isinstance(step, Save) and step.key not in consumed]
+        aliased = segment[-1].key if isinstance(segment[-1], Save) else None  # saved value is h itself
+        next_stats = None if last else GroupStats(steps[stop].module.num_groups)
         plans = []
         for core in cores:
             wanted = {key: core.scaled_to(*saved_sizes[key]) for key in saved} | {"h": core.scaled_to(*sizes[stop])}

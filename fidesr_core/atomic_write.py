@@ -1,0 +1,45 @@
+"""Writing a file so that it is either complete or absent (PNGs, weights, reports).
+
+Top level rather than in ``app/``: the weights writer in ``loading/`` needs it too.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["write_atomic"]
+
+
+def _create_temp_file(path: Path) -> tuple[Path, int]:
+    """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here.
+
+    Created with mode 0o666 so the kernel applies the umask (``mkstemp`` would make it 0600);
+    reading the result back avoids ``os.umask``, which changes the whole process's mask.
+    """
+    for _ in range(100):
+        temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+        try:
+            handle = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        mode = os.fstat(handle).st_mode & 0o777
+        os.close(handle)
+        return temp, mode
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(temp_path)`` then move the finished file to ``path``; never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp, mode = _create_temp_file(path)
+    try:
+        write(str(temp))
+        os.chmod(temp, mode)  # writers that replace the file (safetensors does) leave it 0600
+        os.replace(temp, path)
+    except BaseException:  # including KeyboardInterrupt: no half files
+        temp.unlink(missing_ok=True)
+        raise
