@@ -224,8 +224,20 @@ def _worker(path: str, case: str, precision: str, device_name: str, output: Path
 
 def _spawn(path: str, case: str, precision: str, device: str, folder: Path, repeats: int) -> dict:
     output = folder / f"{path}-{case}-{precision}.pt"
-    command = [sys.executable, __file__, "--worker", path, case, precision, "--device", device,
-               "--save", str(output), "--repeats", str(repeats)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        path,
+        case,
+        precision,
+        "--device",
+        device,
+        "--save",
+        str(output),
+        "--repeats",
+        str(repeats),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"path": path, "case": case, "precision": precision, "error": done.stderr.strip().splitlines()[-3:]}
@@ -254,8 +266,18 @@ def main() -> None:
                     runs.append(_spawn(path, case, precision, args.device, folder, args.repeats))
                     print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         comparisons = _compare(runs, folder)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                      "runs": runs, "comparisons": comparisons}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "runs": runs,
+                "comparisons": comparisons,
+            },
+            indent=2,
+        )
+    )
 
 
 def _compare(runs: list[dict], folder: Path) -> list[dict]:

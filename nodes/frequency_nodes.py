@@ -1,4 +1,4 @@
-"""FiDeSR LF Injection and FiDeSR HF Injection (training-free, SPEC §4).
+"""FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4).
 
 Each node adds its branch's delta to ``samples``.  Both deltas are computed
 from the state (the restored latent ``z = z_L − r̃``, ``z_L`` and the upscaled

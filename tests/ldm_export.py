@@ -60,8 +60,13 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     config = unet.config
     per_block = config.layers_per_block
     state = unet.state_dict()
-    plain = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}  # fmt: skip
+    plain = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+    }
     resnets: dict[str, str] = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.resnets.1.": "middle_block.2."}
     plain["mid_block.attentions.0."] = "middle_block.1."
     last_down = len(config.down_block_types) - 1
@@ -98,11 +103,16 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
         "post_quant_conv.": "post_quant_conv.",
     }
     for part in ("encoder", "decoder"):
-        prefixes.update({f"{part}.conv_in.": f"{part}.conv_in.", f"{part}.conv_out.": f"{part}.conv_out.",
-                         f"{part}.conv_norm_out.": f"{part}.norm_out.",
-                         f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
-                         f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2.",
-                         f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1."})  # fmt: skip
+        prefixes.update(
+            {
+                f"{part}.conv_in.": f"{part}.conv_in.",
+                f"{part}.conv_out.": f"{part}.conv_out.",
+                f"{part}.conv_norm_out.": f"{part}.norm_out.",
+                f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
+                f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2.",
+                f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1.",
+            }
+        )
     for i in range(blocks):
         up = blocks - 1 - i  # the decoder's up blocks are numbered from the bottom in LDM
         prefixes[f"encoder.down_blocks.{i}.resnets."] = f"encoder.down.{i}.block."
@@ -145,8 +155,13 @@ def text_encoder_to_open_clip(
             return tensor if index < layers else torch.randn(tensor.shape, generator=generator)
 
         block = f"transformer.resblocks.{i}."
-        for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):  # fmt: skip
+        for ours, theirs in (
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             for kind in ("weight", "bias"):
                 out[f"{block}{ours}.{kind}"] = get(f"{theirs}.{kind}")
         for kind in ("weight", "bias"):
@@ -218,12 +233,22 @@ def write_diffusers_folder(base: BaseModel, folder: Path, *, prediction_type: st
     base.unet.save_pretrained(folder / "unet")
     base.vae.save_pretrained(folder / "vae")
     base.text_encoder.save_pretrained(folder / "text_encoder")
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "scheduler").mkdir(exist_ok=True)
-    scheduler = {"_class_name": "DDPMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": prediction_type}  # fmt: skip
+    scheduler = {
+        "_class_name": "DDPMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction_type,
+    }
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return folder

@@ -1,12 +1,12 @@
-"""Independent re-implementation of the released FiDeSR code's image steps around the network (SPEC §2.1, §2.6, §2.9).
+"""Independent re-implementation of the released FiDeSR code's image steps around the network (docs/algorithm.md §2.1, §2.6, §2.9).
 
 Latent tiling with Gaussian blending, the AdaIN and wavelet colour fixes, and the
 pre-processing (min-side pre-scale, ×upscale, sizes to multiples of 8), with PIL's
 bicubic resampler written out.  Same rules as ``reference_impl.py``: written from
-/work/shared/SPEC.md (and facts read in the released test code), never from
+docs/algorithm.md (and facts read in the released test code), never from
 ``fidesr_core``, deliberately unoptimised; images ``[B, 3, H, W]`` in float32.
 
-Details the SPEC leaves open, as read here (all confirmed in the released code):
+Details the algorithm page leaves open, as read here (all confirmed in the released code):
 
 * the min-side pre-scale and the final resize-back use PIL's default filter,
   bicubic (a = −0.5), sizes truncated with ``int``.
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------- latent tiling (SPEC §2.6)
+# --------------------------------------------------------- latent tiling (docs/algorithm.md §2.6)
 
 
 def ref_tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -86,7 +86,7 @@ def ref_tiled(
     return total / weights
 
 
-# ------------------------------------------------------------ colour fix (SPEC §2.9)
+# ------------------------------------------------------------ colour fix (docs/algorithm.md §2.9)
 
 
 def ref_adain(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ def ref_wavelet(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (image_high + reference_low).clamp(0.0, 1.0)
 
 
-# --------------------------------------------------------- pre-processing (SPEC §2.1)
+# --------------------------------------------------------- pre-processing (docs/algorithm.md §2.1)
 
 
 def ref_bicubic_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

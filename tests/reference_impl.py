@@ -1,6 +1,6 @@
-"""A plain, independent re-implementation of the released FiDeSR inference (SPEC §2–4) for parity tests.
+"""A plain, independent re-implementation of the released FiDeSR inference (docs/algorithm.md §2–4) for parity tests.
 
-Written from /work/shared/SPEC.md (and, where the SPEC leaves a detail open, from
+Written from docs/algorithm.md (and, where the algorithm page leaves a detail open, from
 facts read in the authors' released test code), never from ``fidesr_core``'s
 implementation, so that agreement between the two is a real cross-check.
 Deliberately unoptimised: loops and explicit formulas over cleverness.
@@ -12,13 +12,13 @@ Everything works on float32 CPU tensors, images ``[B, 3, H, W]``, latents
 branches on → their outputs are averaged with ``merge``); translating them to
 the engine's effective strengths is the tests' job.
 
-Details the SPEC leaves open, as read here (all confirmed in the released code):
+Details the algorithm page leaves open, as read here (all confirmed in the released code):
 
 * bilinear resizing of the detail map uses ``align_corners=False``, no antialias;
 * ``pnorm`` quantiles use linear interpolation (``torch.quantile``'s default);
 * the LF branch's channel gate uses the LF cutoff and order (``rc_ch = rc_lf``);
 * LoRA: ``LoraConfig(r=rank)`` with no alpha, as the released code builds it, so peft's default
-  alpha 8 applies (scale ``8 / rank``; SPEC §5's ``lora_alpha = rank`` agrees only at the released rank 8).
+  alpha 8 applies (scale ``8 / rank``; the paper's ``lora_alpha = rank`` agrees only at the released rank 8).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ __all__ = [
 SCALING_FACTOR = 0.18215
 
 
-# ---------------------------------------------------------------- LRRB (SPEC §3)
+# ---------------------------------------------------------------- LRRB (docs/algorithm.md §3)
 
 
 def _lrrb_shapes() -> dict[str, tuple[int, ...]]:
@@ -94,7 +94,7 @@ def ref_lrrb(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(f, state["out_conv.weight"], state["out_conv.bias"])
 
 
-# ------------------------------------------------------- Butterworth filters (SPEC §4)
+# ------------------------------------------------------- Butterworth filters (docs/algorithm.md §4)
 
 
 def ref_butterworth_lowpass_mask(height: int, width: int, cutoff: float, order: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def ref_highpass(x: torch.Tensor, cutoff: float, order: int) -> torch.Tensor:
     return torch.fft.irfft2(spectrum * mask, s=(height, width), dim=(-2, -1))
 
 
-# ------------------------------------------------------------- detail map (SPEC §4)
+# ------------------------------------------------------------- detail map (docs/algorithm.md §4)
 
 
 def ref_conv3_replicate(x: torch.Tensor, kernel: list[list[float]]) -> torch.Tensor:
@@ -169,7 +169,7 @@ def ref_spatial_gate(upscaled_lq: torch.Tensor, size: tuple[int, int]) -> torch.
     return F.interpolate(detail, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
 
 
-# -------------------------------------------------------------------- LFIM (SPEC §4)
+# -------------------------------------------------------------------- LFIM (docs/algorithm.md §4)
 
 
 def ref_channel_gate(z_lq: torch.Tensor, cutoff: float, order: int, tau: float, sharp: float) -> torch.Tensor:
@@ -224,7 +224,7 @@ def ref_lfim(
     return z_hf
 
 
-# ------------------------------------------------------------ the network (SPEC §2)
+# ------------------------------------------------------------ the network (docs/algorithm.md §2)
 
 
 def ref_empty_prompt_embedding(text_encoder: torch.nn.Module) -> torch.Tensor:

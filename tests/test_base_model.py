@@ -84,11 +84,14 @@ def assert_same_outputs(original: BaseModel, loaded: BaseModel) -> None:
 def test_bundled_sd21_configs_build_the_published_sizes_on_meta() -> None:
     unet, vae, text_encoder = empty_components()
     counts = [round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for m in (unet, vae, text_encoder)]
-    assert counts == [865.9, 83.7, 340.4]  # SPEC §1
+    assert counts == [865.9, 83.7, 340.4]  # docs/algorithm.md §1
     assert all(p.device.type == "meta" for m in (unet, vae, text_encoder) for p in m.parameters())
     assert unet.config.cross_attention_dim == 1024 and unet.config.sample_size == 64
     assert text_encoder.config.num_hidden_layers == 23 and text_encoder.config.hidden_size == 1024
-    assert json.loads((SD21_BASE_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"  # fmt: skip
+    assert (
+        json.loads((SD21_BASE_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+        == "epsilon"
+    )
 
 
 # --------------------------------------------------------------------------- successful loads
@@ -124,7 +127,10 @@ def test_diffusers_folder_in_older_layouts_loads(tiny: BaseModel, tmp_path: Path
 
     folder = write_diffusers_folder(tiny, tmp_path / "old")
     unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.half() for k, v in load_file(unet_file).items()}, folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")  # fmt: skip
+    save_file(
+        {k: v.half() for k, v in load_file(unet_file).items()},
+        folder / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+    )
     unet_file.unlink()
     text_file = folder / "text_encoder" / "model.safetensors"
     text_state = {f"text_model.{k}": v for k, v in load_file(text_file).items()}
@@ -175,7 +181,9 @@ def test_the_unused_last_text_block_does_not_matter(tiny: BaseModel, tiny_config
     last = f"cond_stage_model.model.transformer.resblocks.{TINY_TEXT_CONFIG['num_hidden_layers']}."
     assert any(key.startswith(last) for key in state)  # like real SD 2 files: one block more than used
     changed = {key: (value * 7 + 1 if key.startswith(last) else value) for key, value in state.items()}
-    loaded = load_base_model(write_ldm_checkpoint(tiny, tmp_path / "a.safetensors", state=changed), config_dir=tiny_config_dir)  # fmt: skip
+    loaded = load_base_model(
+        write_ldm_checkpoint(tiny, tmp_path / "a.safetensors", state=changed), config_dir=tiny_config_dir
+    )
     assert_same_weights(tiny.text_encoder, loaded.text_encoder)
 
 
@@ -266,8 +274,13 @@ def test_identification_reads_only_the_safetensors_header(
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("tensor data read")
 
-    for owner, name in ((safetensors, "safe_open"), (safetensors.torch, "load_file"), (torch, "load"),
-                        (OpenedCheckpoint, "load"), (OpenedCheckpoint, "_read_safetensors")):  # fmt: skip
+    for owner, name in (
+        (safetensors, "safe_open"),
+        (safetensors.torch, "load_file"),
+        (torch, "load"),
+        (OpenedCheckpoint, "load"),
+        (OpenedCheckpoint, "_read_safetensors"),
+    ):
         monkeypatch.setattr(owner, name, no_tensor_reads)
     identity = identify_model_file(path)
     assert (identity.family, identity.container, identity.is_sd2) == ("sd2", "safetensors", True)

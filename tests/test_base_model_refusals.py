@@ -111,7 +111,9 @@ def _folder(tiny: BaseModel, root: Path, *, edit: str | None = None) -> Path:
     if edit in ("96", "sd1"):
         config_path = folder / "unet" / "config.json"
         config = json.loads(config_path.read_text())
-        config.update({"sample_size": 96} if edit == "96" else {"cross_attention_dim": 768, "use_linear_projection": False})  # fmt: skip
+        config.update(
+            {"sample_size": 96} if edit == "96" else {"cross_attention_dim": 768, "use_linear_projection": False}
+        )
         config_path.write_text(json.dumps(config))
     return folder
 
@@ -225,7 +227,7 @@ def test_bad_input_is_refused_with_a_clear_message(
         ("fidesr-weights", "ckpt (pickle)"),
         ("sd2-inpainting", "ckpt (pickle)"),
         ("folder-v", "diffusers folder"),
-    ],  # fmt: skip
+    ],
 )
 def test_identity_names_the_container(case: str, container: str, tiny: BaseModel, tmp_path: Path) -> None:
     assert identify_model_file(_make(case, tiny, tmp_path)).container == container

@@ -52,8 +52,22 @@ def _run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, st
 
 
 def _upscale_args(model_files: dict[str, Path], *inputs: Path, output: Path) -> list[str | Path]:
-    return ["upscale", *inputs, "-o", output, "--base", model_files["base"], "--weights", model_files["weights"],
-            "--precision", "fp32", "--device", "cpu", "--latent-mode", "mode"]  # fmt: skip
+    return [
+        "upscale",
+        *inputs,
+        "-o",
+        output,
+        "--base",
+        model_files["base"],
+        "--weights",
+        model_files["weights"],
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--latent-mode",
+        "mode",
+    ]
 
 
 def test_upscale_handles_every_kind_of_input(model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -76,7 +90,14 @@ def test_upscale_handles_every_kind_of_input(model_files: dict, tmp_path: Path, 
     code, out, err = _run(capsys, *_upscale_args(model_files, inputs, output=output))
 
     assert code == 1  # two bad files: reported, the rest written
-    expected = {"rgb": (112, 80), "grey": (112, 80), "rgba": (64, 48), "sixteen": (96, 80), "dot": (4, 4), "odd": (52, 28)}  # fmt: skip
+    expected = {
+        "rgb": (112, 80),
+        "grey": (112, 80),
+        "rgba": (64, 48),
+        "sixteen": (96, 80),
+        "dot": (4, 4),
+        "odd": (52, 28),
+    }
     for name, size in expected.items():
         with Image.open(output / f"{name}.png") as image:
             assert image.size == size, name
@@ -130,7 +151,9 @@ def test_clashing_outputs_and_missing_files_are_one_line_errors(
 ) -> None:
     Image.fromarray(_photo(8, 8)).save(tmp_path / "a.png")
     Image.fromarray(_photo(8, 8)).save(tmp_path / "a.jpg")
-    code, _, err = _run(capsys, *_upscale_args(model_files, tmp_path / "a.png", tmp_path / "a.jpg", output=tmp_path / "o"))  # fmt: skip
+    code, _, err = _run(
+        capsys, *_upscale_args(model_files, tmp_path / "a.png", tmp_path / "a.jpg", output=tmp_path / "o")
+    )
     assert code == 2 and "would both be written to" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, *_upscale_args(model_files, tmp_path / "missing.png", output=tmp_path / "o"))
     assert code == 2 and "missing.png: no such file or folder" in err
@@ -184,7 +207,10 @@ def test_download_only_when_asked_and_names_the_files(
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     code, out, _ = _run(capsys, "download", "--to", tmp_path)
     assert code == 0
-    assert calls == [("jmjin2/FiDeSR", "fidesr.pkl"), ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors")]  # fmt: skip
+    assert calls == [
+        ("jmjin2/FiDeSR", "fidesr.pkl"),
+        ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+    ]
     assert _run(capsys, "download", "--to", tmp_path)[0] == 0 and len(calls) == 2  # present files are kept
 
     def offline(**_: object) -> str:
@@ -214,8 +240,12 @@ def test_module_entry_point_reports_bad_input_in_one_line(tmp_path: Path) -> Non
     (tmp_path / "fake.png").write_text("hello")
     done = subprocess.run(
         [sys.executable, "-m", "fidesr_core", "info", str(tmp_path / "fake.png")],
-        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "fake.png" in done.stderr

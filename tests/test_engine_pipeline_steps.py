@@ -70,7 +70,7 @@ def test_apply_color_fix_none_and_validation() -> None:
 
 def test_short_side_is_exactly_the_minimum_where_float_truncation_would_lose_a_pixel() -> None:
     """For short sides 49, 98, 103, 107, int(128 / m · m) is 127 in floats (the released script's size);
-    the SPEC asks for a short side of 128, which the engine computes exactly."""
+    docs/algorithm.md asks for a short side of 128, which the engine computes exactly."""
     for short in (49, 98, 103, 107):
         assert int(128 / short * short) == 127
         (pre_h, pre_w), (proc_h, proc_w) = processing_size(short, 300)

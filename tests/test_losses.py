@@ -1,7 +1,7 @@
 """Tests of the FiDeSR training losses: DAW weights, weighted L2/LPIPS, LPIPS net, CSD, FiDeSRLoss.
 
 Everything runs on CPU with a random-trunk LPIPS and a tiny random U-Net; nothing is downloaded.
-Reference values are computed here by the formulas of SPEC §5 with independent code
+Reference values are computed here by the formulas of docs/algorithm.md §5 with independent code
 (numpy loops for the 3x3 filters and quantiles, direct U-Net calls for CSD).
 """
 
@@ -114,7 +114,7 @@ LAPLACIAN = [[0, 1, 0], [1, -4, 1], [0, 1, 0]]
 
 
 def _np_daw(sr: np.ndarray, hq: np.ndarray, lp: np.ndarray, alpha: float, w_max: float, mix: float) -> np.ndarray:
-    """SPEC §5 DAW for one image: sr, hq [3, H, W]; lp [H, W]."""
+    """docs/algorithm.md §5 DAW for one image: sr, hq [3, H, W]; lp [H, W]."""
     gray = 0.299 * hq[0] + 0.587 * hq[1] + 0.114 * hq[2]  # on [-1, 1] values, no shift
     sobel = np.sqrt(_np_filter3(gray, SOBEL_X) ** 2 + _np_filter3(gray, SOBEL_Y) ** 2)
     laplacian = np.abs(_np_filter3(gray, LAPLACIAN))

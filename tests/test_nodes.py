@@ -23,7 +23,7 @@ from node_helpers import PACK_ROOT
 
 CATEGORY = "image/upscaling/FiDeSR"
 
-# The user-facing API from the issue: node id -> (display name, required inputs with defaults
+# The user-facing API: node id -> (display name, required inputs with defaults
 # (None = no default), optional inputs, outputs).  Names and order must never change.
 EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]] = {
     "FiDeSRModelLoader": (
@@ -148,9 +148,14 @@ def test_loading_the_pack_does_not_import_the_model_libraries(tmp_path: Path) ->
     )
     tests_folder = str(Path(__file__).parent)
     finished = subprocess.run(
-        [sys.executable, "-c", script], cwd=tests_folder, env={**os.environ, "PYTHONPATH": tests_folder},
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", script],
+        cwd=tests_folder,
+        env={**os.environ, "PYTHONPATH": tests_folder},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert finished.stdout.strip() == "[]"
 

@@ -53,7 +53,7 @@ def test_latent_is_a_comfyui_latent_of_unscaled_vae_latents(comfy, handle, lq_im
     assert state.output_size == (128, 128) and state.upscaled_lq.shape == (1, 3, 512, 512)
 
 
-def test_each_step_outputs_what_the_issue_specifies(comfy, handle, default_chain) -> None:
+def test_each_step_outputs_its_documented_latent(comfy, handle, default_chain) -> None:
     sf = handle.model.scaling_factor
     state = default_chain["refined"]["fidesr"]
     z_lq, r, r_tilde = state.z_lq, state.residual, state.refined_residual

@@ -57,13 +57,26 @@ def _check_node_outputs(comfy, base_module, single_file, run_folder, lq_image) -
         name = f"run-step-7/{path.name}"
         assert name in required["fidesr_weights"][0]
         (handle,) = run_node(
-            comfy, "FiDeSRModelLoader", base_model="checkpoints/tiny-sd21.safetensors", fidesr_weights=name,
+            comfy,
+            "FiDeSRModelLoader",
+            base_model="checkpoints/tiny-sd21.safetensors",
+            fidesr_weights=name,
             precision="fp32",
-        )  # fmt: skip
+        )
         (image,) = run_node(
-            comfy, "FiDeSRUpscale", model=handle, image=lq_image, upscale_by=4.0, lf_strength=0.1, hf_strength=0.1,
-            color_fix="adain", latent_mode="mode", seed=0, tile_size=96, tile_overlap=32,
-        )  # fmt: skip
+            comfy,
+            "FiDeSRUpscale",
+            model=handle,
+            image=lq_image,
+            upscale_by=4.0,
+            lf_strength=0.1,
+            hf_strength=0.1,
+            color_fix="adain",
+            latent_mode="mode",
+            seed=0,
+            tile_size=96,
+            tile_overlap=32,
+        )
         outputs.append(image)
         expected = upscale(handle.model, lq_image.permute(0, 3, 1, 2), settings).permute(0, 2, 3, 1)
         torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)

@@ -65,15 +65,24 @@ class _OpenClipText(nn.Module):
 def test_open_clip_mapping_reproduces_the_open_clip_forward() -> None:
     torch.manual_seed(0)
     config = CLIPTextConfig(**TINY_TEXT_CONFIG)
-    reference = _OpenClipText(config.vocab_size, 77, config.hidden_size, config.num_attention_heads,
-                              config.intermediate_size, config.num_hidden_layers + 1).eval()  # fmt: skip
+    reference = _OpenClipText(
+        config.vocab_size,
+        77,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.num_hidden_layers + 1,
+    ).eval()
     for parameter in reference.parameters():
         parameter.normal_(0.0, 0.3)
     state = {f"cond_stage_model.model.{key}": value for key, value in reference.state_dict().items()}
     converted = open_clip_to_clip_text(state, config.num_hidden_layers)
     model = CLIPTextModel(config).eval()
     model.load_state_dict(clip_text_state_for(model.state_dict(), converted), strict=False)
-    assert all(torch.equal(model.state_dict()[key], value) for key, value in clip_text_state_for(model.state_dict(), converted).items())  # fmt: skip
+    assert all(
+        torch.equal(model.state_dict()[key], value)
+        for key, value in clip_text_state_for(model.state_dict(), converted).items()
+    )
     missing = set(model.state_dict()) - set(clip_text_state_for(model.state_dict(), converted))
     assert all(key.endswith("position_ids") for key in missing)
     ids = torch.randint(1, config.vocab_size, (2, 77))
@@ -88,14 +97,23 @@ def test_open_clip_mapping_rejects_unknown_keys_and_too_few_blocks(tiny: BaseMod
     with pytest.raises(ValueError, match="2 transformer blocks"):
         open_clip_to_clip_text(state, num_layers=3)
     with pytest.raises(KeyError, match="resblocks.0.attn.mystery"):
-        open_clip_to_clip_text({**state, "cond_stage_model.model.transformer.resblocks.0.attn.mystery": torch.ones(1)}, 2)  # fmt: skip
+        open_clip_to_clip_text(
+            {**state, "cond_stage_model.model.transformer.resblocks.0.attn.mystery": torch.ones(1)}, 2
+        )
 
 
 def test_exported_layout_has_the_original_key_facts(tiny: BaseModel) -> None:
     state = ldm_state_dict(tiny)
     prefixes = {key.split(".")[0] for key in state}
-    assert prefixes == {"model", "first_stage_model", "cond_stage_model", "betas", "alphas_cumprod",
-                        "alphas_cumprod_prev", "sqrt_alphas_cumprod"}  # fmt: skip
+    assert prefixes == {
+        "model",
+        "first_stage_model",
+        "cond_stage_model",
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+    }
     unet_keys = [key for key in state if key.startswith("model.diffusion_model.")]
     assert len(unet_keys) == len(tiny.unet.state_dict())
     assert state["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 4

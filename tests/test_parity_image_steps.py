@@ -1,4 +1,4 @@
-"""Step-level parity of the image steps around the network: each equals the released code's (SPEC §2.1, §2.6, §2.9).
+"""Step-level parity of the image steps around the network: each equals the released code's (docs/algorithm.md §2.1, §2.6, §2.9).
 
 Latent tiling, colour fix and pre-processing.  Float32 on the CPU; the reference lives
 in ``reference_image_steps.py`` and never calls the engine.  Tolerances are float32

@@ -1,4 +1,4 @@
-"""Step-level parity of the FiDeSR-specific modules: each equals the independent reference of the released code (SPEC §3–4).
+"""Step-level parity of the FiDeSR-specific modules: each equals the independent reference of the released code (docs/algorithm.md §3–4).
 
 LRRB, Butterworth filters, detail map, LFIM gates and branches.  Float32 on the CPU;
 the reference lives in ``reference_impl.py`` and never calls the engine.  Tolerances

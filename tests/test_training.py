@@ -4,7 +4,7 @@ Runs of 1–20 optimisation steps on 32x32 crops of synthetic images check: ever
 term finite and only LoRA/LRRB tensors changing; determinism; exact resume (per-step
 losses after resuming equal the uninterrupted run's); a clear loss drop on a tiny
 problem; checkpoints in both formats loading in fidesr_core; the generator forward
-against SPEC §5's formula; prompts, validation and the command line.
+against the formula of docs/algorithm.md §5; prompts, validation and the command line.
 """
 
 from __future__ import annotations
@@ -130,7 +130,11 @@ def test_steps_run_with_finite_terms_and_only_trainable_tensors_change(workspace
             assert torch.equal(parameter, frozen[name.replace(".base_layer", "")]), name
     assert lora_changed == sum(1 for n, _ in generator.unet.named_parameters() if "lora" in n) > 0
     fresh_lrrb = LRRB()
-    assert all(not torch.equal(p, fresh_lrrb.state_dict()[n]) for n, p in generator.lrrb.state_dict().items() if "conv5" in n or "out_conv" in n)  # fmt: skip
+    assert all(
+        not torch.equal(p, fresh_lrrb.state_dict()[n])
+        for n, p in generator.lrrb.state_dict().items()
+        if "conv5" in n or "out_conv" in n
+    )
     for name, parameter in generator.vae.state_dict().items():
         assert torch.equal(parameter, reference.vae.state_dict()[name]), name
     for name, parameter in base.text_encoder.state_dict().items():
@@ -155,7 +159,9 @@ def test_resumed_run_continues_with_the_same_losses(workspace, tmp_path: Path) -
     assert [entry["step"] for entry in resumed.history] == [3.0, 4.0]
     assert _totals(resumed) == pytest.approx(_totals(uninterrupted)[2:], abs=1e-6)
     for name in ("loss/l2", "loss/lpips", "loss/csd", "grad_norm"):
-        assert [e[name] for e in resumed.history] == pytest.approx([e[name] for e in uninterrupted.history[2:]], abs=1e-6)  # fmt: skip
+        assert [e[name] for e in resumed.history] == pytest.approx(
+            [e[name] for e in uninterrupted.history[2:]], abs=1e-6
+        )
 
     # interrupted after 3 steps (the last checkpoint is written at the stop), then `--resume latest`
     short = {"optim": {"max_steps": 3, "gradient_accumulation": 2}, "checkpoint": {"every": 2, "keep_last": 0}}
@@ -186,14 +192,20 @@ def test_training_loss_falls_clearly(tmp_path: Path) -> None:
             "output_dir": str(tmp_path / "run"),
             "seed": 1,
             "model": {"base": "tiny", "lora_rank": 4, "latent_sampling": "mode"},
-            "data": {"hq_folders": [str(folder)], "crop_size": 32, "num_workers": 0, "flip": False,
-                     "caption_dropout": 1.0, "degradation": dict.fromkeys(STAGE_SWITCHES, False)},
+            "data": {
+                "hq_folders": [str(folder)],
+                "crop_size": 32,
+                "num_workers": 0,
+                "flip": False,
+                "caption_dropout": 1.0,
+                "degradation": dict.fromkeys(STAGE_SWITCHES, False),
+            },
             "loss": {"lpips_pretrained": False, "lambda_lpips": 0.0, "lambda_csd": 0.0},
             "optim": {"batch_size": 1, "max_steps": 20, "mixed_precision": "no", "learning_rate": 1e-2},
             "checkpoint": {"every": 1000},
             "logging": {"tensorboard": False, "progress_bar": False},
         }
-    )  # fmt: skip
+    )
     losses = _totals(_train(config))
     assert len(losses) == 20 and all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
@@ -204,7 +216,9 @@ def test_training_loss_falls_clearly(tmp_path: Path) -> None:
 
 
 def test_checkpoint_layout_and_keep_last(workspace, tmp_path: Path) -> None:
-    result = _train(_config(workspace, tmp_path / "run", optim={"max_steps": 4}, checkpoint={"every": 1, "keep_last": 2}))  # fmt: skip
+    result = _train(
+        _config(workspace, tmp_path / "run", optim={"max_steps": 4}, checkpoint={"every": 1, "keep_last": 2})
+    )
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step-000003", "step-000004"]
     latest = folder / "step-000004"
@@ -227,8 +241,14 @@ def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Pa
     folder = result.checkpoints[-1]
     raw = torch.load(folder / "fidesr.pkl", map_location="cpu", weights_only=True)
     # the authors' test script reads exactly these keys
-    assert set(raw) == {"unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
-                        "lora_rank_unet", "state_dict_unet", "lrrb_state_dict"}  # fmt: skip
+    assert set(raw) == {
+        "unet_lora_encoder_modules",
+        "unet_lora_decoder_modules",
+        "unet_lora_others_modules",
+        "lora_rank_unet",
+        "state_dict_unet",
+        "lrrb_state_dict",
+    }
     assert raw["lora_rank_unet"] == 4
     assert set(raw["state_dict_unet"]) == {k for k in result.generator.unet.state_dict() if "lora" in k}
 
@@ -317,7 +337,9 @@ def test_prompts_need_a_tokenizer_only_when_not_empty(workspace) -> None:
     tokenizer = load_tokenizer(workspace["tokenizer"])
     plain, with_tokenizer = PromptEncoder(text_encoder), PromptEncoder(text_encoder, tokenizer)
     assert torch.equal(with_tokenizer.token_ids([""]), empty_prompt_token_ids(77))
-    assert torch.equal(tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids, empty_prompt_token_ids(77))  # fmt: skip
+    assert torch.equal(
+        tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids, empty_prompt_token_ids(77)
+    )
     torch.testing.assert_close(plain.encode([""]), with_tokenizer.encode([""]))
     ids = with_tokenizer.token_ids(["a dog", ""])
     assert ids.shape == (2, 77) and ids.max() < 49408 and ids[0, 0] == 49406 and ids[0, 1] != 49407
@@ -344,7 +366,9 @@ def test_missing_tokenizer_fails_early(workspace, tmp_path: Path) -> None:
 
 def test_gradient_checkpointing_gives_the_same_losses(workspace, tmp_path: Path) -> None:
     plain = _totals(_train(_config(workspace, tmp_path / "a", optim={"max_steps": 2})))
-    checkpointed = _totals(_train(_config(workspace, tmp_path / "b", optim={"max_steps": 2, "gradient_checkpointing": True})))  # fmt: skip
+    checkpointed = _totals(
+        _train(_config(workspace, tmp_path / "b", optim={"max_steps": 2, "gradient_checkpointing": True}))
+    )
     assert checkpointed == pytest.approx(plain, abs=1e-5)
 
 
@@ -373,9 +397,11 @@ def test_validation_saves_images_and_scores_hq_pairs(workspace, tmp_path: Path) 
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(lq_dir / f"{name}.png")
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(hq_dir / "x.png")
     config = _config(
-        workspace, tmp_path / "run", optim={"max_steps": 2},
+        workspace,
+        tmp_path / "run",
+        optim={"max_steps": 2},
         validation={"lq_folder": str(lq_dir), "hq_folder": str(hq_dir), "every": 2},
-    )  # fmt: skip
+    )
     result = _train(config)
     out = tmp_path / "run" / "validation" / "step-000002"
     assert sorted(p.name for p in out.glob("*.png")) == ["x.png", "y.png"]
@@ -396,8 +422,21 @@ def test_command_line(workspace, tmp_path: Path) -> None:
         "loss:\n  lpips_pretrained: false\n"
         "logging:\n  tensorboard: false\n  progress_bar: false\n"
     )
-    args = ["--config", str(config_file), "--output-dir", str(tmp_path / "run"), "--tokenizer", str(workspace["tokenizer"]),
-            "--max-steps", "1", "--batch-size", "1", "--mixed-precision", "no", "checkpoint.formats=[safetensors]"]  # fmt: skip
+    args = [
+        "--config",
+        str(config_file),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--tokenizer",
+        str(workspace["tokenizer"]),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--mixed-precision",
+        "no",
+        "checkpoint.formats=[safetensors]",
+    ]
     assert main(args) == 0
     folder = tmp_path / "run" / "checkpoints" / "step-000001"
     assert (folder / "fidesr.safetensors").is_file() and not (folder / "fidesr.pkl").exists()

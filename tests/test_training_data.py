@@ -82,7 +82,9 @@ def test_captions_from_sidecars_and_mappings(tmp_path: Path) -> None:
     mapping.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     records = {r.path.stem: r.caption for r in collect_records([tmp_path / "hq"], captions=mapping)}
     assert records == {"cat": "a cat on a sofa", "dog": "mapped dog", "fox": "fox, snow", "owl": ""}
-    no_sidecar = {r.path.stem: r.caption for r in collect_records([tmp_path / "hq"], captions=mapping, sidecar_captions=False)}  # fmt: skip
+    no_sidecar = {
+        r.path.stem: r.caption for r in collect_records([tmp_path / "hq"], captions=mapping, sidecar_captions=False)
+    }
     assert no_sidecar["cat"] == ""
 
     table = tmp_path / "captions.csv"
@@ -188,15 +190,26 @@ def test_default_yaml_is_the_paper_run() -> None:
     assert (defaults.loss.lambda_l2, defaults.loss.lambda_lpips, defaults.loss.lambda_csd) == (1.0, 2.0, 1.0)
     assert (defaults.loss.daw_start, defaults.loss.daw_ramp, defaults.loss.daw_alpha) == (2000, 1000, 0.6)
     assert (defaults.loss.daw_w_max, defaults.loss.daw_perceptual_mix) == (2.0, 0.5)
-    assert (defaults.optim.max_grad_norm, defaults.optim.mixed_precision, defaults.data.caption_dropout) == (1.0, "fp16", 0.5)  # fmt: skip
+    assert (defaults.optim.max_grad_norm, defaults.optim.mixed_precision, defaults.data.caption_dropout) == (
+        1.0,
+        "fp16",
+        0.5,
+    )
 
 
 def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     config = load_config(
         None,
-        ["optim.learning_rate=1e-4", "data.hq_folders=[a, b]", "model.tokenizer=null", "optim.gradient_checkpointing=true",
-         "data.degradation={scale: 2}", "checkpoint.every=250", "loss.daw_start=0"],
-    )  # fmt: skip
+        [
+            "optim.learning_rate=1e-4",
+            "data.hq_folders=[a, b]",
+            "model.tokenizer=null",
+            "optim.gradient_checkpointing=true",
+            "data.degradation={scale: 2}",
+            "checkpoint.every=250",
+            "loss.daw_start=0",
+        ],
+    )
     assert config.optim.learning_rate == 1e-4 and config.data.hq_folders == ["a", "b"]
     assert config.model.tokenizer is None and config.optim.gradient_checkpointing is True
     assert config.data.degradation == {"scale": 2} and config.checkpoint.every == 250 and config.loss.daw_start == 0

@@ -41,11 +41,31 @@ def _run_two_ranks(workspace: dict[str, Path], output: Path, *extra: str) -> sub
         "logging:\n  tensorboard: false\n  progress_bar: false\n"
     )
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "training.train", "--config", str(config),
-        "--output-dir", str(output), "--tokenizer", str(workspace["tokenizer"]), "--max-steps", "4",
-        "--batch-size", "1", "--mixed-precision", "no", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "training.train",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(output),
+        "--tokenizer",
+        str(workspace["tokenizer"]),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "1",
+        "--mixed-precision",
+        "no",
+        *extra,
+    ]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(
         command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600, check=False

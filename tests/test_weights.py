@@ -1,7 +1,7 @@
 """FiDeSR weights files: reading the authors' pkl and our safetensors, round trips, conversion and writing.
 
 Every file is built here on the fly from tiny random models; the authors' pkl is
-written the way their trainer names things (SPEC §5, §6), with the key names
+written the way their trainer names things (docs/algorithm.md §5, §6), with the key names
 spelled out in weights_fixtures.py rather than taken from the module under test.
 Refusals of bad files and validation live in test_weights_refusals.py.
 """
@@ -76,10 +76,12 @@ def test_authors_pkl_loads_unchanged(authors: dict, authors_pkl: Path) -> None:
     assert weights.target_modules["default_encoder"] == authors["unet_lora_encoder_modules"]
     assert weights.target_modules["default_decoder"] == authors["unet_lora_decoder_modules"]
     assert weights.target_modules["default_others"] == authors["unet_lora_others_modules"]
-    assert all(authors[key] for key in ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules"))  # fmt: skip
+    assert all(
+        authors[key] for key in ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules")
+    )
     assert _same_tensors(weights.unet_lora_state, authors["state_dict_unet"])
     assert _same_tensors(weights.lrrb_state, dict(authors["lrrb_state_dict"]))
-    assert sum(v.numel() for v in weights.lrrb_state.values()) == 720_260  # SPEC §3
+    assert sum(v.numel() for v in weights.lrrb_state.values()) == 720_260  # docs/algorithm.md §3
 
 
 def test_legacy_torch_save_and_content_detection(authors: dict, tmp_path: Path) -> None:
@@ -132,7 +134,11 @@ def test_written_pkl_is_the_authors_layout_and_loads_their_way(authors: dict, tm
     assert all(type(raw[k]) is list for k in AUTHORS_KEYS if k.endswith("_modules"))
     # Their test script: three LoraConfigs from the lists, copy every "lora" parameter by name, load the LRRB.
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    for adapter, key in (("default_encoder", "unet_lora_encoder_modules"), ("default_decoder", "unet_lora_decoder_modules"), ("default_others", "unet_lora_others_modules")):  # fmt: skip
+    for adapter, key in (
+        ("default_encoder", "unet_lora_encoder_modules"),
+        ("default_decoder", "unet_lora_decoder_modules"),
+        ("default_others", "unet_lora_others_modules"),
+    ):
         unet.add_adapter(LoraConfig(r=raw["lora_rank_unet"], target_modules=raw[key]), adapter_name=adapter)
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
@@ -153,7 +159,9 @@ def test_safetensors_layout(authors: dict, tmp_path: Path) -> None:
     assert json.loads(metadata["fidesr.unet_lora_encoder_modules"]) == authors["unet_lora_encoder_modules"]
     assert json.loads(metadata["fidesr.unet_lora_others_modules"]) == authors["unet_lora_others_modules"]
     assert metadata["source"] == "test" and metadata["training_step"] == "1200"
-    assert names == {"unet_lora." + k for k in authors["state_dict_unet"]} | {"lrrb." + k for k in authors["lrrb_state_dict"]}  # fmt: skip
+    assert names == {"unet_lora." + k for k in authors["state_dict_unet"]} | {
+        "lrrb." + k for k in authors["lrrb_state_dict"]
+    }
     assert load_fidesr_weights(path).metadata == {"source": "test", "training_step": "1200"}
 
 

@@ -128,7 +128,14 @@ def test_pisa_sr_checkpoint(authors: dict, tmp_path: Path) -> None:
     for kind in ("pix", "sem"):
         for part in ("encoder", "decoder", "others"):
             pisa[f"unet_lora_{part}_modules_{kind}"] = authors[f"unet_lora_{part}_modules"]
-        pisa["state_dict_unet"].update({k.replace("_encoder.", f"_encoder_{kind}.").replace("_decoder.", f"_decoder_{kind}.").replace("_others.", f"_others_{kind}."): v for k, v in lora.items()})  # fmt: skip
+        pisa["state_dict_unet"].update(
+            {
+                k.replace("_encoder.", f"_encoder_{kind}.")
+                .replace("_decoder.", f"_decoder_{kind}.")
+                .replace("_others.", f"_others_{kind}."): v
+                for k, v in lora.items()
+            }
+        )
     torch.save(pisa, tmp_path / "pisa_sr.pkl")
     message = _refusal(tmp_path / "pisa_sr.pkl")
     assert "PiSA-SR" in message and "not FiDeSR" in message and "not supported by this loader" in message
@@ -193,15 +200,21 @@ def test_our_safetensors_with_a_newer_version_or_stray_tensors(authors: dict, tm
     assert "version '2'" in _refusal(path)
     safetensors.torch.save_file({**tensors, "optimizer.step": torch.zeros(1)}, str(path), metadata=metadata)
     assert "optimizer.step" in _refusal(path)
-    safetensors.torch.save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if k != "fidesr.lora_rank"})  # fmt: skip
+    safetensors.torch.save_file(
+        tensors, str(path), metadata={k: v for k, v in metadata.items() if k != "fidesr.lora_rank"}
+    )
     assert "fidesr.lora_rank" in _refusal(path)
 
 
 @pytest.mark.parametrize(
     ("where", "value", "dtype"),
-    [("state_dict_unet", "nan", torch.float32), ("lrrb_state_dict", "nan", torch.float32),
-     ("state_dict_unet", "inf", torch.float16), ("lrrb_state_dict", "-inf", torch.bfloat16)],
-)  # fmt: skip
+    [
+        ("state_dict_unet", "nan", torch.float32),
+        ("lrrb_state_dict", "nan", torch.float32),
+        ("state_dict_unet", "inf", torch.float16),
+        ("lrrb_state_dict", "-inf", torch.bfloat16),
+    ],
+)
 def test_nan_and_infinite_tensors(authors: dict, tmp_path: Path, where: str, value: str, dtype: torch.dtype) -> None:
     broken = {**authors, where: {k: v.to(dtype, copy=True) for k, v in authors[where].items()}}
     name = sorted(broken[where])[-1]

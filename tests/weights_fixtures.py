@@ -2,7 +2,7 @@
 
 Shared by the weights tests (test_weights.py, test_weights_refusals.py). The key
 names are spelled out here, the way the released trainer's ``save_model`` writes
-them (SPEC §5, §6), rather than taken from the module under test.
+them (docs/algorithm.md §5, §6), rather than taken from the module under test.
 """
 
 from __future__ import annotations

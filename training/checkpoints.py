@@ -3,7 +3,7 @@
 Layout (``step`` zero-padded to six digits)::
 
     OUTPUT/checkpoints/step-000500/
-        fidesr.pkl              the authors' layout (SPEC §6): their test script and fidesr_core load it
+        fidesr.pkl              the authors' layout (docs/algorithm.md §6): their test script and fidesr_core load it
         fidesr.safetensors      the same weights in our safetensors layout
         training_state/         accelerate save_state: optimizer, GradScaler, RNG states per process,
                                 plus trainable.safetensors (LoRA + LRRB, float32) and trainer_state.json

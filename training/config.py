@@ -1,6 +1,6 @@
 """Training configuration: typed dataclasses, YAML/TOML files and ``section.key=value`` overrides.
 
-The defaults are the paper's run (SPEC §5; ``training/default_config.yaml`` spells
+The defaults are the paper's run (docs/algorithm.md §5; ``training/default_config.yaml`` spells
 them out): rank-8 LoRA, ``L = 1·L2 + 2·LPIPS + 1·CSD`` with DAW (off for 2000 steps,
 1000-step ramp, α 0.6, w_max 2, p 0.5), AdamW 5e-5 / weight decay 1e-2 / clip 1.0 at
 a constant rate, fp16, 4 crops of 512² per GPU on 2 GPUs, 200K steps.
@@ -159,9 +159,15 @@ def validate_config(config: TrainConfig) -> None:
     """Raise ``SettingsError`` naming the first value out of range."""
     model, data, loss, optim = config.model, config.data, config.loss, config.optim
     _require(model.lora_rank >= 1, f"model.lora_rank must be >= 1, got {model.lora_rank}")
-    _require(model.latent_sampling in ("sample", "mode"), f"model.latent_sampling must be sample or mode, got {model.latent_sampling!r}")  # fmt: skip
+    _require(
+        model.latent_sampling in ("sample", "mode"),
+        f"model.latent_sampling must be sample or mode, got {model.latent_sampling!r}",
+    )
     _require(0.0 <= data.caption_dropout <= 1.0, f"data.caption_dropout must lie in [0, 1], got {data.caption_dropout}")
-    _require(data.crop_size >= 16 and data.crop_size % 8 == 0, f"data.crop_size must be a multiple of 8, >= 16, got {data.crop_size}")  # fmt: skip
+    _require(
+        data.crop_size >= 16 and data.crop_size % 8 == 0,
+        f"data.crop_size must be a multiple of 8, >= 16, got {data.crop_size}",
+    )
     _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
     for name in ("lambda_l2", "lambda_lpips", "lambda_csd"):
         _require(getattr(loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(loss, name)}")
@@ -169,10 +175,15 @@ def validate_config(config: TrainConfig) -> None:
     _require(0 <= loss.csd_min_timestep < loss.csd_max_timestep, "loss.csd_min_timestep must be < csd_max_timestep")
     _require(optim.learning_rate > 0, f"optim.learning_rate must be > 0, got {optim.learning_rate}")
     _require(optim.batch_size >= 1, f"optim.batch_size must be >= 1, got {optim.batch_size}")
-    _require(optim.gradient_accumulation >= 1, f"optim.gradient_accumulation must be >= 1, got {optim.gradient_accumulation}")  # fmt: skip
+    _require(
+        optim.gradient_accumulation >= 1, f"optim.gradient_accumulation must be >= 1, got {optim.gradient_accumulation}"
+    )
     _require(optim.max_steps >= 0, f"optim.max_steps must be >= 0, got {optim.max_steps}")
     _require(optim.max_grad_norm > 0, f"optim.max_grad_norm must be > 0, got {optim.max_grad_norm}")
-    _require(optim.mixed_precision in MIXED_PRECISIONS, f"optim.mixed_precision must be one of {MIXED_PRECISIONS}, got {optim.mixed_precision!r}")  # fmt: skip
+    _require(
+        optim.mixed_precision in MIXED_PRECISIONS,
+        f"optim.mixed_precision must be one of {MIXED_PRECISIONS}, got {optim.mixed_precision!r}",
+    )
     _require(config.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
     _require(config.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {config.checkpoint.keep_last}")
     unknown = [name for name in config.checkpoint.formats if name not in CHECKPOINT_FORMATS]

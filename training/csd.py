@@ -1,4 +1,4 @@
-"""Classifier score distillation (CSD), as PiSA-SR and the FiDeSR trainer use it (SPEC §5).
+"""Classifier score distillation (CSD), as PiSA-SR and the FiDeSR trainer use it (docs/algorithm.md §5).
 
 The restored latent ``z`` is noised at a random ``t ~ U[20, 500)``; a frozen SD 2.1
 U-Net predicts the noise once with the caption (positive) embedding and once with
@@ -129,7 +129,7 @@ def _noise_of(output: Any) -> torch.Tensor:
 
 
 class ClassifierScoreDistillation(nn.Module):
-    """CSD loss on the restored latent (SPEC §5, PiSA-SR).
+    """CSD loss on the restored latent (docs/algorithm.md §5, PiSA-SR).
 
     Args:
         scheduler_config: DDPM config giving ``ᾱ_t`` (default: SD 2.1-base's).

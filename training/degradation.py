@@ -1,4 +1,4 @@
-"""On-the-fly LQ synthesis: the Real-ESRGAN second-order degradation with FiDeSR's parameters (SPEC §5).
+"""On-the-fly LQ synthesis: the Real-ESRGAN second-order degradation with FiDeSR's parameters (docs/algorithm.md §5).
 
 For HQ crops ``[B, 3, H, W]`` in [0, 1] and scale ``s`` (4):
 
@@ -67,7 +67,7 @@ _add_random_noise = add_random_noise  # its name here before the stages moved to
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """Every probability and range of the degradation (defaults: SPEC §5) plus a switch per stage."""
+    """Every probability and range of the degradation (defaults: docs/algorithm.md §5) plus a switch per stage."""
 
     scale: int = 4
     kernel_size: int = 21  # all kernels are padded to this size
@@ -219,43 +219,69 @@ def _degrade_batch(hq: torch.Tensor, config: DegradationConfig, rng: RandomStrea
     # first degradation
     if config.first_blur:
         kernels = sample_blur_kernels(
-            batch, rng, **first_kernels, sigma_range=config.blur_sigma, betag_range=config.betag_range,
-            betap_range=config.betap_range, sinc_prob=config.sinc_prob,
-        )  # fmt: skip
+            batch,
+            rng,
+            **first_kernels,
+            sigma_range=config.blur_sigma,
+            betag_range=config.betag_range,
+            betap_range=config.betap_range,
+            sinc_prob=config.sinc_prob,
+        )
         out = apply_kernels(out, kernels)
     if config.first_resize:
         out = random_resize(
-            out, rng, probs=config.resize_probs, scale_range=config.resize_range,
-            base_size=(out.shape[-2], out.shape[-1]), modes=config.resize_modes,
-        )  # fmt: skip
+            out,
+            rng,
+            probs=config.resize_probs,
+            scale_range=config.resize_range,
+            base_size=(out.shape[-2], out.shape[-1]),
+            modes=config.resize_modes,
+        )
     if config.first_noise:
         out = add_random_noise(
-            out, rng, gaussian_prob=config.gaussian_noise_prob, sigma_range=config.noise_range,
-            poisson_range=config.poisson_scale_range, gray_prob=config.gray_noise_prob,
-        )  # fmt: skip
+            out,
+            rng,
+            gaussian_prob=config.gaussian_noise_prob,
+            sigma_range=config.noise_range,
+            poisson_range=config.poisson_scale_range,
+            gray_prob=config.gray_noise_prob,
+        )
     if config.first_jpeg:
         out = jpeg_round_trip(out, rng.uniform(batch, *config.jpeg_range))
 
     # second degradation
     if config.second_blur:
         kernels = sample_blur_kernels(
-            batch, rng, **first_kernels, sigma_range=config.blur_sigma2, betag_range=config.betag_range2,
-            betap_range=config.betap_range2, sinc_prob=config.sinc_prob2,
-        )  # fmt: skip
+            batch,
+            rng,
+            **first_kernels,
+            sigma_range=config.blur_sigma2,
+            betag_range=config.betag_range2,
+            betap_range=config.betap_range2,
+            sinc_prob=config.sinc_prob2,
+        )
         skip = (rng.uniform(batch) >= config.second_blur_prob).view(-1, 1, 1)
         pulse = torch.zeros_like(kernels)
         pulse[:, config.kernel_size // 2, config.kernel_size // 2] = 1
         out = apply_kernels(out, torch.where(skip, pulse, kernels))
     if config.second_resize:
         out = random_resize(
-            out, rng, probs=config.resize_probs2, scale_range=config.resize_range2,
-            base_size=(height / config.scale, width / config.scale), modes=config.resize_modes,
-        )  # fmt: skip
+            out,
+            rng,
+            probs=config.resize_probs2,
+            scale_range=config.resize_range2,
+            base_size=(height / config.scale, width / config.scale),
+            modes=config.resize_modes,
+        )
     if config.second_noise:
         out = add_random_noise(
-            out, rng, gaussian_prob=config.gaussian_noise_prob2, sigma_range=config.noise_range2,
-            poisson_range=config.poisson_scale_range2, gray_prob=config.gray_noise_prob2,
-        )  # fmt: skip
+            out,
+            rng,
+            gaussian_prob=config.gaussian_noise_prob2,
+            sigma_range=config.noise_range2,
+            poisson_range=config.poisson_scale_range2,
+            gray_prob=config.gray_noise_prob2,
+        )
 
     # last stage: [resize, sinc, JPEG] or [JPEG, resize, sinc]
     resize_first = float(rng.uniform(1).item()) < config.resize_first_prob

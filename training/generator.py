@@ -1,4 +1,4 @@
-"""The trainable FiDeSR generator and prompt encoding (SPEC §5).
+"""The trainable FiDeSR generator and prompt encoding (docs/algorithm.md §5).
 
 Frozen: the VAE, the text encoder and the base U-Net weights.  Trainable: the
 three LoRA adapters on the U-Net (``fidesr_core.networks.lora``: same targets, names and
@@ -206,7 +206,9 @@ class FiDeSRGenerator(nn.Module):
         with torch.no_grad():
             for name, parameter in own.items():
                 if tuple(state[name].shape) != tuple(parameter.shape):
-                    raise ModelFileError(f"training state tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}")  # fmt: skip
+                    raise ModelFileError(
+                        f"training state tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}"
+                    )
                 parameter.copy_(state[name].to(parameter.device, parameter.dtype))
 
 
@@ -233,7 +235,7 @@ def build_generator(
     """Wrap ``base``'s U-Net (adapters are added to it in place) and VAE into a trainable generator.
 
     New adapters start as peft's ``gaussian`` init (A ~ N(0, 1/r), B = 0) from the global
-    torch RNG, and the LRRB as SPEC §3 (its output starts at exactly 0).  With
+    torch RNG, and the LRRB as docs/algorithm.md §3 (its output starts at exactly 0).  With
     ``init_weights`` (e.g. the authors' ``fidesr.pkl``) the adapters take its targets,
     rank and tensors and the LRRB its state, so training continues from the released model.
     """
@@ -307,7 +309,7 @@ def load_tokenizer(path: str | os.PathLike):
     except (OSError, ValueError) as error:
         raise ModelFileError(f"tokenizer folder {folder} cannot be read as a CLIP tokenizer: {error}") from error
     if tokenizer.pad_token != "!":
-        # SD 2's OpenCLIP text encoder was trained with id-0 ("!") padding (SPEC §2.2)
+        # SD 2's OpenCLIP text encoder was trained with id-0 ("!") padding (docs/algorithm.md §2.2)
         logger.info("tokenizer %s pads with %r; using '!' as SD 2 does", folder, tokenizer.pad_token)
         tokenizer.pad_token = "!"
     return tokenizer

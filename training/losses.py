@@ -1,4 +1,4 @@
-"""FiDeSR training losses: DAW weights, weighted L2 / LPIPS and the combined loss (SPEC §5).
+"""FiDeSR training losses: DAW weights, weighted L2 / LPIPS and the combined loss (docs/algorithm.md §5).
 
 ``L = 1·L2 + 2·LPIPS + 1·CSD``, each term weighted by the difficulty-aware
 weighting (DAW) map ``w*`` once DAW is on (after 2000 steps, ramped over 1000):

@@ -1,4 +1,4 @@
-"""Spatial VGG LPIPS for the FiDeSR losses and the DAW error map (SPEC §5).
+"""Spatial VGG LPIPS for the FiDeSR losses and the DAW error map (docs/algorithm.md §5).
 
 Wraps ``lpips.LPIPS(net="vgg", spatial=True)``: for two images in ``[-1, 1]``
 it returns a per-pixel distance map ``[B, 1, H, W]`` at the input size.

@@ -86,7 +86,7 @@ METRICS: dict[str, MetricSpec] = {
 # Table 1 column order.
 PAPER_METRICS: tuple[str, ...] = tuple(METRICS)
 
-# The paper's FiDeSR rows of Table 1 (SPEC §7), by dataset key: (dataset title, metric -> value).
+# The paper's FiDeSR rows of Table 1 (docs/algorithm.md §7), by dataset key: (dataset title, metric -> value).
 PAPER_RESULTS: dict[str, tuple[str, dict[str, float]]] = {
     "realsr": (
         "RealSR",

@@ -74,10 +74,17 @@ def build_loss(config: TrainConfig, accelerator, lpips_net: torch.nn.Module | No
             guidance_scale=loss.csd_guidance, min_timestep=loss.csd_min_timestep, max_timestep=loss.csd_max_timestep
         )
     return FiDeSRLoss(
-        AutocastModule(lpips_net, accelerator), csd, lambda_l2=loss.lambda_l2, lambda_lpips=loss.lambda_lpips,
-        lambda_csd=loss.lambda_csd, daw_start=loss.daw_start, daw_ramp=loss.daw_ramp, daw_alpha_max=loss.daw_alpha,
-        daw_w_max=loss.daw_w_max, perceptual_mix=loss.daw_perceptual_mix,
-    )  # fmt: skip
+        AutocastModule(lpips_net, accelerator),
+        csd,
+        lambda_l2=loss.lambda_l2,
+        lambda_lpips=loss.lambda_lpips,
+        lambda_csd=loss.lambda_csd,
+        daw_start=loss.daw_start,
+        daw_ramp=loss.daw_ramp,
+        daw_alpha_max=loss.daw_alpha,
+        daw_w_max=loss.daw_w_max,
+        perceptual_mix=loss.daw_perceptual_mix,
+    )
 
 
 def make_accelerator(config: TrainConfig):

@@ -1,4 +1,4 @@
-"""Train or fine-tune FiDeSR (SPEC §5).
+"""Train or fine-tune FiDeSR (docs/algorithm.md §5).
 
     python -m training.train --config training/default_config.yaml --base SD21_BASE data.hq_folders=[DIR]
     accelerate launch -m training.train --config ... [overrides]          # several GPUs / nodes
@@ -100,9 +100,11 @@ def train(
             f"{output_dir} already holds checkpoints: pass --resume latest to continue, or another --output-dir"
         )
     records = collect_records(
-        config.data.hq_folders, config.data.hq_lists,
-        captions=config.data.captions, sidecar_captions=config.data.sidecar_captions,
-    )  # fmt: skip
+        config.data.hq_folders,
+        config.data.hq_lists,
+        captions=config.data.captions,
+        sidecar_captions=config.data.sidecar_captions,
+    )
     dataset = HQCropDataset(records, crop_size=config.data.crop_size, flip=config.data.flip, seed=config.seed)
     tokenizer = tokenizer if tokenizer is not None else resolve_tokenizer(config.model.tokenizer, config.model.base)
     check_tokenizer(config, tokenizer, dataset)
@@ -135,9 +137,12 @@ def train(
 
     optim = config.optim
     optimizer = torch.optim.AdamW(
-        generator.trainable_parameters(), lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
-        eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
-    )  # fmt: skip
+        generator.trainable_parameters(),
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon,
+        weight_decay=optim.weight_decay,
+    )
     generator.train()
     model, optimizer = accelerator.prepare(generator, optimizer)
     register_state_hooks(accelerator, generator)
@@ -159,19 +164,27 @@ def train(
     validation_images = load_validation_images(config) if accelerator.is_main_process else []
 
     sampler = StepBatchSampler(
-        batch_size=optim.batch_size, num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index, start_micro_step=micro_step,
-    )  # fmt: skip
+        batch_size=optim.batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        start_micro_step=micro_step,
+    )
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda", persistent_workers=config.data.num_workers > 0,
-    )  # fmt: skip
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0,
+    )
     ctx = StepContext(config, accelerator, model, generator, prompts, loss_fn, degradation, csd_unet)
     result = TrainResult(output_dir=output_dir, step=step)
     bar = tqdm(
-        total=optim.max_steps, initial=step, desc="steps", dynamic_ncols=True,
+        total=optim.max_steps,
+        initial=step,
+        desc="steps",
+        dynamic_ncols=True,
         disable=not (accelerator.is_local_main_process and config.logging.progress_bar),
-    )  # fmt: skip
+    )
     batches = iter(loader)
     last_saved = step
     while step < optim.max_steps:
@@ -194,14 +207,25 @@ def train(
         logs["time/step_seconds"] = time.perf_counter() - started
         result.history.append({"step": float(step), **logs})
         bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss/total']:.4f}", l2=f"{logs['loss/l2']:.4f}", lpips=f"{logs['loss/lpips']:.4f}", csd=f"{logs['loss/csd']:.3g}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{logs['loss/total']:.4f}",
+            l2=f"{logs['loss/l2']:.4f}",
+            lpips=f"{logs['loss/lpips']:.4f}",
+            csd=f"{logs['loss/csd']:.3g}",
+        )
         if step % config.logging.every == 0 or step == optim.max_steps:
             accelerator.log(logs, step=step)
             if bar.disable and accelerator.is_main_process:  # without a bar (e.g. logging to a file) say it here
                 logger.info(
-                    "step %d/%d: loss %.4f (l2 %.4f, lpips %.4f, csd %.4g), %.2f s/step", step, optim.max_steps,
-                    logs["loss/total"], logs["loss/l2"], logs["loss/lpips"], logs["loss/csd"], logs["time/step_seconds"],
-                )  # fmt: skip
+                    "step %d/%d: loss %.4f (l2 %.4f, lpips %.4f, csd %.4g), %.2f s/step",
+                    step,
+                    optim.max_steps,
+                    logs["loss/total"],
+                    logs["loss/l2"],
+                    logs["loss/lpips"],
+                    logs["loss/csd"],
+                    logs["time/step_seconds"],
+                )
             if not math.isfinite(logs["loss/total"]):
                 logger.warning("step %d: the loss is not finite (%s)", step, logs["loss/total"])
         if step % config.checkpoint.every == 0 or step == optim.max_steps:

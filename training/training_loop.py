@@ -1,4 +1,4 @@
-"""The pieces of one optimisation step of :func:`training.train.train` (SPEC §5).
+"""The pieces of one optimisation step of :func:`training.train.train` (docs/algorithm.md §5).
 
 A micro-step: HQ crops -> Real-ESRGAN degradation on the device -> generator -> loss with
 DAW.  Every random draw of micro-step ``m`` on process ``p`` comes from generators seeded by
@@ -55,7 +55,9 @@ def micro_step_loss(ctx: StepContext, batch: dict, *, step: int, micro_step: int
     accelerator, config = ctx.accelerator, ctx.config
     device, process = accelerator.device, accelerator.process_index
     hq = batch["hq"].to(device, non_blocking=True)  # [B, 3, S, S] in [0, 1]
-    lq = degrade(hq, config=ctx.degradation, generator=make_generator(derive_seed(config.seed, 2, micro_step, process), device))  # fmt: skip
+    lq = degrade(
+        hq, config=ctx.degradation, generator=make_generator(derive_seed(config.seed, 2, micro_step, process), device)
+    )
     draws = make_generator(derive_seed(config.seed, 3, micro_step, process), device)  # VAE sample, CSD t and noise
     suffix = config.data.caption_suffix
     captions = [f"{caption}{suffix}" if caption else "" for caption in batch["caption"]]
@@ -68,9 +70,15 @@ def micro_step_loss(ctx: StepContext, batch: dict, *, step: int, micro_step: int
     negative = ctx.prompts.cached(NEGATIVE_PROMPT) if config.loss.lambda_csd > 0 else None
     # L2 and the DAW maps in float32; the LPIPS net and the CSD teacher under autocast (as released)
     return ctx.loss_fn(
-        output.image, hq * 2 - 1, output.latent, step=step, predictor=autocast_teacher(accelerator, teacher),
-        positive_embeds=caption_embeds, negative_embeds=negative, generator=draws,
-    )  # fmt: skip
+        output.image,
+        hq * 2 - 1,
+        output.latent,
+        step=step,
+        predictor=autocast_teacher(accelerator, teacher),
+        positive_embeds=caption_embeds,
+        negative_embeds=negative,
+        generator=draws,
+    )
 
 
 @contextlib.contextmanager
@@ -103,10 +111,15 @@ def save_step_checkpoint(ctx: StepContext, output_dir: Path, step: int, micro_st
     """Save the checkpoint of ``step`` (formats and pruning as ``config.checkpoint`` says); returns its folder."""
     config = ctx.config
     return save_checkpoint(
-        ctx.accelerator, ctx.generator, output_dir, step=step, micro_step=micro_step,
-        formats=config.checkpoint.formats, keep_last=config.checkpoint.keep_last,
+        ctx.accelerator,
+        ctx.generator,
+        output_dir,
+        step=step,
+        micro_step=micro_step,
+        formats=config.checkpoint.formats,
+        keep_last=config.checkpoint.keep_last,
         extra={"lora_rank": ctx.generator.lora_rank, "base": config.model.base, "seed": config.seed},
-    )  # fmt: skip
+    )
 
 
 def validate_step(ctx: StepContext, images: list, output_dir: Path, step: int, dtype: torch.dtype) -> dict[str, float]:
@@ -119,9 +132,14 @@ def validate_step(ctx: StepContext, images: list, output_dir: Path, step: int, d
     settings = UpscaleSettings(latent_mode=ctx.config.validation.latent_mode, color_fix=ctx.config.validation.color_fix)
     with ctx.accelerator.autocast() if dtype != torch.float32 else contextlib.nullcontext():
         metrics = run_validation(
-            ctx.generator, ctx.prompts.cached(""), images, output_dir / "validation" / checkpoint_name(step),
-            dtype=dtype, settings=settings, lpips_net=ctx.loss_fn.lpips_net,
-        )  # fmt: skip
+            ctx.generator,
+            ctx.prompts.cached(""),
+            images,
+            output_dir / "validation" / checkpoint_name(step),
+            dtype=dtype,
+            settings=settings,
+            lpips_net=ctx.loss_fn.lpips_net,
+        )
     ctx.accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
     logger.info("validation at step %d: %s", step, metrics)
     return metrics

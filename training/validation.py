@@ -116,8 +116,11 @@ def run_validation(
             if reference.shape != restored.shape:
                 logger.warning(
                     "validation: %s is %s but its HQ %s is %s; not scored",
-                    image.name, tuple(restored.shape[-2:]), image.hq, tuple(reference.shape[-2:]),
-                )  # fmt: skip
+                    image.name,
+                    tuple(restored.shape[-2:]),
+                    image.hq,
+                    tuple(reference.shape[-2:]),
+                )
                 continue
             scores["psnr"].append(psnr(restored, reference))
             if lpips_net is not None:

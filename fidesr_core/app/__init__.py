@@ -1,1 +1,3 @@
-"""The command line and what it needs around the engine: batches of image files, ``doctor``, ``download`` and image I/O."""
+"""The command line and what it needs around the engine: batches of image files, ``doctor``,
+``download`` and image I/O.
+"""

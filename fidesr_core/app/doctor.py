@@ -33,13 +33,19 @@ def _report_versions(out: TextIO) -> bool:
 
 def _report_devices(out: TextIO) -> None:
     native = "native" if cpu_has_native_bf16() else "emulated (slower than fp32)"
-    print(f"cpu          {os.cpu_count()} threads, bf16 {native}; auto precision: "
-          f"{dtype_name(resolve_dtype('auto', torch.device('cpu')))}", file=out)  # fmt: skip
+    print(
+        f"cpu          {os.cpu_count()} threads, bf16 {native}; auto precision: "
+        f"{dtype_name(resolve_dtype('auto', torch.device('cpu')))}",
+        file=out,
+    )
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            print(f"cuda:{index}       {props.name}, {props.total_memory / 2**30:.1f} GiB, "
-                  f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}; auto precision: fp16", file=out)  # fmt: skip
+            print(
+                f"cuda:{index}       {props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}; auto precision: fp16",
+                file=out,
+            )
     else:
         print(f"cuda         not available (torch built with CUDA {torch.version.cuda or 'none'})", file=out)
     print(f"mps          {'available' if torch.backends.mps.is_available() else 'not available'}", file=out)
@@ -65,8 +71,11 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
         return False
     healthy = plain.shape == (1, 3, 96, 160) and torch.isfinite(plain).all() and torch.isfinite(tiled).all()
     verdict = "ok" if healthy else f"WRONG output (shape {tuple(plain.shape)}, finite {torch.isfinite(plain).all()})"
-    print(f"pipeline     {verdict}: tiny random model on {device} ({dtype_name(model.dtype)}), "
-          f"untiled + tiled, {elapsed:.1f} s", file=out)  # fmt: skip
+    print(
+        f"pipeline     {verdict}: tiny random model on {device} ({dtype_name(model.dtype)}), "
+        f"untiled + tiled, {elapsed:.1f} s",
+        file=out,
+    )
     return bool(healthy)
 
 

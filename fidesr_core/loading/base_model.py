@@ -160,7 +160,9 @@ def _text_encoder_from_checkpoint(checkpoint: OpenedCheckpoint, text_encoder: CL
     try:
         converted = open_clip_to_clip_text(original, layers)
     except (KeyError, ValueError) as error:
-        raise BaseModelError(f"{checkpoint.path}: the OpenCLIP text encoder cannot be converted ({error}); {SD21_BASE_HINT}") from error  # fmt: skip
+        raise BaseModelError(
+            f"{checkpoint.path}: the OpenCLIP text encoder cannot be converted ({error}); {SD21_BASE_HINT}"
+        ) from error
     del original
     state = clip_text_state_for(text_encoder.state_dict(), converted)
     _assign_weights(text_encoder, state, what="text encoder", source=checkpoint.path)
@@ -230,8 +232,15 @@ def _load_folder(folder: Path) -> BaseModel:
     text_encoder = _empty_text_encoder(_text_config(folder / "text_encoder" / "config.json"))
     stored = _read_component(folder, "text_encoder")
     # Files name the keys with or without "text_model." (transformers 4 / 5); old ones also store position_ids.
-    plain = {key.removeprefix("text_model."): value for key, value in stored.items() if not key.endswith("position_ids")}  # fmt: skip
-    _assign_weights(text_encoder, clip_text_state_for(text_encoder.state_dict(), plain), what="text encoder", source=folder / "text_encoder")  # fmt: skip
+    plain = {
+        key.removeprefix("text_model."): value for key, value in stored.items() if not key.endswith("position_ids")
+    }
+    _assign_weights(
+        text_encoder,
+        clip_text_state_for(text_encoder.state_dict(), plain),
+        what="text encoder",
+        source=folder / "text_encoder",
+    )
     del state, stored, plain
     return BaseModel(
         unet=_finish(unet),

@@ -91,7 +91,7 @@ class OpenedCheckpoint:
                 size = entry.end - entry.begin
                 expected = math.prod(entry.shape) * torch.empty((), dtype=torch_dtype).element_size()
                 if size != expected:
-                    raise ModelFileError(f"{self.path}: tensor {key} has {size} bytes for shape {entry.shape}: damaged")  # fmt: skip
+                    raise ModelFileError(f"{self.path}: tensor {key} has {size} bytes for shape {entry.shape}: damaged")
                 buffer = torch.empty(size, dtype=torch.uint8)
                 handle.seek(self.data_start + entry.begin)
                 if size and handle.readinto(memoryview(buffer.numpy())) != size:

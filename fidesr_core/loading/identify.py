@@ -107,7 +107,7 @@ def _not_sd2_text_to_image(
 
 
 def _training_output(checkpoint: OpenedCheckpoint) -> ModelIdentity | None:
-    """FiDeSR / PiSA-SR / OSEDiff weight files (SPEC §6), pickled or as safetensors."""
+    """FiDeSR / PiSA-SR / OSEDiff weight files (docs/algorithm.md §6), pickled or as safetensors."""
     top, keys, container = checkpoint.top_keys, checkpoint.shapes.keys(), checkpoint.container
     if "lrrb_state_dict" in top or _has(keys, "lrrb"):
         return _refused("fidesr-weights", container, f"FiDeSR weights (LoRA + LRRB): {_TRAINING_HINT}")
@@ -142,28 +142,38 @@ def _ldm_unet_identity(checkpoint: OpenedCheckpoint) -> ModelIdentity:
     label_emb = _has(shapes, UNET_PREFIX + "label_emb.")
     if _has(shapes, "conditioner.embedders.") or (label_emb and context in (1280, 2048)):
         kind = "refiner" if context == 1280 else "base"
-        return _refused("sdxl", container, f"an SDXL {kind} checkpoint (conditioner.embedders, label_emb, text context {context})")  # fmt: skip
-    sd1_evidence = _found((
-        ("text context 768", context == 768),
-        ("conv proj_in", proj_in is not None and len(proj_in) == 4),
-        ("CLIP ViT-L text encoder cond_stage_model.transformer", _has(shapes, "cond_stage_model.transformer.")),
-    ))  # fmt: skip
+        return _refused(
+            "sdxl", container, f"an SDXL {kind} checkpoint (conditioner.embedders, label_emb, text context {context})"
+        )
+    sd1_evidence = _found(
+        (
+            ("text context 768", context == 768),
+            ("conv proj_in", proj_in is not None and len(proj_in) == 4),
+            ("CLIP ViT-L text encoder cond_stage_model.transformer", _has(shapes, "cond_stage_model.transformer.")),
+        )
+    )
     channels = f"conv_in takes {in_channels} input channels"
     if refused := _not_sd2_text_to_image(sd1_evidence, in_channels, container, "checkpoint", channels):
         return refused
     if label_emb:
         return _refused("sd2-unclip", container, "an SD 2.x unCLIP checkpoint (image-embedding label_emb)")
 
-    missing = _found((
-        ("VAE (first_stage_model.*)", not _has(shapes, VAE_PREFIX)),
-        ("text encoder (cond_stage_model.model.*)", not _has(shapes, OPEN_CLIP_PREFIX + "transformer.resblocks.")),
-    ))  # fmt: skip
-    notes = _found((
-        ("missing: " + ", ".join(missing), bool(missing)),
-        (_SIZE_NOTE.format(context), context not in (None, 1024)),
-        ("the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used",
-         sum(key.startswith("model_ema.") for key in shapes) > 100),
-    )) + _768_hints(checkpoint)  # fmt: skip
+    missing = _found(
+        (
+            ("VAE (first_stage_model.*)", not _has(shapes, VAE_PREFIX)),
+            ("text encoder (cond_stage_model.model.*)", not _has(shapes, OPEN_CLIP_PREFIX + "transformer.resblocks.")),
+        )
+    )
+    notes = _found(
+        (
+            ("missing: " + ", ".join(missing), bool(missing)),
+            (_SIZE_NOTE.format(context), context not in (None, 1024)),
+            (
+                "the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used",
+                sum(key.startswith("model_ema.") for key in shapes) > 100,
+            ),
+        )
+    ) + _768_hints(checkpoint)
     if missing:
         return _refused("sd2", container, f"an incomplete SD 2.x checkpoint (no {' and no '.join(missing)})", notes)
     return ModelIdentity("sd2", container, True, notes, f"an SD 2.x text-to-image checkpoint (text context {context})")
@@ -271,10 +281,19 @@ def _identify_folder(folder: Path) -> ModelIdentity:
         return _refused("sdxl", CONTAINER_FOLDER, f"an SDXL diffusers folder ({pipeline or 'text_encoder_2/'})")
     if "transformer" in present or "StableDiffusion3" in pipeline or "Flux" in pipeline:
         family = "sd3" if "3" in pipeline else "flux" if "Flux" in pipeline else "dit"
-        return _refused(family, CONTAINER_FOLDER, f"a diffusion-transformer diffusers folder ({pipeline or 'transformer/'}), not SD 2.x")  # fmt: skip
+        return _refused(
+            family,
+            CONTAINER_FOLDER,
+            f"a diffusion-transformer diffusers folder ({pipeline or 'transformer/'}), not SD 2.x",
+        )
     missing = [problem for component in _COMPONENTS if (problem := _component_problem(folder, component))]
     if missing:
-        return _refused("unknown", CONTAINER_FOLDER, f"an incomplete diffusers folder (missing {', '.join(missing)})", ["missing: " + ", ".join(missing)])  # fmt: skip
+        return _refused(
+            "unknown",
+            CONTAINER_FOLDER,
+            f"an incomplete diffusers folder (missing {', '.join(missing)})",
+            ["missing: " + ", ".join(missing)],
+        )
 
     unet = read_json_object(folder / "unet" / "config.json")
     text = read_json_object(folder / "text_encoder" / "config.json")
@@ -284,27 +303,36 @@ def _identify_folder(folder: Path) -> ModelIdentity:
     context, in_channels = unet.get("cross_attention_dim"), unet.get("in_channels", 4)
     if unet.get("addition_embed_type") == "text_time":
         return _refused("sdxl", CONTAINER_FOLDER, "an SDXL diffusers folder (unet addition_embed_type text_time)")
-    sd1_evidence = _found((
-        ("text context 768", context == 768),
-        ("text encoder hidden size 768", text.get("hidden_size") == 768),
-        ("conv proj_in", unet.get("use_linear_projection") is False),
-    ))  # fmt: skip
+    sd1_evidence = _found(
+        (
+            ("text context 768", context == 768),
+            ("text encoder hidden size 768", text.get("hidden_size") == 768),
+            ("conv proj_in", unet.get("use_linear_projection") is False),
+        )
+    )
     channels = f"unet in_channels {in_channels}"
     if refused := _not_sd2_text_to_image(sd1_evidence, in_channels, CONTAINER_FOLDER, "diffusers folder", channels):
         return refused
     if unet.get("class_embed_type") or unet.get("num_class_embeds"):
         return _refused("sd2-unclip", CONTAINER_FOLDER, "an SD 2.x unCLIP diffusers folder (unet class embedding)")
-    v_evidence = _found((
-        ("scheduler prediction_type v_prediction", prediction == "v_prediction"),
-        ("unet sample_size 96", unet.get("sample_size") == 96),
-    ))  # fmt: skip
+    v_evidence = _found(
+        (
+            ("scheduler prediction_type v_prediction", prediction == "v_prediction"),
+            ("unet sample_size 96", unet.get("sample_size") == 96),
+        )
+    )
     if v_evidence:
-        description = f"an SD 2.x 768-v diffusers folder ({', '.join(v_evidence)}: a v-prediction 768 px model, while FiDeSR was trained on 2.1-base, epsilon prediction at 512 px)"  # fmt: skip
+        description = f"an SD 2.x 768-v diffusers folder ({', '.join(v_evidence)}: a v-prediction 768 px model, while FiDeSR was trained on 2.1-base, epsilon prediction at 512 px)"
         return _refused("sd2-768-v", CONTAINER_FOLDER, description)
-    notes = _found((
-        (_SIZE_NOTE.format(context), context != 1024),
-        ("no scheduler/scheduler_config.json: epsilon prediction (2.1-base, not 768-v) is assumed", scheduler is None),
-    ))  # fmt: skip
+    notes = _found(
+        (
+            (_SIZE_NOTE.format(context), context != 1024),
+            (
+                "no scheduler/scheduler_config.json: epsilon prediction (2.1-base, not 768-v) is assumed",
+                scheduler is None,
+            ),
+        )
+    )
     return ModelIdentity("sd2", CONTAINER_FOLDER, True, notes, f"an SD 2.x diffusers folder (text context {context})")
 
 

@@ -1,6 +1,6 @@
 """FiDeSR weights (the three U-Net LoRA adapters and the LRRB) and the two files that hold them.
 
-``pkl``: the authors' ``fidesr.pkl`` (SPEC §6), a ``torch.save`` dict with exactly the keys
+``pkl``: the authors' ``fidesr.pkl`` (docs/algorithm.md §6), a ``torch.save`` dict with exactly the keys
 ``unet_lora_encoder_modules``, ``unet_lora_decoder_modules``, ``unet_lora_others_modules``
 (lists of U-Net module names), ``lora_rank_unet`` (int), ``state_dict_unet`` (peft names,
 ``<module>.lora_A.<adapter>.weight`` and ``lora_B``) and ``lrrb_state_dict``.  Read only with
@@ -52,9 +52,13 @@ from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
 
 __all__ = [
-    "SAFETENSORS_FORMAT_MARKER", "SAFETENSORS_FORMAT_VERSION", "load_fidesr_weights",
-    "save_fidesr_weights", "convert_fidesr_weights", "describe_fidesr_weights",
-]  # fmt: skip
+    "SAFETENSORS_FORMAT_MARKER",
+    "SAFETENSORS_FORMAT_VERSION",
+    "load_fidesr_weights",
+    "save_fidesr_weights",
+    "convert_fidesr_weights",
+    "describe_fidesr_weights",
+]
 
 
 SAFETENSORS_FORMAT_MARKER = "fidesr-weights"
@@ -94,7 +98,10 @@ def _base_model_refusal(path: Path, description: str) -> str:
 def _foreign_checkpoint(path: Path, opened: OpenedCheckpoint) -> str | None:
     """Why a file that is not FiDeSR weights was refused, when it is something we recognise."""
     top, keys = opened.top_keys, list(opened.shapes)
-    pisa = sorted(k for k in top if k.endswith(("_pix", "_sem"))) or [k for k in keys if re.search(r"\.default_\w+_(pix|sem)\.", k)][:1]  # fmt: skip
+    pisa = (
+        sorted(k for k in top if k.endswith(("_pix", "_sem")))
+        or [k for k in keys if re.search(r"\.default_\w+_(pix|sem)\.", k)][:1]
+    )
     if pisa:
         return (
             f"{path} is a PiSA-SR checkpoint (pixel/semantic LoRA: {', '.join(pisa[:3])}), not FiDeSR weights; "
@@ -125,16 +132,22 @@ def _owned(value: object) -> object:
 def _read_pkl(path: Path) -> FiDeSRWeights:
     loaded = load_tensors_only(path, mmap=True, error=WeightsFileError, expected=_EXPECTED)
     if not isinstance(loaded, dict):
-        raise WeightsFileError(f"{path} holds a {type(loaded).__name__}; expected the FiDeSR dict with keys {list(_PKL_KEYS)}")  # fmt: skip
+        raise WeightsFileError(
+            f"{path} holds a {type(loaded).__name__}; expected the FiDeSR dict with keys {list(_PKL_KEYS)}"
+        )
     keys = {str(key) for key in loaded}
     if keys != set(_PKL_KEYS):
         tensors = state_dict_tensors(loaded)  # Lightning-style nesting unwrapped, as base checkpoints have
-        opened = OpenedCheckpoint(path, CONTAINER_PICKLE, {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys))  # fmt: skip
+        opened = OpenedCheckpoint(
+            path, CONTAINER_PICKLE, {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys)
+        )
         if message := _foreign_checkpoint(path, opened):
             raise WeightsFileError(message)
         missing, unexpected = [k for k in _PKL_KEYS if k not in keys], sorted(keys - set(_PKL_KEYS))
         if missing == ["lrrb_state_dict"] and not unexpected:
-            raise WeightsFileError(f"{path} has no LRRB (no lrrb_state_dict); FiDeSR weights hold the LoRA and the LRRB")  # fmt: skip
+            raise WeightsFileError(
+                f"{path} has no LRRB (no lrrb_state_dict); FiDeSR weights hold the LoRA and the LRRB"
+            )
         raise WeightsFileError(
             f"{path} is not a FiDeSR weights file: expected exactly the keys {list(_PKL_KEYS)}; "
             f"missing {missing or 'none'}, unexpected {unexpected[:5] or 'none'}"
@@ -165,12 +178,16 @@ def _read_safetensors(path: Path) -> FiDeSRWeights:
                 )
             tensors = {name: handle.get_tensor(name).clone() for name in names}
     except safetensors.SafetensorError as error:
-        raise WeightsFileError(f"{path} is a truncated or damaged safetensors file ({error}); expected {_EXPECTED}") from None  # fmt: skip
+        raise WeightsFileError(
+            f"{path} is a truncated or damaged safetensors file ({error}); expected {_EXPECTED}"
+        ) from None
     absent = [_META + key for key in ("format_version", "lora_rank", *_MODULE_LIST_KEYS) if _META + key not in metadata]
     if absent:
         raise WeightsFileError(f"{path}: the FiDeSR safetensors metadata lacks {absent} (damaged or hand-edited file)")
     if (version := metadata[_META + "format_version"]) != str(SAFETENSORS_FORMAT_VERSION):
-        raise WeightsFileError(f"{path} is FiDeSR safetensors format version {version!r}; this package reads version {SAFETENSORS_FORMAT_VERSION}")  # fmt: skip
+        raise WeightsFileError(
+            f"{path} is FiDeSR safetensors format version {version!r}; this package reads version {SAFETENSORS_FORMAT_VERSION}"
+        )
     try:
         rank = int(metadata[_META + "lora_rank"])
         alpha = float(metadata.get(_META + "lora_alpha", RELEASED_LORA_ALPHA))
@@ -179,7 +196,9 @@ def _read_safetensors(path: Path) -> FiDeSRWeights:
         raise WeightsFileError(f"{path}: FiDeSR safetensors metadata is malformed ({error})") from None
     stray = [name for name in names if not name.startswith((_LORA_PREFIX, _LRRB_PREFIX))]
     if stray:
-        raise WeightsFileError(f"{path} holds tensor {stray[0]!r}; expected only names starting with {_LORA_PREFIX!r} or {_LRRB_PREFIX!r}")  # fmt: skip
+        raise WeightsFileError(
+            f"{path} holds tensor {stray[0]!r}; expected only names starting with {_LORA_PREFIX!r} or {_LRRB_PREFIX!r}"
+        )
     return FiDeSRWeights(
         lora_rank=rank,
         target_modules=lists,
@@ -228,7 +247,9 @@ def _format_from_extension(path: Path) -> Literal["pkl", "safetensors"]:
         return "pkl"
     if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
-    raise SettingsError(f"{path}: cannot tell the weights format from the extension {suffix or '(none)'!r}; use .pkl or .safetensors")  # fmt: skip
+    raise SettingsError(
+        f"{path}: cannot tell the weights format from the extension {suffix or '(none)'!r}; use .pkl or .safetensors"
+    )
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -305,7 +326,10 @@ def convert_fidesr_weights(source: str | os.PathLike, destination: str | os.Path
 
 def describe_fidesr_weights(weights: FiDeSRWeights) -> dict[str, object]:
     """A summary for ``fidesr info`` and ``doctor``: format, rank, modules per adapter, sizes, dtypes, metadata."""
-    formats = {"pkl": "pkl (the authors' torch.save layout)", "safetensors": f"safetensors ({SAFETENSORS_FORMAT_MARKER} v{SAFETENSORS_FORMAT_VERSION})"}  # fmt: skip
+    formats = {
+        "pkl": "pkl (the authors' torch.save layout)",
+        "safetensors": f"safetensors ({SAFETENSORS_FORMAT_MARKER} v{SAFETENSORS_FORMAT_VERSION})",
+    }
     tensors = [*weights.unet_lora_state.values(), *weights.lrrb_state.values()]
     return {
         "format": formats.get(weights.file_format, "in memory"),

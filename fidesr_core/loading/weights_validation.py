@@ -1,4 +1,4 @@
-"""Checking that FiDeSR weights are consistent before they are used or written (SPEC §3, §6).
+"""Checking that FiDeSR weights are consistent before they are used or written (docs/algorithm.md §3, §6).
 
 ``validate_fidesr_weights`` names the first problem it finds: adapters, module lists, LoRA
 key names and shapes against the rank, LRRB names and shapes against ``LRRB()``, and
@@ -78,7 +78,11 @@ def _lora_problem(weights: FiDeSRWeights) -> str | None:
         found.setdefault((adapter, module), set()).add(part)
     for adapter, modules in targets.items():
         for module in modules:
-            absent = [f"{module}.lora_{part}.{adapter}.weight" for part in "AB" if part not in found.get((adapter, module), ())]  # fmt: skip
+            absent = [
+                f"{module}.lora_{part}.{adapter}.weight"
+                for part in "AB"
+                if part not in found.get((adapter, module), ())
+            ]
             if absent:
                 return f"module {module} is in the {adapter} module list but has no tensor {' or '.join(absent)}"
     return None
@@ -93,7 +97,7 @@ def _lrrb_problem(state: object) -> str | None:
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         return (
-            f"the LRRB tensors do not match the LRRB architecture (SPEC §3): {len(missing)} missing"
+            f"the LRRB tensors do not match the LRRB architecture (docs/algorithm.md §3): {len(missing)} missing"
             f"{f' (first: {missing[0]})' if missing else ''}, {len(unexpected)} unexpected"
             f"{f' (first: {unexpected[0]!r})' if unexpected else ''}"
         )

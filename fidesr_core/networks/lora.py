@@ -1,10 +1,10 @@
-"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft (SPEC §5).
+"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft (docs/algorithm.md §5).
 
 Three adapters split the U-Net: ``default_encoder`` (down blocks and
 ``conv_in``), ``default_decoder`` (up blocks and ``conv_out``) and
 ``default_others`` (the mid block).  For SD 2.1 that is 94 / 148 / 16 modules.
 
-LoRA scale is ``alpha / rank``.  SPEC §5 says ``lora_alpha = rank``; the
+LoRA scale is ``alpha / rank`` (docs/algorithm.md §5).  The paper says ``lora_alpha = rank``; the
 released code sets no alpha, so peft's default of 8 applies: scale 1 at the
 released rank 8 (where both agree) and ``8 / rank`` otherwise.  We follow the
 code.  peft is imported where it is used, so reading weight files stays fast.

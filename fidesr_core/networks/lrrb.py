@@ -1,4 +1,4 @@
-"""Latent Residual Refinement Block (SPEC §3).
+"""Latent Residual Refinement Block (docs/algorithm.md §3).
 
 An RRDB-style stack of three dense blocks that looks at the LQ latent and the
 U-Net's residual side by side and predicts a correction to that residual.
@@ -58,5 +58,5 @@ class LRRB(nn.Module):
         features = self.in_conv(x)
         for block in (self.db1, self.db2, self.db3):
             features = features + self.residual_scale * block(features)
-        # No outer skip: the output is the correction itself (SPEC §3).
+        # No outer skip: the output is the correction itself (docs/algorithm.md §3).
         return self.out_conv(features)

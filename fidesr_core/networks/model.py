@@ -32,7 +32,7 @@ class BaseModel:
 
 @dataclass(eq=False)
 class FiDeSRWeights:
-    """What a FiDeSR checkpoint holds (SPEC §6).
+    """What a FiDeSR checkpoint holds (docs/algorithm.md §6).
 
     ``target_modules`` maps adapter name (``default_encoder`` ...) to U-Net
     module names; ``unet_lora_state`` uses peft names such as

@@ -1,4 +1,4 @@
-"""The empty-prompt embedding, computed without tokenizer files (SPEC §2.2)."""
+"""The empty-prompt embedding, computed without tokenizer files (docs/algorithm.md §2.2)."""
 
 from __future__ import annotations
 

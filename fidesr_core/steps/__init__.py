@@ -1,1 +1,3 @@
-"""The numerical steps of one upscale, each a plain function on tensors: pre-processing, VAE codec, restoration, latent tiling, frequency injection, detail map, colour fix."""
+"""The numerical steps of one upscale, each a plain function on tensors: pre-processing, VAE codec,
+restoration, latent tiling, frequency injection, detail map, colour fix.
+"""

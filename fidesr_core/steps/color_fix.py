@@ -1,4 +1,4 @@
-"""Colour correction of the restored image towards the upscaled input (SPEC §2.9).
+"""Colour correction of the restored image towards the upscaled input (docs/algorithm.md §2.9).
 
 ``adain`` matches per-channel mean and standard deviation; ``wavelet`` keeps
 the output's high frequencies and takes the low frequencies (5 levels of

@@ -1,4 +1,4 @@
-"""Detail maps and percentile normalisation (SPEC §4, also used by DAW in training).
+"""Detail maps and percentile normalisation (docs/algorithm.md §4, also used by DAW in training).
 
 The detail map mixes three 3x3 measures of local structure on the luminance:
 Sobel gradient magnitude, absolute Laplacian and local variance.  Quantiles are

@@ -1,4 +1,4 @@
-"""Butterworth low/high-pass filters on latents via ``rfft2`` (SPEC §4).
+"""Butterworth low/high-pass filters on latents via ``rfft2`` (docs/algorithm.md §4).
 
 Two geometries of the frequency radius:
 

@@ -1,4 +1,4 @@
-"""Training-free latent frequency injection, LF and HF branches (SPEC §4).
+"""Training-free latent frequency injection, LF and HF branches (docs/algorithm.md §4).
 
 Both branches compute a *delta* from the refined latent ``z = z_L − r̃`` and the
 LQ latent ``z_L``; neither reads the other's output, so they commute and

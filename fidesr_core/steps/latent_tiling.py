@@ -1,4 +1,4 @@
-"""Overlapping tiles with Gaussian blending for the U-Net pass (SPEC §2.6).
+"""Overlapping tiles with Gaussian blending for the U-Net pass (docs/algorithm.md §2.6).
 
 The released code picks tiles of ``tile_size`` with stride ``tile_size −
 overlap``, snaps the last tile to the border and blends with a separable

@@ -1,4 +1,4 @@
-"""Input sizing of the released test script (SPEC §2.1), generalised to any scale.
+"""Input sizing of the released test script (docs/algorithm.md §2.1), generalised to any scale.
 
 ``prepare_lq`` turns an LQ image into the network's input: pre-scale images
 whose short side would end below ``process_size`` after upscaling, bicubic

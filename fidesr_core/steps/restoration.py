@@ -1,4 +1,4 @@
-"""The one-step restoration: U-Net residual at t = 1, then LRRB refinement (SPEC §2.4–2.6)."""
+"""The one-step restoration: U-Net residual at t = 1, then LRRB refinement (docs/algorithm.md §2.4–2.6)."""
 
 from __future__ import annotations
 
@@ -67,5 +67,5 @@ def refine_residual(model: FiDeSRModel, z_lq: torch.Tensor, residual: torch.Tens
 
 
 def restored_latent(z_lq: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-    """``z = z_L − r̃``: plain subtraction, no scheduler step (SPEC §2.5)."""
+    """``z = z_L − r̃``: plain subtraction, no scheduler step (docs/algorithm.md §2.5)."""
     return z_lq.float() - refined.float()

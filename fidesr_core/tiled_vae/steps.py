@@ -20,9 +20,18 @@ from torch import nn
 from ..errors import BaseModelError
 
 __all__ = [
-    "Box", "Layer", "Activation", "Conv", "Upsample", "MidBlockAttention", "Norm", "Save", "Add", "Step",
+    "Box",
+    "Layer",
+    "Activation",
+    "Conv",
+    "Upsample",
+    "MidBlockAttention",
+    "Norm",
+    "Save",
+    "Add",
+    "Step",
     "unsupported",
-]  # fmt: skip
+]
 
 _ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU, nn.Identity, nn.Dropout)
 
