@@ -1,20 +1,51 @@
-"""Fixtures shared by the node test files (``test_nodes*.py``).
+"""Fixtures shared by the test files.
 
-The ComfyUI stand-in with the pack imported as ComfyUI imports it, a tiny random FiDeSR model,
-LQ images and one run of the whole node chain.  The module-scoped ones are built once per test
-file and undone when the file is done, so other test files never see fake ComfyUI modules.
+For every test: ``tiny`` (a tiny random SD 2-shaped base model), ``tiny_model`` (a tiny FiDeSR
+model assembled from one), ``no_network`` (sockets and Hub downloads cut off and recorded).
+Built once per session; tests read them and never change them (assembly consumes a base: tests
+that assemble build their own).
+
+For the node tests (``test_nodes*.py``): the ComfyUI stand-in with the pack imported as ComfyUI
+imports it, a tiny random FiDeSR model in the pack's own classes, LQ images and one run of the
+whole node chain.  Those are module-scoped and undone when the file is done, so other test files
+never see fake ComfyUI modules.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from base_model_fixtures import guard_network
 from comfy_stub import import_pack, install_comfy_stubs, remove_from_sys_modules
 from node_helpers import PACK_ROOT, chain
+
+from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.networks.model import BaseModel, FiDeSRModel
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
+
+
+@pytest.fixture(scope="session")
+def tiny() -> BaseModel:
+    """A tiny random SD 2-shaped base model (seed 3), for writing model files; never assembled."""
+    return tiny_base_model(seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> FiDeSRModel:
+    """A tiny FiDeSR model, fp32 on the CPU (base seed 1, weights seed 2)."""
+    base = tiny_base_model(seed=1)
+    return assemble_fidesr_model(base, tiny_fidesr_weights(base, seed=2), precision="fp32", device="cpu")
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The network cut off for one test; yields the attempts (see base_model_fixtures.guard_network)."""
+    yield from guard_network(monkeypatch)
 
 
 @pytest.fixture(scope="module")

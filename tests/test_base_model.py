@@ -12,30 +12,20 @@ import json
 import os
 import pickle
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from base_model_fixtures import guard_network
 from ldm_export import ldm_state_dict, write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 
 from fidesr_core.errors import BaseModelError, ModelFileError
 from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR, empty_components, load_base_model
 from fidesr_core.loading.identify import identify_model_file, read_checkpoint_state_dict
 from fidesr_core.networks.model import BaseModel
-from fidesr_core.networks.tiny import TINY_TEXT_CONFIG, tiny_base_model
+from fidesr_core.networks.tiny import TINY_TEXT_CONFIG
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every test runs with the network cut off; see base_model_fixtures.guard_network."""
-    yield from guard_network(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> BaseModel:
-    return tiny_base_model(seed=3)
+# Every test runs with the network cut off.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

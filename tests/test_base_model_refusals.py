@@ -10,12 +10,10 @@ off and with tiny random SD 2-shaped models written to tmp_path.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from base_model_fixtures import guard_network
 from diffusers import UNet2DConditionModel
 from ldm_export import ldm_state_dict, vae_to_ldm, write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 
@@ -24,18 +22,10 @@ from fidesr_core.loading.base_model import load_base_model
 from fidesr_core.loading.identify import identify_model_file
 from fidesr_core.loading.weights import save_fidesr_weights
 from fidesr_core.networks.model import BaseModel
-from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_base_model, tiny_fidesr_weights
+from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_fidesr_weights
 
-
-@pytest.fixture(scope="module")
-def tiny() -> BaseModel:
-    return tiny_base_model(seed=3)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every test runs with the network cut off; see base_model_fixtures.guard_network."""
-    yield from guard_network(monkeypatch)
+# Every test runs with the network cut off.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

@@ -120,11 +120,9 @@ def test_empty_prompt_token_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[FiDeSRModel, torch.nn.Module]:
-    base = tiny_base_model(seed=1)
-    weights = tiny_fidesr_weights(base, seed=1)
-    vae = copy.deepcopy(base.vae)
-    return assemble_fidesr_model(base, weights, precision="fp32", device="cpu"), vae
+def model_and_vae(tiny_model: FiDeSRModel) -> tuple[FiDeSRModel, torch.nn.Module]:
+    """The shared tiny model and a copy of its VAE to compare against."""
+    return tiny_model, copy.deepcopy(tiny_model.vae)
 
 
 def test_tiny_weights_leave_base_untouched_and_are_reproducible() -> None:
@@ -138,8 +136,8 @@ def test_tiny_weights_leave_base_untouched_and_are_reproducible() -> None:
     assert all(float(v.abs().max()) > 0 for v in weights.lrrb_state.values())
 
 
-def test_assembled_model_has_merged_lora(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, _ = tiny
+def test_assembled_model_has_merged_lora(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, _ = model_and_vae
     assert not any("lora" in name for name in model.unet.state_dict())
     assert model.prompt_embedding.shape == (1, 77, 32) and model.dtype == torch.float32
 
@@ -152,8 +150,8 @@ def test_assemble_rejects_wrong_lrrb() -> None:
         assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
 
 
-def test_encode_modes(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, vae = tiny
+def test_encode_modes(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, vae = model_and_vae
     pixels = torch.rand(1, 3, 64, 48) * 2 - 1
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
@@ -170,8 +168,8 @@ def test_encode_modes(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
         encode_image(model, pixels, latent_mode="median")  # type: ignore[arg-type]
 
 
-def test_decode_latent_is_clamped_unit_range(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, vae = tiny
+def test_decode_latent_is_clamped_unit_range(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, vae = model_and_vae
     latent = torch.randn(2, 4, 6, 5) * 3
     with torch.no_grad():
         decoded = decode_latent(model, latent)
@@ -180,8 +178,8 @@ def test_decode_latent_is_clamped_unit_range(tiny: tuple[FiDeSRModel, torch.nn.M
     torch.testing.assert_close(decoded, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_restoration_steps(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, _ = tiny
+def test_restoration_steps(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, _ = model_and_vae
     z_lq = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         both = predict_residual(model, z_lq)
@@ -198,8 +196,8 @@ def test_restoration_steps(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
     assert not torch.allclose(per_item, both)
 
 
-def test_upscale_stages_cancel_and_seed(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, _ = tiny
+def test_upscale_stages_cancel_and_seed(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, _ = model_and_vae
     image = torch.rand(1, 3, 16, 16)
     stages: list[str] = []
     settings = UpscaleSettings(seed=7)
@@ -222,8 +220,8 @@ def test_upscale_settings_validation() -> None:
     assert (defaults.encode_tile_size, defaults.decode_tile_size) == (1024, 224)
 
 
-def test_upscale_batch_items_are_independent(tiny: tuple[FiDeSRModel, torch.nn.Module]) -> None:
-    model, _ = tiny
+def test_upscale_batch_items_are_independent(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, _ = model_and_vae
     images = torch.rand(2, 3, 16, 16)
     settings = UpscaleSettings(latent_mode="mode")
     both = upscale(model, images, settings)

@@ -14,12 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from fidesr_core.loading.open_clip_convert import clip_text_state_for, open_clip_to_clip_text
 from fidesr_core.networks.model import BaseModel
-from fidesr_core.networks.tiny import TINY_TEXT_CONFIG, tiny_base_model
-
-
-@pytest.fixture(scope="module")
-def tiny() -> BaseModel:
-    return tiny_base_model(seed=3)
+from fidesr_core.networks.tiny import TINY_TEXT_CONFIG
 
 
 class _OpenClipBlock(nn.Module):

@@ -31,7 +31,7 @@ from fidesr_core.loading.weights import (
 from fidesr_core.networks.lora import RELEASED_LORA_ALPHA, add_lora_adapters, load_lora_state, merge_lora
 from fidesr_core.networks.lrrb import LRRB
 from fidesr_core.networks.model import BaseModel
-from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_base_model
+from fidesr_core.networks.tiny import TINY_UNET_CONFIG
 
 AUTHORS_KEYS = {
     "unet_lora_encoder_modules",
@@ -53,11 +53,6 @@ def authors_pkl(authors: dict, tmp_path: Path) -> Path:
     path = tmp_path / "fidesr.pkl"
     torch.save(authors, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny() -> BaseModel:
-    return tiny_base_model(seed=3)
 
 
 def _same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:

@@ -22,17 +22,11 @@ from fidesr_core.errors import WeightsFileError
 from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
 from fidesr_core.loading.weights_validation import validate_fidesr_weights
 from fidesr_core.networks.model import BaseModel, FiDeSRWeights
-from fidesr_core.networks.tiny import tiny_base_model
 
 
 @pytest.fixture(scope="module")
 def authors() -> dict:
     return authors_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def tiny() -> BaseModel:
-    return tiny_base_model(seed=3)
 
 
 def _refusal(path: Path) -> str:
