@@ -17,7 +17,7 @@ from .networks.model import FiDeSRModel
 from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
 from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
 from .steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from .steps.preprocess import prepare_lq, resize_image, resize_to_output
+from .steps.preprocess import PROCESS_SIZE, prepare_lq, resize_image, resize_to_output
 from .steps.restoration import predict_residual, refine_residual, restored_latent
 from .steps.vae_codec import LATENT_MODES, LatentMode, decode_latent, encode_image
 
@@ -38,6 +38,7 @@ class UpscaleSettings:
     tile_overlap: int = 32
     encode_tile_size: int = 1024  # image px
     decode_tile_size: int = 224  # latent px
+    process_size: int = PROCESS_SIZE  # short side the upscaled image is brought up to (the released script's)
     low: LowFrequencySettings = field(default_factory=LowFrequencySettings)
     high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
 
@@ -46,6 +47,8 @@ class UpscaleSettings:
             raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
         if self.color_fix not in COLOR_FIX_METHODS:
             raise SettingsError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {self.color_fix!r}")
+        if not 8 <= self.process_size <= 8192:
+            raise SettingsError(f"process_size must be between 8 and 8192 pixels, got {self.process_size}")
         if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
             raise SettingsError(f"tile_overlap must be in [0, tile_size={self.tile_size}), got {self.tile_overlap}")
 
@@ -77,7 +80,7 @@ def upscale(
     """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU."""
     settings = settings or UpscaleSettings()
     # Resize on the model's device: on a GPU the CPU resize would cost more than the U-Net.
-    prepared = prepare_lq(image.to(model.device), upscale_by=settings.upscale_by)
+    prepared = prepare_lq(image.to(model.device), upscale_by=settings.upscale_by, process_size=settings.process_size)
     z_lq = encode_image(
         model,
         prepared.pixels,

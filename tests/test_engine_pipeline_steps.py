@@ -227,3 +227,25 @@ def test_upscale_batch_items_are_independent(model_and_vae: tuple[FiDeSRModel, t
     both = upscale(model, images, settings)
     torch.testing.assert_close(both[1:], upscale(model, images[1:], settings), atol=2e-5, rtol=1e-4)
     assert F.mse_loss(both[0], both[1]) > 0
+
+
+def test_process_size_sets_the_min_side_rule(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+    model, _ = model_and_vae
+    image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    seen: list[tuple[int, ...]] = []
+    original = model.vae.encode
+
+    def recording_encode(pixels: torch.Tensor):
+        seen.append(tuple(pixels.shape))
+        return original(pixels)
+
+    model.vae.encode = recording_encode
+    try:
+        out = upscale(model, image, UpscaleSettings(latent_mode="mode", process_size=64))
+        upscale(model, image, UpscaleSettings(latent_mode="mode"))
+    finally:
+        del model.vae.encode
+    assert out.shape == (1, 3, 64, 96)  # always exactly 4x the input
+    assert seen == [(1, 3, 64, 96), (1, 3, 512, 768)]  # 64 px keeps 16 px as it is; 512 px lifts it to 128
+    with pytest.raises(SettingsError, match="process_size"):
+        UpscaleSettings(process_size=4)
