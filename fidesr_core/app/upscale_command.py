@@ -129,7 +129,10 @@ def _run(args: argparse.Namespace) -> int:
                 f"argument --max-image-pixels: must be 0 (no limit) or more, got {args.max_image_pixels}"
             )
         check_output_folder(args.output)
-        ranks.start()
+        try:
+            ranks.start()
+        except (RuntimeError, ValueError) as error:  # the launcher's variables are there, the others are not
+            raise SettingsError(f"cannot join the other ranks of {ranks.world_size} ({error})") from None
         plan = ranks.from_main(_plan(args) if ranks.is_main else None)
         if isinstance(plan, str):
             raise ImageInputError(plan)
