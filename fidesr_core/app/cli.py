@@ -73,7 +73,8 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
+    summary, _, exit_codes = __doc__.partition("\n\n")
+    parser = _Parser(prog=prog, description=summary, epilog=" ".join(exit_codes.split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
