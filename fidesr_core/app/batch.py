@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FiDeSRError, ImageInputError
-from ..networks.model import FiDeSRModel
+from ..networks.model import OneStepRestorer
 from ..pipeline import UpscaleSettings, upscale
 from ..steps.preprocess import resize_image
 from .image_io import load_image, save_png_atomic
@@ -36,7 +36,7 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[tuple[Path, P
 
 
 def upscale_file(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     source: Path,
     target: Path,
     settings: UpscaleSettings,
@@ -58,7 +58,7 @@ def upscale_file(
 
 
 def upscale_files(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     pairs: Sequence[tuple[Path, Path]],
     settings: UpscaleSettings,
     *,
