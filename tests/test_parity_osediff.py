@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from family_fixtures import osediff_checkpoint
 from reference_families import ref_osediff_latents, ref_osediff_networks, ref_prompt_embedding
 from reference_image_steps import ref_bicubic_resize, ref_prepare_lq
-from reference_impl import ref_decode_and_finish
+from reference_impl import ref_decode_and_finish, ref_lfim
 
 from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
 from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
+from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
 from fidesr_core.steps.preprocess import prepare_lq
 from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
 from fidesr_core.steps.vae_codec import decode_latent, encode_image
@@ -164,3 +164,27 @@ def test_vae_encoder_lora_and_conv_in_matter(family: Family, models: dict) -> No
         plain = 0.18215 * tiny_base_model(seed=0).vae.encode(pixels).latent_dist.mode()
     assert float((engine - plain).abs().max()) > 1e-3
     assert models[""].family == "osediff" and models[""].recipe.timestep == 999
+
+
+@pytest.mark.parametrize(("released", "effective"), [((0.2, 0.0), (0.2, 0.0)), ((0.2, 0.2), (0.1, 0.1))])
+def test_frequency_injection_is_fidesrs_on_osediff_latents(
+    family: Family, models: dict, released: tuple, effective: tuple
+) -> None:
+    """LF/HF on OSEDiff: FiDeSR's injection formulas on its z_L, z = x0 and residual z_L − z."""
+    model = models[""]
+    low, high = LowFrequencySettings(strength=effective[0]), HighFrequencySettings(strength=effective[1])
+    prepared = prepare_lq(_lq_image())
+    with torch.no_grad():
+        z_lq = encode_image(model, prepared.pixels, latent_mode="mode")
+        z = restored_latent(z_lq, refine_residual(model, z_lq, predict_residual(model, z_lq, tile_size=0)))
+    injected = inject_frequencies(z, z_lq, spatial_gate(prepared.pixels, tuple(z.shape[-2:])), low, high)
+    pixels, output_size = ref_prepare_lq(_lq_image())
+    embedding = ref_prompt_embedding(family.text_encoder, ", ,")
+    ref_z_lq, ref_x0 = ref_osediff_latents(family.unet, family.vae, embedding, pixels)
+    expected = ref_lfim(ref_x0, ref_z_lq, ref_z_lq - ref_x0, pixels, lf_scale=released[0], hf_scale=released[1])
+    _close(injected, expected, atol=2e-5 * max(float(expected.abs().max()), 1.0))
+    assert float((expected - ref_x0).abs().max()) > 1e-4  # the injection acts on this latent
+    with torch.no_grad():
+        output = upscale(model, _lq_image(), UpscaleSettings(latent_mode="mode", tile_size=0, low=low, high=high))
+    released_image = ref_decode_and_finish(family.vae, expected, pixels, tuple(pixels.shape[-2:]), "adain")
+    _close(output, ref_bicubic_resize(released_image, output_size), atol=1e-4)

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from family_fixtures import pisa_sr_checkpoint
 from reference_families import RefPiSASR, ref_pisa_sr_latents, ref_prompt_embedding
 from reference_image_steps import ref_prepare_lq
-from reference_impl import ref_decode_and_finish
+from reference_impl import ref_decode_and_finish, ref_lfim
 
 from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
 from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
+from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
 from fidesr_core.steps.preprocess import prepare_lq
 from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
 from fidesr_core.steps.vae_codec import decode_latent, encode_image
@@ -171,3 +171,28 @@ def test_released_output_size_for_large_inputs(pair: Pair) -> None:
         z = restored_latent(z_lq, predict_residual(pair.model, z_lq, tile_size=0))
         decoded = decode_latent(pair.model, z)
     _close(output, finish_image(decoded, prepared.pixels, prepared.output_size, "adain").cpu(), atol=1e-6)
+
+
+# (released lf_scale, released hf_scale) -> effective strengths: both on halves each (docs/algorithm.md §4).
+INJECTION = [((0.2, 0.0), (0.2, 0.0)), ((0.0, 0.3), (0.0, 0.3)), ((0.2, 0.2), (0.1, 0.1))]
+
+
+@pytest.mark.parametrize(("released", "effective"), INJECTION)
+def test_frequency_injection_is_fidesrs_on_pisa_sr_latents(pair: Pair, released: tuple, effective: tuple) -> None:
+    """LF/HF on PiSA-SR: FiDeSR's injection formulas on its z_L, z and residual z_L − z."""
+    low, high = LowFrequencySettings(strength=effective[0]), HighFrequencySettings(strength=effective[1])
+    prepared = prepare_lq(_lq_image())
+    with torch.no_grad():
+        z_lq = encode_image(pair.model, prepared.pixels, latent_mode="mode")
+        z = restored_latent(z_lq, refine_residual(pair.model, z_lq, predict_residual(pair.model, z_lq, tile_size=0)))
+    injected = inject_frequencies(z, z_lq, spatial_gate(prepared.pixels, tuple(z.shape[-2:])), low, high)
+    pixels, output_size = ref_prepare_lq(_lq_image())
+    ref_z_lq, ref_z = ref_pisa_sr_latents(pair.reference, pair.vae, pair.embedding, pixels)
+    expected = ref_lfim(ref_z, ref_z_lq, ref_z_lq - ref_z, pixels, lf_scale=released[0], hf_scale=released[1])
+    _close(injected, expected, atol=2e-5 * max(float(expected.abs().max()), 1.0))
+    assert float((expected - ref_z).abs().max()) > 1e-4  # the injection acts on this latent
+    settings = UpscaleSettings(latent_mode="mode", tile_size=0, low=low, high=high)
+    with torch.no_grad():
+        output = upscale(pair.model, _lq_image(), settings)
+    reference_output = ref_decode_and_finish(pair.vae, expected, pixels, output_size, "adain")
+    _close(output, reference_output, atol=1e-4)
