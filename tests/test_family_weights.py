@@ -228,3 +228,16 @@ def test_weights_that_do_not_fit_the_base_model(pisa: dict, tmp_path: Path) -> N
     with pytest.raises(WeightsFileError) as caught:
         assemble_restorer(other, weights, precision="fp32", device="cpu")
     assert str(path) in str(caught.value) and "pixel LoRA set" in str(caught.value)
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".safetensors"])
+def test_identification_says_which_family(pisa: dict, osediff: dict, tmp_path: Path, suffix: str) -> None:
+    from fidesr_core.loading.identify import identify_model_file
+
+    for name, checkpoint, family in (("pisa_sr", pisa, "pisa-sr-weights"), ("osediff", osediff, "osediff-weights")):
+        source = _save(checkpoint, tmp_path / f"{name}.pkl")
+        path = source if suffix == ".pkl" else tmp_path / f"{name}.safetensors"
+        if suffix == ".safetensors":
+            convert_restorer_weights(source, path)
+        identity = identify_model_file(path)
+        assert identity.family == family and not identity.is_sd2

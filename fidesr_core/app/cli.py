@@ -28,7 +28,20 @@ def _add_upscale_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the PNG results")
     parser.add_argument("--base", required=True, type=Path, help="SD 2.1-base: diffusers folder or single file")
-    parser.add_argument("--weights", required=True, type=Path, help="FiDeSR weights: fidesr.pkl or .safetensors")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="FiDeSR, PiSA-SR or OSEDiff weights (fidesr.pkl, pisa_sr.pkl, osediff.pkl or .safetensors; told by content)",
+    )
+    parser.add_argument(
+        "--pixel-strength",
+        type=float,
+        help="PiSA-SR: strength of the pixel-level (fidelity) LoRA; with --semantic-strength its adjustable mode "
+        "(default: its default mode; the other families have one LoRA set)",
+    )
+    parser.add_argument("--semantic-strength", type=float, help="PiSA-SR: strength of the semantic-level LoRA")
+    parser.add_argument("--prompt", default="", help="text prompt (OSEDiff encodes ', PROMPT,' as released)")
     parser.add_argument("--upscale-by", type=float, default=4.0, help="scale factor (default 4, as trained)")
     parser.add_argument("--lf-strength", type=float, default=0.1, help="effective LF injection strength (0 = off)")
     parser.add_argument("--hf-strength", type=float, default=0.1, help="effective HF injection strength (0 = off)")
@@ -51,15 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_upscale_parser(commands)
-    convert = commands.add_parser("convert", help="convert FiDeSR weights between .pkl and .safetensors")
+    convert = commands.add_parser(
+        "convert", help="convert FiDeSR, PiSA-SR or OSEDiff weights between .pkl and .safetensors"
+    )
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
-    info = commands.add_parser("info", help="describe a FiDeSR weights file")
+    info = commands.add_parser("info", help="describe a FiDeSR, PiSA-SR or OSEDiff weights file")
     info.add_argument("weights", type=Path)
     info.add_argument("--json", action="store_true", help="print JSON")
     doctor = commands.add_parser("doctor", help="check the install; identify model files")
     doctor.add_argument("--base", type=Path, help="a base model to identify")
-    doctor.add_argument("--weights", type=Path, help="a FiDeSR weights file to check")
+    doctor.add_argument("--weights", type=Path, help="a FiDeSR, PiSA-SR or OSEDiff weights file to check")
     download = commands.add_parser("download", help="fetch fidesr.pkl and SD 2.1-base from the Hugging Face Hub")
     download.add_argument("--to", type=Path, default=Path("models"), help="destination folder (default ./models)")
     download.add_argument("--skip-base", action="store_true", help="only fetch the FiDeSR weights")
@@ -67,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
-    from ..loading.assemble import load_fidesr_model
+    from ..errors import SettingsError
+    from ..loading.base_model import load_base_model
+    from ..loading.family_weights import load_restorer_weights
+    from ..loading.restorer import assemble_restorer
+    from ..networks.families import FAMILY_NAMES
     from ..pipeline import UpscaleSettings
     from ..steps.injection import HighFrequencySettings, LowFrequencySettings
     from .batch import plan_outputs, upscale_files
@@ -84,14 +103,28 @@ def _run_upscale(args: argparse.Namespace) -> int:
         decode_tile_size=args.decode_tile,
         low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
         high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
+        pixel_strength=args.pixel_strength,
+        semantic_strength=args.semantic_strength,
     )
     pairs = plan_outputs(collect_image_files(args.inputs, recursive=args.recursive), args.output)
     todo = [pair for pair in pairs if args.overwrite or not pair[1].exists()]
     if not todo:
         print(f"nothing to do: all {len(pairs)} outputs exist in {args.output} (use --overwrite to redo)")
         return 0
-    model = load_fidesr_model(args.base, args.weights, precision=args.precision, device=args.device)
-    print(f"FiDeSR on {model.description['device']} ({model.description['precision']}): {len(todo)} image(s)")
+    weights = load_restorer_weights(args.weights)
+    weights.metadata.setdefault("path", str(args.weights))
+    strengths = args.pixel_strength is not None or args.semantic_strength is not None
+    if strengths and weights.family != "pisa-sr":
+        raise SettingsError(
+            f"--pixel-strength/--semantic-strength apply to PiSA-SR's two LoRA sets; {args.weights} holds "
+            f"{FAMILY_NAMES[weights.family]} weights, which have one"
+        )
+    base = load_base_model(args.base)
+    model = assemble_restorer(
+        base, weights, prompt=args.prompt, tokenizer_source=args.base, precision=args.precision, device=args.device
+    )
+    description = model.description
+    print(f"{description['family']} on {description['device']} ({description['precision']}): {len(todo)} image(s)")
     result = upscale_files(model, pairs, settings, overwrite=args.overwrite)
     print(f"written {len(result.written)}, skipped {len(result.skipped)} (exist), failed {len(result.failed)}")
     for source, reason in result.failed:
@@ -100,17 +133,17 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from ..loading.weights import convert_fidesr_weights
+    from ..loading.family_weights import convert_restorer_weights
 
-    convert_fidesr_weights(args.source, args.destination)
+    convert_restorer_weights(args.source, args.destination)
     print(f"wrote {args.destination}")
     return 0
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.family_weights import describe_restorer_weights, load_restorer_weights
 
-    description = describe_fidesr_weights(load_fidesr_weights(args.weights))
+    description = describe_restorer_weights(load_restorer_weights(args.weights))
     if args.json:
         print(json.dumps(description, indent=2, default=str))
     else:
