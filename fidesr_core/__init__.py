@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "load_restorer_weights": "loading.family_weights",
     "save_restorer_weights": "loading.family_weights",
     "convert_restorer_weights": "loading.family_weights",
-    "describe_restorer_weights": "loading.family_weights",
+    "describe_restorer_weights": "loading.describe_weights",
     "assemble_restorer": "loading.restorer",
     "load_restorer": "loading.restorer",
     "prompt_embedding_for": "loading.restorer",

@@ -17,12 +17,8 @@ from safetensors import safe_open
 from weights_fixtures import authors_checkpoint
 
 from fidesr_core.errors import WeightsFileError
-from fidesr_core.loading.family_weights import (
-    convert_restorer_weights,
-    describe_restorer_weights,
-    load_restorer_weights,
-    save_restorer_weights,
-)
+from fidesr_core.loading.describe_weights import describe_restorer_weights
+from fidesr_core.loading.family_weights import convert_restorer_weights, load_restorer_weights, save_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.loading.weights import load_fidesr_weights
 from fidesr_core.networks.families import OSEDiffWeights, PiSASRWeights

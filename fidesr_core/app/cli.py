@@ -141,7 +141,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from ..loading.family_weights import describe_restorer_weights, load_restorer_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
     description = describe_restorer_weights(load_restorer_weights(args.weights))
     if args.json:

@@ -100,7 +100,8 @@ def _check_base(path: Path, out: TextIO) -> bool:
 
 
 def _check_weights(path: Path, out: TextIO) -> bool:
-    from ..loading.family_weights import describe_restorer_weights, load_restorer_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
     try:
         description = describe_restorer_weights(load_restorer_weights(path))

@@ -16,7 +16,7 @@ key names (``fidesr.lora_rank_unet_pix`` ..., ``fidesr.rank_unet`` ...), the alp
 (``fidesr.lora_alpha_pix`` ..., ``fidesr.lora_alpha_unet`` ...) and each module list under its pkl
 key as JSON.  Tensors: ``unet_lora.<peft name>``, and for OSEDiff ``unet_conv_in.weight``,
 ``unet_conv_in.bias`` and ``vae_lora.<peft name>``.  Other metadata keys are free-form; ``fidesr.*``
-is reserved.  FiDeSR's own files are ``loading.weights``'.
+is reserved.  FiDeSR's own files are ``loading.weights``'; ``loading.describe_weights`` summarises any of them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from ..atomic_write import write_atomic
 from ..errors import SettingsError, WeightsFileError
 from ..networks.families import (
+    FAMILY_NAMES,
     OSEDIFF_UNET_ADAPTERS,
     OSEDIFF_VAE_ADAPTER,
     PISA_SR_PIXEL_ADAPTERS,
@@ -48,7 +49,7 @@ from ..networks.model import FiDeSRWeights
 from .checkpoint_files import CONTAINER_PICKLE, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, container_by_content
 from .family_validation import validate_osediff_weights, validate_pisa_sr_weights
 from .safe_torch_load import load_tensors_only
-from .weights import describe_fidesr_weights, load_fidesr_weights, save_fidesr_weights
+from .weights import load_fidesr_weights, save_fidesr_weights
 
 __all__ = [
     "PISA_SR_FORMAT_MARKER",
@@ -58,7 +59,6 @@ __all__ = [
     "load_restorer_weights",
     "save_restorer_weights",
     "convert_restorer_weights",
-    "describe_restorer_weights",
 ]
 
 RestorerWeights = FiDeSRWeights | PiSASRWeights | OSEDiffWeights
@@ -111,7 +111,6 @@ _PISA_KEYS += ("state_dict_unet",)
 _OSEDIFF_KEYS = (*_OSEDIFF_UNET.list_keys.values(), "rank_unet", "rank_vae", "vae_lora_encoder_modules")
 _OSEDIFF_KEYS += ("state_dict_unet", "state_dict_vae")
 _OSEDIFF_VAE_KEYS = ("rank_vae", "vae_lora_encoder_modules", "state_dict_vae")
-_NAMES = {"pisa-sr": "PiSA-SR", "osediff": "OSEDiff"}
 _EXPECTED = "restorer weights: FiDeSR (fidesr.pkl), PiSA-SR (pisa_sr.pkl), OSEDiff (osediff.pkl) or their .safetensors"
 
 
@@ -167,13 +166,14 @@ def _check_pkl_keys(path: Path, keys: set[str], family: str, expected: tuple[str
     for what, set_keys in sets.items():
         absent = [key for key in set_keys if key in missing]
         if absent and len(absent) == len(missing) and not unexpected:
+            parts = " and ".join(part.replace("its ", "the ") for part in sets)
             raise WeightsFileError(
-                f"{path} is a {_NAMES[family]} checkpoint without {what} (no {', '.join(absent)}); "
-                f"{_NAMES[family]} files hold {' and '.join(sets)}"
+                f"{path} holds {FAMILY_NAMES[family]} weights without {what} (no {', '.join(absent)}); "
+                f"a complete {FAMILY_NAMES[family]} file holds {parts}"
             )
     if missing or unexpected:
         raise WeightsFileError(
-            f"{path} is not a complete {_NAMES[family]} weights file: expected the keys {list(expected)}; "
+            f"{path} is not a complete {FAMILY_NAMES[family]} weights file: expected the keys {list(expected)}; "
             f"missing {missing or 'none'}, unexpected {unexpected[:5] or 'none'}"
         )
 
@@ -248,7 +248,7 @@ def _read_family_safetensors(path: Path, marker: str) -> PiSASRWeights | OSEDiff
         raise WeightsFileError(f"{path} is a truncated or damaged safetensors file ({error})") from None
     if (version := metadata.get(_META + "format_version")) != str(FAMILY_FORMAT_VERSION):
         raise WeightsFileError(
-            f"{path} is {_NAMES[family]} safetensors format version {version!r}; "
+            f"{path} is {FAMILY_NAMES[family]} safetensors format version {version!r}; "
             f"this package reads version {FAMILY_FORMAT_VERSION}"
         )
     layouts = (_PIXEL, _SEMANTIC) if family == "pisa-sr" else (_OSEDIFF_UNET, _OSEDIFF_VAE)
@@ -426,42 +426,3 @@ def convert_restorer_weights(source: str | os.PathLike, destination: str | os.Pa
         weights.metadata.setdefault("converted_from", Path(source).name)
     save_restorer_weights(weights, destination, file_format=destination_format)
     return weights
-
-
-# --------------------------------------------------------------------------- describing
-
-
-def _set_summary(lora_set: LoraSet) -> dict[str, object]:
-    return {
-        "rank": lora_set.rank,
-        "alpha": lora_set.alpha,
-        "modules": {adapter: len(set(modules)) for adapter, modules in lora_set.target_modules.items()},
-        "parameters": sum(tensor.numel() for tensor in lora_set.state.values()),
-    }
-
-
-def describe_restorer_weights(weights: RestorerWeights) -> dict[str, object]:
-    """A summary for ``fidesr info``: family, format, each LoRA set's rank and size, dtypes, metadata."""
-    if isinstance(weights, FiDeSRWeights):
-        return {"family": "FiDeSR", **describe_fidesr_weights(weights)}
-    pisa = isinstance(weights, PiSASRWeights)
-    marker = PISA_SR_FORMAT_MARKER if pisa else OSEDIFF_FORMAT_MARKER
-    formats = {"pkl": "pkl (the authors' torch.save layout)", "safetensors": f"safetensors ({marker} v1)"}
-    summary: dict[str, object] = {
-        "family": _NAMES[weights.family],
-        "format": formats.get(weights.file_format, "in memory"),
-    }
-    if pisa:
-        summary |= {"pixel_lora": _set_summary(weights.pixel), "semantic_lora": _set_summary(weights.semantic)}
-        tensors = [*weights.pixel.tensors(), *weights.semantic.tensors()]
-    else:
-        conv_in = weights.conv_in_state.get("weight")
-        summary |= {
-            "unet_lora": _set_summary(weights.unet_lora),
-            "conv_in": tuple(conv_in.shape) if conv_in is not None else None,
-            "vae_encoder_lora": _set_summary(weights.vae_lora),
-        }
-        tensors = [*weights.unet_lora.tensors(), *weights.conv_in_state.values(), *weights.vae_lora.tensors()]
-    summary["dtypes"] = ", ".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors}))
-    summary["metadata"] = dict(weights.metadata)
-    return summary
