@@ -1,9 +1,10 @@
-"""The whole FiDeSR upscale as one call, composed of the public step functions.
+"""The whole upscale as one call, composed of the public step functions, for FiDeSR, PiSA-SR and OSEDiff.
 
     prepare_lq -> encode_image -> predict_residual -> refine_residual
     -> LF/HF injection -> decode_latent -> colour fix -> resize to output
 
-Each step is public so the ComfyUI nodes and the trainer reuse the same code.
+Each step is public so the ComfyUI nodes and the trainer reuse the same code; the model's
+recipe says what differs per family (docs/algorithm.md §9).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import SettingsError
-from .networks.model import FiDeSRModel
+from .networks.model import OneStepRestorer
 from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
 from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
 from .steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
@@ -29,7 +30,11 @@ STAGES: tuple[str, ...] = ("encode", "unet", "lrrb", "lfim", "decode")
 
 @dataclass(frozen=True)
 class UpscaleSettings:
-    """Every knob of one upscale; defaults reproduce the released test script."""
+    """Every knob of one upscale; defaults reproduce the released test scripts.
+
+    ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode (``λ_pix``, ``λ_sem``);
+    both None is its default mode.  FiDeSR and OSEDiff have one LoRA set and ignore them.
+    """
 
     upscale_by: float = 4.0
     latent_mode: LatentMode = "sample"
@@ -42,6 +47,8 @@ class UpscaleSettings:
     process_size: int = PROCESS_SIZE  # short side the upscaled image is brought up to (the released script's)
     low: LowFrequencySettings = field(default_factory=LowFrequencySettings)
     high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
+    pixel_strength: float | None = None
+    semantic_strength: float | None = None
 
     def __post_init__(self) -> None:
         # Each message starts with the field's name: the CLI swaps it for the flag's.
@@ -68,6 +75,11 @@ class UpscaleSettings:
                 value = getattr(values, item.name)
                 if isinstance(value, float | int) and not isinstance(value, bool):
                     _check_number(f"{branch}.{item.name}", value, None, None)
+
+        for name in ("pixel_strength", "semantic_strength"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, -10.0, 10.0)  # None: PiSA-SR's default mode
 
 
 def _check_number(name: str, value: object, low: float | None, high: float | None) -> None:
@@ -100,7 +112,7 @@ def finish_image(
 
 @torch.no_grad()
 def upscale(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     image: torch.Tensor,
     settings: UpscaleSettings | None = None,
     *,
@@ -108,7 +120,11 @@ def upscale(
     stage_progress: StageProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
-    """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU."""
+    """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU.
+
+    ``prompt_embedding`` (``[1 or B, 77, dim]``) replaces the model's own prompt embedding (its
+    family's released prompt, or the prompt it was loaded with).
+    """
     settings = settings or UpscaleSettings()
     # Resize on the model's device: on a GPU the CPU resize would cost more than the U-Net.
     prepared = prepare_lq(image.to(model.device), upscale_by=settings.upscale_by, process_size=settings.process_size)
@@ -127,6 +143,8 @@ def upscale(
         prompt_embedding=prompt_embedding,
         tile_size=settings.tile_size,
         tile_overlap=settings.tile_overlap,
+        pixel_strength=settings.pixel_strength,
+        semantic_strength=settings.semantic_strength,
         progress=_stage(stage_progress, "unet"),
         should_cancel=should_cancel,
     )

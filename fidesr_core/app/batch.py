@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import FiDeSRError, ImageInputError
-from ..networks.model import FiDeSRModel
+from ..networks.model import OneStepRestorer
 from ..pipeline import UpscaleSettings, upscale
 from ..steps.preprocess import processing_size, resize_image
 from .image_io import IMAGE_EXTENSIONS, image_files_in, is_complete_png, load_image, save_png_atomic
@@ -111,7 +111,7 @@ def describe_failure(error: Exception, source: Path, target: Path) -> str:
 
 
 def upscale_file(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     source: Path,
     target: Path,
     settings: UpscaleSettings,
@@ -142,13 +142,13 @@ def upscale_file(
     save_png_atomic(target, restored[0], alpha)
 
 
-def _release_memory(model: FiDeSRModel) -> None:
+def _release_memory(model: OneStepRestorer) -> None:
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def upscale_files(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     pairs: Sequence[tuple[Path, Path]],
     settings: UpscaleSettings,
     *,

@@ -46,7 +46,20 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the PNG results")
     parser.add_argument("--base", required=True, type=Path, help="SD 2.1-base: diffusers folder or single file")
-    parser.add_argument("--weights", required=True, type=Path, help="FiDeSR weights: fidesr.pkl or .safetensors")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="FiDeSR, PiSA-SR or OSEDiff weights (fidesr.pkl, pisa_sr.pkl, osediff.pkl or .safetensors; told by content)",
+    )
+    parser.add_argument(
+        "--pixel-strength",
+        type=float,
+        help="PiSA-SR: strength of the pixel-level (fidelity) LoRA; with --semantic-strength its adjustable mode "
+        "(default: its default mode; the other families have one LoRA set)",
+    )
+    parser.add_argument("--semantic-strength", type=float, help="PiSA-SR: strength of the semantic-level LoRA")
+    parser.add_argument("--prompt", default="", help="text prompt (OSEDiff encodes ', PROMPT,' as released)")
     parser.add_argument("--upscale-by", type=float, default=4.0, help="scale factor, 1 to 16 (default 4, as trained)")
     parser.add_argument("--lf-strength", type=float, default=0.1, help="effective LF injection strength (0 = off)")
     parser.add_argument("--hf-strength", type=float, default=0.1, help="effective HF injection strength (0 = off)")
@@ -81,17 +94,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     common = [_verbose_flag()]
     _add_upscale_parser(commands, common)
     convert = commands.add_parser(
-        "convert", parents=common, help="convert FiDeSR weights between .pkl and .safetensors"
+        "convert", parents=common, help="convert FiDeSR, PiSA-SR or OSEDiff weights between .pkl and .safetensors"
     )
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
     convert.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
-    info = commands.add_parser("info", parents=common, help="describe a FiDeSR weights file")
+    info = commands.add_parser("info", parents=common, help="describe a FiDeSR, PiSA-SR or OSEDiff weights file")
     info.add_argument("weights", type=Path)
     info.add_argument("--json", action="store_true", help="print JSON")
     doctor = commands.add_parser("doctor", parents=common, help="check the install; identify model files")
     doctor.add_argument("--base", type=Path, help="a base model to identify")
-    doctor.add_argument("--weights", type=Path, help="a FiDeSR weights file to check")
+    doctor.add_argument("--weights", type=Path, help="a FiDeSR, PiSA-SR or OSEDiff weights file to check")
     download = commands.add_parser(
         "download", parents=common, help="fetch fidesr.pkl and SD 2.1-base from the Hugging Face Hub"
     )
@@ -115,19 +128,20 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from ..errors import SettingsError
-    from ..loading.weights import convert_fidesr_weights
+    from ..loading.family_weights import convert_restorer_weights
 
     if args.destination.exists() and not args.overwrite:
         raise SettingsError(f"{args.destination} exists; add --overwrite to replace it")
-    convert_fidesr_weights(args.source, args.destination)
+    convert_restorer_weights(args.source, args.destination)
     print(f"wrote {args.destination}")
     return 0
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
-    description = describe_fidesr_weights(load_fidesr_weights(args.weights))
+    description = describe_restorer_weights(load_restorer_weights(args.weights))
     if args.json:
         print(json.dumps(description, indent=2, default=str))
     else:

@@ -100,10 +100,11 @@ def _check_base(path: Path, out: TextIO) -> bool:
 
 
 def _check_weights(path: Path, out: TextIO) -> bool:
-    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
     try:
-        description = describe_fidesr_weights(load_fidesr_weights(path))
+        description = describe_restorer_weights(load_restorer_weights(path))
     except FiDeSRError as error:
         print(f"weights      {error}", file=out)
         return False

@@ -34,6 +34,8 @@ _FLAG_OF_FIELD = {
     "decode_tile_size": "--decode-tile",
     "low.strength": "--lf-strength",
     "high.strength": "--hf-strength",
+    "pixel_strength": "--pixel-strength",
+    "semantic_strength": "--semantic-strength",
 }
 
 
@@ -53,6 +55,8 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
             decode_tile_size=args.decode_tile,
             low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
             high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
+            pixel_strength=args.pixel_strength,
+            semantic_strength=args.semantic_strength,
         )
     except SettingsError as error:
         field, _, rest = str(error).partition(" must ")
@@ -94,12 +98,30 @@ def _summary(result: BatchResult, planned: int, output: Path) -> None:
 
 
 def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: Ranks, todo: list) -> BatchResult:
-    from ..loading.assemble import load_fidesr_model
+    from ..loading.base_model import load_base_model
+    from ..loading.family_weights import load_restorer_weights
+    from ..loading.restorer import assemble_restorer
+    from ..networks.families import FAMILY_NAMES
 
+    weights = load_restorer_weights(args.weights)
+    weights.metadata.setdefault("path", str(args.weights))
+    if (args.pixel_strength is not None or args.semantic_strength is not None) and weights.family != "pisa-sr":
+        raise SettingsError(
+            f"argument --pixel-strength/--semantic-strength: applies to PiSA-SR's two LoRA sets; {args.weights} "
+            f"holds {FAMILY_NAMES[weights.family]} weights, which have one"
+        )
     device = ranks.device(args.device)
-    model = load_fidesr_model(args.base, args.weights, precision=args.precision, device=device)
+    model = assemble_restorer(
+        load_base_model(args.base),
+        weights,
+        prompt=args.prompt,
+        tokenizer_source=args.base,
+        precision=args.precision,
+        device=device,
+    )
     where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.distributed else ""
-    print(f"FiDeSR on {model.description['device']} ({model.description['precision']}, {where}{len(todo)} image(s))")
+    described = model.description
+    print(f"{described['family']} on {described['device']} ({described['precision']}, {where}{len(todo)} image(s))")
     return upscale_files(
         model,
         todo,

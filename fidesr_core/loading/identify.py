@@ -109,6 +109,11 @@ def _not_sd2_text_to_image(
 def _training_output(checkpoint: OpenedCheckpoint) -> ModelIdentity | None:
     """FiDeSR / PiSA-SR / OSEDiff weight files (docs/algorithm.md §6), pickled or as safetensors."""
     top, keys, container = checkpoint.top_keys, checkpoint.shapes.keys(), checkpoint.container
+    marker = checkpoint.metadata.get("fidesr.format")  # this package's .safetensors say their family
+    if marker == "pisa-sr-weights":
+        return _refused("pisa-sr-weights", container, "PiSA-SR weights (pixel/semantic LoRA), not a base model")
+    if marker == "osediff-weights":
+        return _refused("osediff-weights", container, "OSEDiff weights (U-Net and VAE LoRA), not a base model")
     if "lrrb_state_dict" in top or _has(keys, "lrrb"):
         return _refused("fidesr-weights", container, f"FiDeSR weights (LoRA + LRRB): {_TRAINING_HINT}")
     if "lora_rank_unet_pix" in top or _has(keys, "default_encoder_pix", "default_others_sem"):

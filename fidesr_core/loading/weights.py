@@ -105,13 +105,15 @@ def _foreign_checkpoint(path: Path, opened: OpenedCheckpoint) -> str | None:
     if pisa:
         return (
             f"{path} is a PiSA-SR checkpoint (pixel/semantic LoRA: {', '.join(pisa[:3])}), not FiDeSR weights; "
-            "PiSA-SR weights are not supported by this loader"
+            "PiSA-SR weights are not supported by this loader (load_fidesr_weights): load_restorer_weights reads "
+            "all three families"
         )
     osediff = sorted({"rank_unet", "rank_vae", "vae_lora_encoder_modules", "state_dict_vae"} & top)
     if osediff:
         return (
             f"{path} is an OSEDiff checkpoint ({', '.join(osediff)}), not FiDeSR weights; "
-            "OSEDiff weights are not supported by this loader"
+            "OSEDiff weights are not supported by this loader (load_fidesr_weights): load_restorer_weights reads "
+            "all three families"
         )
     identity = identify_checkpoint(opened)
     if identity.is_sd2 or identity.family.startswith(_BASE_FAMILIES):
