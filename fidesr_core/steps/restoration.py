@@ -24,11 +24,15 @@ def predict_residual(
     tile_overlap: int = 32,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """``r = U-Net(z_L, t=1, prompt)`` ``[B, 4, h, w]`` float32, tiled over the latent when large.
 
     ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's empty-prompt embedding.
+    ``device``: where to compute (default: where the U-Net's weights are; a memory
+    manager that keeps part of the weights elsewhere names it).
     """
+    device = device or next(model.unet.parameters()).device
     embedding = model.prompt_embedding if prompt_embedding is None else prompt_embedding
     expected_dim = model.unet.config.cross_attention_dim
     if embedding.shape[-1] != expected_dim:
@@ -36,16 +40,16 @@ def predict_residual(
             f"prompt embedding width {embedding.shape[-1]} does not fit this U-Net (expects {expected_dim}); "
             "use a text encoder of the same Stable Diffusion 2.x model"
         )
-    embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=model.device, dtype=model.dtype)
-    timestep = torch.tensor(RESIDUAL_TIMESTEP, device=model.device)
+    embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=device, dtype=model.dtype)
+    timestep = torch.tensor(RESIDUAL_TIMESTEP, device=device)
 
     def unet_tile(tile: torch.Tensor) -> torch.Tensor:
-        tile = tile.to(device=model.device, dtype=model.dtype)
+        tile = tile.to(device=device, dtype=model.dtype)
         return model.unet(tile, timestep, encoder_hidden_states=embedding).sample
 
     return run_tiled(
         unet_tile,
-        z_lq.float().to(model.device),
+        z_lq.float().to(device),
         tile_size=tile_size,
         overlap=tile_overlap,
         progress=progress,
@@ -54,14 +58,16 @@ def predict_residual(
 
 
 @torch.no_grad()
-def refine_residual(model: FiDeSRModel, z_lq: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def refine_residual(
+    model: FiDeSRModel, z_lq: torch.Tensor, residual: torch.Tensor, *, device: torch.device | None = None
+) -> torch.Tensor:
     """``r̃ = r + LRRB(cat[z_L, r])`` on the whole (stitched) latent, float32.
 
     The released code runs the LRRB per U-Net tile; running it once on the
     stitched residual makes tiled and untiled results agree (identical when
-    no tiling happens).
+    no tiling happens).  ``device``: where to compute (default: the LRRB's).
     """
-    device = next(model.lrrb.parameters()).device
+    device = device or next(model.lrrb.parameters()).device
     z_lq, residual = z_lq.float().to(device), residual.float().to(device)
     return residual + model.lrrb(torch.cat([z_lq, residual], dim=1)).float()
 
