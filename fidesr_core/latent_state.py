@@ -258,7 +258,8 @@ class LatentState:
     def _check_refine(self, names: Mapping[str, str]) -> None:
         if not self.recipe.refine:
             raise StepOrderError(
-                f"{self.recipe.name} has no {names[REFINE]}; connect the output of {names[RESIDUAL]} to the next step"
+                f"{self.recipe.name} models have no LRRB: leave out {names[REFINE]} and connect the output of "
+                f"{names[RESIDUAL]} to the next step"
             )
         if REFINE in self.steps:
             raise StepOrderError(

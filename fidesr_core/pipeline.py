@@ -12,7 +12,7 @@ image as it would be processed alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +107,26 @@ def _overlap_for(tile: int, tile_size: int, tile_overlap: int) -> int:
     return min(tile_overlap, tile // 3)
 
 
+ChunkFunction = Callable[[Attempt, slice, ProgressCallback | None], Sequence[torch.Tensor | None]]
+
+
+def _run_step(
+    runner: StepRunner, call: StepCall, run_chunk: ChunkFunction, progress: ProgressCallback | None = None
+) -> list[torch.Tensor | None]:
+    """``run_chunk`` over the batch in the chunks the runner chooses (and again if it retries)."""
+
+    def work(attempt: Attempt) -> list[torch.Tensor | None]:
+        return run_in_chunks(
+            call.batch_size,
+            attempt.images_per_chunk,
+            lambda part, chunk_progress: run_chunk(attempt, part, chunk_progress),
+            rest=runner.rest,
+            progress=progress,
+        )
+
+    return runner.run(call, work)
+
+
 def finish_image(
     decoded: torch.Tensor, upscaled_lq: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
 ) -> torch.Tensor:
@@ -168,16 +188,7 @@ def encode_step(
         gate = compute_spatial_gate(prepared.pixels, tuple(z_lq.shape[-2:])) if with_gate else None
         return [z_lq, prepared.pixels, gate]
 
-    def work(attempt: Attempt) -> list:
-        return run_in_chunks(
-            batch,
-            attempt.images_per_chunk,
-            lambda part, chunk_progress: encode_chunk(attempt, part, chunk_progress),
-            rest=runner.rest,
-            progress=progress,
-        )
-
-    z_lq, pixels, gate = runner.run(call, work)
+    z_lq, pixels, gate = _run_step(runner, call, encode_chunk, progress)
     return LatentState.encoded(recipe, z_lq, pixels, output_sizes[0], model.scaling_factor, gate)
 
 
@@ -229,16 +240,7 @@ def residual_step(
         )
         return [residual]
 
-    def work(attempt: Attempt) -> list:
-        return run_in_chunks(
-            batch,
-            attempt.images_per_chunk,
-            lambda part, chunk_progress: residual_chunk(attempt, part, chunk_progress),
-            rest=runner.rest,
-            progress=progress,
-        )
-
-    (residual,) = runner.run(call, work)
+    (residual,) = _run_step(runner, call, residual_chunk, progress)
     return state.with_residual(residual)
 
 
@@ -262,17 +264,10 @@ def refine_step(
         working_bytes=lambda tile: height * width * _LRRB_BYTES_PER_LATENT_PIXEL,
     )
 
-    def work(attempt: Attempt) -> list:
-        return run_in_chunks(
-            batch,
-            attempt.images_per_chunk,
-            lambda part, _progress: [
-                refine_residual(model, state.z_lq[part], state.residual[part], device=attempt.device)
-            ],
-            rest=runner.rest,
-        )
+    def refine_chunk(attempt: Attempt, part: slice, _progress: ProgressCallback | None) -> list:
+        return [refine_residual(model, state.z_lq[part], state.residual[part], device=attempt.device)]
 
-    (refined,) = runner.run(call, work)
+    (refined,) = _run_step(runner, call, refine_chunk)
     return state.with_refined_residual(refined)
 
 
@@ -298,7 +293,8 @@ def injection_step(
     )
     delta_of = low_frequency_delta if branch == LOW_FREQUENCY else high_frequency_delta
 
-    def injection_chunk(device: torch.device, part: slice) -> list:
+    def injection_chunk(attempt: Attempt, part: slice, _progress: ProgressCallback | None) -> list:
+        device = attempt.device
         z_lq = state.z_lq[part].to(device)
         if state.gate is not None:
             gate = state.gate[part].to(device)
@@ -307,15 +303,7 @@ def injection_step(
         z = state.restored()[part].to(device)
         return [delta_of(z, z_lq, gate, settings), gate if state.gate is None else None]
 
-    def work(attempt: Attempt) -> list:
-        return run_in_chunks(
-            batch,
-            attempt.images_per_chunk,
-            lambda part, _progress: injection_chunk(attempt.device, part),
-            rest=runner.rest,
-        )
-
-    delta, new_gate = runner.run(call, work)
+    delta, new_gate = _run_step(runner, call, injection_chunk)
     if new_gate is not None:
         state = state.with_gate(new_gate)
     return state.with_injection(branch, delta)
@@ -362,16 +350,7 @@ def decode_step(
         )
         return [finish_image(decoded, state.upscaled_lq[part], state.output_size, color_fix)]
 
-    def work(attempt: Attempt) -> list:
-        return run_in_chunks(
-            batch,
-            attempt.images_per_chunk,
-            lambda part, chunk_progress: decode_chunk(attempt, part, chunk_progress),
-            rest=runner.rest,
-            progress=progress,
-        )
-
-    (image,) = runner.run(call, work)
+    (image,) = _run_step(runner, call, decode_chunk, progress)
     return image
 
 
