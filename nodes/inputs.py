@@ -114,9 +114,10 @@ def positive_input() -> io.Input:
     )
 
 
+# Outputs keep ComfyUI's generated ids: ComfyUI 0.3.x wants ids unique across inputs and outputs.
 def image_output(tooltip: str) -> io.Output:
-    return io.Image.Output("image", display_name="image", tooltip=tooltip)
+    return io.Image.Output(display_name="image", tooltip=tooltip)
 
 
 def latent_output(tooltip: str) -> io.Output:
-    return io.Latent.Output("latent", display_name="latent", tooltip=tooltip)
+    return io.Latent.Output(display_name="latent", tooltip=tooltip)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import comfy.model_management as model_management
+import torch
 
 from ..fidesr_core.errors import StepOrderError
 from ..fidesr_core.latent_state import DECODE, ENCODE, HIGH_FREQUENCY, LOW_FREQUENCY, REFINE, RESIDUAL, LatentState
@@ -57,7 +58,7 @@ def state_of_latent(latent: Any, node: str, *, connect_to: str) -> LatentState:
 
     ``connect_to`` names the node(s) whose output ``node`` should be connected to.
     """
-    if not isinstance(latent, dict) or not hasattr(latent.get("samples"), "shape"):
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise node_error(node, f"expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
     state = latent.get(STATE_KEY)
     if not isinstance(state, LatentState):

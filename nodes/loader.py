@@ -82,7 +82,7 @@ class FiDeSRModelLoader(io.ComfyNode):
             ],
             outputs=[
                 FiDeSRModelType.Output(
-                    "model", display_name="model", tooltip="The FiDeSR model: connect it to the other FiDeSR nodes."
+                    display_name="model", tooltip="The FiDeSR model: connect it to the other FiDeSR nodes."
                 )
             ],
         )

@@ -117,10 +117,8 @@ class ComfyStepRunner(StepRunner):
         return tensor.to(model_management.intermediate_device())
 
     def _device_after_loading(self, call: StepCall, per_image: int) -> torch.device:
-        if not call.networks:
-            device = model_management.get_torch_device()
-            model_management.free_memory(per_image, device)
-            return device
+        if not call.networks:  # the injections: a few latent-sized maps, no weights
+            return model_management.get_torch_device()
         if self.handle is None:
             raise RuntimeError(f"step {call.step} runs networks but the runner has no model")
         patchers = [self.handle.patchers[name] for name in call.networks]

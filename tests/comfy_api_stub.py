@@ -120,9 +120,10 @@ class Schema:
                 output.id = f"_{index}_{output.io_type}_"
 
     def validate(self) -> None:
-        ids = [item.id for item in self.inputs]
-        if len(set(ids)) != len(ids) or len({o.id for o in self.outputs}) != len(self.outputs):
-            raise ValueError(f"{self.node_id}: input and output ids must be unique")
+        # ComfyUI 0.3.x wants ids unique across inputs and outputs together (0.8 only within each).
+        ids = [item.id for item in self.inputs] + [output.id for output in self.outputs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{self.node_id}: ids must be unique between inputs and outputs, got {ids}")
 
     def v1_info(self, node_class: type) -> dict[str, Any]:
         inputs: dict[str, dict[str, Any]] = {"required": {}}

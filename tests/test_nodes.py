@@ -256,3 +256,12 @@ def test_node_defaults_are_the_engines_defaults(comfy) -> None:
         settings.seed,
         settings.color_fix,
     )
+
+
+def test_pyproject_says_which_comfyui_the_nodes_need() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    comfy = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
+    # comfy_api.v0_0_2 and the rule that input and output ids differ: both in 0.3.64, the oldest tested.
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    assert "comfy_api.v0_0_2 import" in (PACK_ROOT / "nodes" / "__init__.py").read_text()
