@@ -12,8 +12,9 @@ image as it would be processed alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -78,14 +79,44 @@ class UpscaleSettings:
     high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
 
     def __post_init__(self) -> None:
+        # Each message starts with the field's name: the CLI swaps it for the flag's.
+        _check_number("upscale_by", self.upscale_by, 1.0, 16.0)
         if self.latent_mode not in LATENT_MODES:
             raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        _check_integer("seed", self.seed, 0, 2**64 - 1)  # what torch.Generator.manual_seed takes (and ComfyUI gives)
         if self.color_fix not in COLOR_FIX_METHODS:
             raise SettingsError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {self.color_fix!r}")
-        if not 8 <= self.process_size <= 8192:
-            raise SettingsError(f"process_size must be between 8 and 8192 pixels, got {self.process_size}")
-        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
-            raise SettingsError(f"tile_overlap must be in [0, tile_size={self.tile_size}), got {self.tile_overlap}")
+        _check_integer("tile_size", self.tile_size, 0, None, "0 (never tile) or a positive number of latent pixels")
+        _check_integer("tile_overlap", self.tile_overlap, 0, None)
+        if self.tile_size and self.tile_overlap >= self.tile_size:
+            raise SettingsError(
+                f"tile_overlap must be smaller than tile_size ({self.tile_size}), got {self.tile_overlap}"
+            )
+        for name, minimum, unit in (("encode_tile_size", 8, "pixels"), ("decode_tile_size", 1, "latent pixels")):
+            value = getattr(self, name)
+            _check_integer(name, value, 0, None, f"0 (never tile) or at least {minimum} {unit}")
+            if 0 < value < minimum:
+                raise SettingsError(f"{name} must be 0 (never tile) or at least {minimum} {unit}, got {value}")
+        _check_integer("process_size", self.process_size, 8, 8192)
+        for branch, values in (("low", self.low), ("high", self.high)):
+            for item in fields(values):
+                value = getattr(values, item.name)
+                if isinstance(value, float | int) and not isinstance(value, bool):
+                    _check_number(f"{branch}.{item.name}", value, None, None)
+
+
+def _check_number(name: str, value: object, low: float | None, high: float | None) -> None:
+    """A finite real number, within ``[low, high]`` when bounds are given."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and high is not None and not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _check_integer(name: str, value: object, low: int, high: int | None, wanted: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        wanted = wanted or (f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}")
+        raise SettingsError(f"{name} must be {wanted}, got {value!r}")
 
 
 def _stage(stage_progress: StageProgressCallback | None, stage: str) -> ProgressCallback | None:
