@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "WeightsFileError": "errors",
     "ImageInputError": "errors",
     "SettingsError": "errors",
+    "StepOrderError": "errors",
     "Cancelled": "errors",
     # models and files
     "SCALING_FACTOR": "networks.model",
@@ -78,10 +79,19 @@ _EXPORTS: dict[str, str] = {
     "butterworth_highpass": "steps.frequency",
     "apply_color_fix": "steps.color_fix",
     "run_tiled": "steps.latent_tiling",
-    # the whole pipeline
+    # the whole pipeline, and its steps on a latent state
     "UpscaleSettings": "pipeline",
     "upscale": "pipeline",
     "finish_image": "pipeline",
+    "encode_step": "pipeline",
+    "residual_step": "pipeline",
+    "refine_step": "pipeline",
+    "injection_step": "pipeline",
+    "decode_step": "pipeline",
+    "LatentState": "latent_state",
+    "StepRunner": "step_runner",
+    "StepCall": "step_runner",
+    "Attempt": "step_runner",
 }
 
 __all__ = sorted(_EXPORTS)

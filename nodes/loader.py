@@ -3,8 +3,9 @@
 ``precision = auto`` follows ComfyUI's own choice of U-Net dtype for its torch
 device (``model_management.unet_dtype``), so ``--cpu``, ``--force-fp16``,
 ``--fp32-unet``, ``--bf16-unet`` and MPS behave as they do for ComfyUI's
-models.  The model is assembled on ComfyUI's offload device and only moves to
-the torch device while a node runs.  ComfyUI caches node outputs, so the same
+models.  The model is assembled on ComfyUI's offload device; its networks go
+to ComfyUI's memory manager (see ``model_handle``), which loads each onto the
+torch device when a node needs it.  ComfyUI caches node outputs, so the same
 inputs never load twice.
 """
 
@@ -14,14 +15,15 @@ import logging
 
 import comfy.model_management as model_management
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.precision import PRECISIONS, dtype_name
 from .errors import engine_errors, node_error
-from .inputs import CATEGORY
+from .inputs import CATEGORY, FiDeSRModelType
 from .model_folders import base_model_choices, fidesr_weight_choices, resolve_base_model, resolve_fidesr_weights
-from .model_handle import FIDESR_MODEL, FiDeSRModelHandle
+from .model_handle import FiDeSRModelHandle
 
-__all__ = ["FiDeSRModelLoader", "auto_precision"]
+__all__ = ["FiDeSRModelLoader", "auto_precision", "loader_choices"]
 
 logger = logging.getLogger("FiDeSR")
 
@@ -37,48 +39,57 @@ def auto_precision(device: torch.device) -> str:
     return dtype_name(dtype)
 
 
-class FiDeSRModelLoader:
-    DISPLAY_NAME = "Load FiDeSR Model"
-    DESCRIPTION = (
-        "Loads Stable Diffusion 2.1-base and the FiDeSR weights (LoRA merged into the U-Net, plus the LRRB) as one "
-        "FiDeSR model. Put fidesr.pkl in models/fidesr/, and SD 2.1-base as a diffusers folder in models/diffusers/ "
-        "or as v2-1_512-ema-pruned.safetensors in models/checkpoints/."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (FIDESR_MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The FiDeSR model: connect it to the other FiDeSR nodes.",)
-    FUNCTION = "load"
+def loader_choices() -> dict[str, list[str]]:
+    """The loader's lists, read afresh each time ComfyUI describes the node (new files show up on refresh)."""
+    return {
+        "base_model": base_model_choices(),
+        "fidesr_weights": fidesr_weight_choices(),
+        "precision": list(PRECISIONS),
+    }
+
+
+class FiDeSRModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = loader_choices()
+        return io.Schema(
+            node_id="FiDeSRModelLoader",
+            display_name="Load FiDeSR Model",
+            category=CATEGORY,
+            description="Loads Stable Diffusion 2.1-base and the FiDeSR weights (LoRA merged into the U-Net, plus "
+            "the LRRB) as one FiDeSR model. Put fidesr.pkl in models/fidesr/, and SD 2.1-base as a diffusers folder "
+            "in models/diffusers/ or as v2-1_512-ema-pruned.safetensors in models/checkpoints/.",
+            inputs=[
+                io.Combo.Input(
+                    "base_model",
+                    options=choices["base_model"],
+                    tooltip="Stable Diffusion 2.1-base (512 px): diffusers/<folder> from models/diffusers, "
+                    "or checkpoints/<file> from models/checkpoints (v2-1_512-ema-pruned.safetensors).",
+                ),
+                io.Combo.Input(
+                    "fidesr_weights",
+                    options=choices["fidesr_weights"],
+                    tooltip="FiDeSR weights from models/fidesr: the authors' fidesr.pkl or a .safetensors copy.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=choices["precision"],
+                    default="auto",
+                    tooltip="Compute precision of the U-Net and VAE. auto follows ComfyUI's choice for the "
+                    "device (fp16 on most GPUs and MPS, fp32 with --cpu; honours --force-fp16, --fp32-unet, "
+                    "--bf16-unet).",
+                ),
+            ],
+            outputs=[
+                FiDeSRModelType.Output(
+                    display_name="model", tooltip="The FiDeSR model: connect it to the other FiDeSR nodes."
+                )
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "base_model": (
-                    base_model_choices(),
-                    {
-                        "tooltip": "Stable Diffusion 2.1-base (512 px): diffusers/<folder> from models/diffusers, "
-                        "or checkpoints/<file> from models/checkpoints (v2-1_512-ema-pruned.safetensors)."
-                    },
-                ),
-                "fidesr_weights": (
-                    fidesr_weight_choices(),
-                    {"tooltip": "FiDeSR weights from models/fidesr: the authors' fidesr.pkl or a .safetensors copy."},
-                ),
-                "precision": (
-                    list(PRECISIONS),
-                    {
-                        "default": "auto",
-                        "tooltip": "Compute precision of the U-Net and VAE. auto follows ComfyUI's choice for the "
-                        "device (fp16 on most GPUs and MPS, fp32 with --cpu; honours --force-fp16, --fp32-unet, "
-                        "--bf16-unet).",
-                    },
-                ),
-            }
-        }
-
-    def load(self, base_model: str, fidesr_weights: str, precision: str = "auto") -> tuple[FiDeSRModelHandle]:
-        node = self.DISPLAY_NAME
+    def execute(cls, base_model: str, fidesr_weights: str, precision: str = "auto") -> io.NodeOutput:
+        node = "Load FiDeSR Model"
         if precision not in PRECISIONS:
             raise node_error(node, f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         base_path = resolve_base_model(base_model, node)
@@ -95,14 +106,6 @@ class FiDeSRModelLoader:
         with engine_errors(node):
             weights = load_fidesr_weights(weights_path)
             weights.metadata.setdefault("path", weights_path)
-            base = load_base_model(base_path)
-            model = assemble_fidesr_model(base, weights, precision=chosen, device=offload_device)
+            model = assemble_fidesr_model(load_base_model(base_path), weights, precision=chosen, device=offload_device)
         logger.info("FiDeSR: loaded %s + %s in %s, runs on %s", base_model, fidesr_weights, chosen, load_device)
-        handle = FiDeSRModelHandle(
-            model=model,
-            load_device=load_device,
-            offload_device=offload_device,
-            base_name=base_model,
-            weights_name=fidesr_weights,
-        )
-        return (handle,)
+        return io.NodeOutput(FiDeSRModelHandle.wrap(model, base_name=base_model, weights_name=fidesr_weights))

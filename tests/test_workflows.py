@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfy_stub import import_pack, install_comfy_stubs, remove_from_sys_modules
+from comfy_stub import import_pack, install_comfy_stubs, node_classes, remove_from_sys_modules
 from workflow_validation import (
     VIRTUAL_NODE_TYPES,
     load_core_definitions,
@@ -46,10 +46,7 @@ def definitions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     install_comfy_stubs(tmp_path_factory.mktemp("models"))
     try:
         pack = import_pack(PACK_ROOT)
-        ours = {
-            node_id: node_info(node_id, node_class, pack.NODE_DISPLAY_NAME_MAPPINGS[node_id])
-            for node_id, node_class in pack.NODE_CLASS_MAPPINGS.items()
-        }
+        ours = {node_id: node_info(node_id, node_class) for node_id, node_class in node_classes(pack).items()}
     finally:
         remove_from_sys_modules(PACK_ROOT)
     core = load_core_definitions(CORE_FIXTURE)
@@ -214,6 +211,21 @@ def _broken_copies(workflow: dict[str, Any], definitions: dict[str, Any]) -> dic
     base_index = 0
     _node(variant("bad base_model form"), "FiDeSRModelLoader")["widgets_values"][base_index] = "v2-1.safetensors"
     return broken
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_with_extra_node_properties_stays_valid(path: Path, definitions: dict[str, Any]) -> None:
+    """The frontend's model list (``properties.models``) and other properties are not part of a node's inputs."""
+    workflow = _load(path)
+    for node in workflow["nodes"]:
+        node.setdefault("properties", {})["models"] = [
+            {
+                "name": "fidesr.safetensors",
+                "url": "https://huggingface.co/x/y/resolve/main/f.safetensors",
+                "directory": "fidesr",
+            }
+        ]
+    assert validate_workflow(workflow, definitions, file_rules=FILE_RULES) == []
 
 
 def test_validator_finds_broken_workflows(definitions: dict[str, Any]) -> None:

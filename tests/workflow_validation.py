@@ -2,7 +2,7 @@
 
 Node definitions use the layout of ComfyUI's ``GET /object_info``: the pack's
 nodes are described from their classes (``node_info``, as ComfyUI's server
-does for V1 nodes), ComfyUI's core nodes come from a recorded fixture.
+does for V1 and V3 nodes), ComfyUI's core nodes come from a recorded fixture.
 
 ``validate_workflow`` returns a list of problems (empty = valid):
 
@@ -43,8 +43,10 @@ _SEED_NAMES = ("seed", "noise_seed")
 FileRule = Callable[[Any], bool]
 
 
-def node_info(node_id: str, node_class: type, display_name: str) -> dict[str, Any]:
-    """A V1 node class described as ``GET /object_info/<node_id>`` describes it."""
+def node_info(node_id: str, node_class: type, display_name: str = "") -> dict[str, Any]:
+    """A node class described as ``GET /object_info/<node_id>`` describes it (V3 nodes describe themselves)."""
+    if hasattr(node_class, "GET_NODE_INFO_V1"):
+        return node_class.GET_NODE_INFO_V1()
     inputs = node_class.INPUT_TYPES()
     return {
         "input": inputs,
