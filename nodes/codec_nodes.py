@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.pipeline import decode_step, encode_step
+from ..fidesr_core.latent_steps import decode_step, encode_step
 from ..fidesr_core.steps.color_fix import COLOR_FIX_METHODS
 from ..fidesr_core.steps.vae_codec import LATENT_MODES
 from .errors import engine_errors, node_error

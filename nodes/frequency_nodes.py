@@ -14,7 +14,7 @@ from typing import Any
 
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.pipeline import injection_step
+from ..fidesr_core.latent_steps import injection_step
 from ..fidesr_core.steps.frequency import FILTER_GEOMETRIES
 from ..fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
 from .errors import engine_errors

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.pipeline import refine_step, residual_step
+from ..fidesr_core.latent_steps import refine_step, residual_step
 from .errors import engine_errors, node_error
 from .inputs import CATEGORY, latent_output, model_input, positive_input, tile_overlap_input, tile_size_input
 from .latent_io import ENCODE_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent

@@ -1,4 +1,4 @@
-"""The engine's step state machine (``fidesr_core.latent_state``) and the steps of ``pipeline`` without ComfyUI.
+"""The engine's step state machine (``fidesr_core.latent_state``) and the steps of ``latent_steps`` without ComfyUI.
 
 Tiny random model from ``conftest.py``; the pipeline's one call and its steps one by one must agree
 bit for bit, the order checks speak of steps, and a runner can cut a batch into chunks.
@@ -13,18 +13,11 @@ import torch
 
 from fidesr_core.errors import StepOrderError
 from fidesr_core.latent_state import mismatched_images
+from fidesr_core.latent_steps import decode_step, encode_step, injection_step, refine_step, residual_step
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_pisa_sr_weights
-from fidesr_core.pipeline import (
-    UpscaleSettings,
-    decode_step,
-    encode_step,
-    injection_step,
-    refine_step,
-    residual_step,
-    upscale,
-)
+from fidesr_core.pipeline import UpscaleSettings, upscale
 from fidesr_core.step_runner import Attempt, StepRunner
 from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
 
