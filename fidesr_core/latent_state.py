@@ -248,7 +248,7 @@ class LatentState:
         """Raise ``StepOrderError`` unless a model with ``recipe`` may run a step on this state (same family)."""
         if recipe.family != self.recipe.family:
             raise StepOrderError(
-                f"the latent was encoded by a {self.recipe.name} model but {step_name} got a {recipe.name} model; "
+                f"the latent was encoded by the {self.recipe.name} model but {step_name} got the {recipe.name} model; "
                 "connect the same model to every step of one image"
             )
 

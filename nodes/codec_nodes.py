@@ -46,7 +46,9 @@ class FiDeSREncode(io.ComfyNode):
             display_name=ENCODE_NODE,
             category=CATEGORY,
             description="Upscales the low-quality image (bicubic, as the authors prepare it) and encodes it with the "
-            "SD 2.1 VAE. The LATENT is an ordinary SD 2.1 latent that also carries what the later FiDeSR nodes need.",
+            "SD 2.1 VAE (OSEDiff: with its encoder LoRA). The LATENT is an ordinary SD 2.1 latent that also carries "
+            "what the later FiDeSR nodes need, including which family encoded it (the later nodes need the same "
+            "model).",
             inputs=[
                 model_input(),
                 lq_image_input(),

@@ -25,6 +25,8 @@ __all__ = [
     "tile_size_input",
     "tile_overlap_input",
     "positive_input",
+    "pixel_strength_input",
+    "semantic_strength_input",
     "image_output",
     "latent_output",
 ]
@@ -35,7 +37,9 @@ FiDeSRModelType = io.Custom(FIDESR_MODEL)
 
 
 def model_input() -> io.Input:
-    return FiDeSRModelType.Input("model", tooltip="The FiDeSR model from Load FiDeSR Model.")
+    return FiDeSRModelType.Input(
+        "model", tooltip="The model from Load FiDeSR Model (FiDeSR, PiSA-SR or OSEDiff weights)."
+    )
 
 
 def lq_image_input() -> io.Input:
@@ -110,7 +114,41 @@ def positive_input() -> io.Input:
         "positive",
         optional=True,
         tooltip="Optional prompt for the U-Net, e.g. CLIP Text Encode with the CLIP of Load Checkpoint "
-        "(SD 2.1). Without it the U-Net gets the empty prompt, as the authors ran it.",
+        "(SD 2.1). Without it each model gets the prompt its authors ran it with: the empty prompt for FiDeSR "
+        "and PiSA-SR, ', ,' for OSEDiff (its script encodes '<tags>, <prompt>,'; to keep that form, write "
+        "', your words,').",
+    )
+
+
+_STRENGTH_NOTE = (
+    " 1 and 1 is PiSA-SR's default mode (one U-Net pass); other values run its adjustable mode (two passes). "
+    "FiDeSR and OSEDiff have a single LoRA set and ignore both strengths."
+)
+
+
+def pixel_strength_input() -> io.Input:
+    return io.Float.Input(
+        "pixel_strength",
+        default=1.0,
+        min=0.0,
+        max=3.0,
+        step=0.05,
+        optional=True,
+        tooltip="PiSA-SR: weight of its pixel-level LoRA set (fidelity: lower noise and artefacts, closer to the "
+        "input)." + _STRENGTH_NOTE,
+    )
+
+
+def semantic_strength_input() -> io.Input:
+    return io.Float.Input(
+        "semantic_strength",
+        default=1.0,
+        min=0.0,
+        max=3.0,
+        step=0.05,
+        optional=True,
+        tooltip="PiSA-SR: weight of its semantic-level LoRA set (generated detail and texture on top of the pixel "
+        "set; 0 leaves the pixel set alone)." + _STRENGTH_NOTE,
     )
 
 

@@ -1,6 +1,8 @@
-"""FiDeSR One-Step U-Net (the LoRA U-Net residual at t = 1) and FiDeSR LRRB Refine.
+"""FiDeSR One-Step U-Net (the LoRA U-Net's one step, for every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
 
-Each loads only its own network; the step order is checked by the engine.
+Each loads only its own network; the step order, and that the model is of the family that
+encoded the latent, are checked by the engine.  A latent of a model without an LRRB (PiSA-SR,
+OSEDiff) passes LRRB Refine unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.latent_steps import refine_step, residual_step
 from .errors import engine_errors, node_error
-from .inputs import CATEGORY, latent_output, model_input, positive_input, tile_overlap_input, tile_size_input
+from .inputs import (
+    CATEGORY,
+    latent_output,
+    model_input,
+    pixel_strength_input,
+    positive_input,
+    semantic_strength_input,
+    tile_overlap_input,
+    tile_size_input,
+)
 from .latent_io import ENCODE_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent
 from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import ComfyStepRunner, TileProgress, interrupt_check
@@ -57,16 +68,25 @@ class FiDeSRResidual(io.ComfyNode):
             node_id="FiDeSRResidual",
             display_name=RESIDUAL_NODE,
             category=CATEGORY,
-            description="The one diffusion step: the LoRA-tuned SD 2.1 U-Net at timestep 1 predicts the residual r "
-            "of the LQ latent (tiled for large images). Outputs z_L − r.",
+            description="The one diffusion step of the LoRA-tuned SD 2.1 U-Net, tiled for large images. FiDeSR "
+            "and PiSA-SR: the U-Net at timestep 1 predicts the residual r of the LQ latent z_L; OSEDiff: it predicts "
+            "noise at timestep 999 and one DDPM step gives the clean latent x0, r = z_L − x0. PiSA-SR's "
+            "pixel/semantic strengths pick its default or adjustable mode. Outputs z_L − r.",
             inputs=[
                 model_input(),
                 io.Latent.Input("latent", tooltip=f"The output of {ENCODE_NODE}."),
                 tile_size_input(),
                 tile_overlap_input(),
                 positive_input(),
+                pixel_strength_input(),
+                semantic_strength_input(),
             ],
-            outputs=[latent_output("z_L − r, with the residual recorded: connect it to FiDeSR LRRB Refine.")],
+            outputs=[
+                latent_output(
+                    "z_L − r, with the residual recorded: connect it to FiDeSR LRRB Refine (FiDeSR; the other "
+                    "families pass it unchanged) or to the LF/HF injections."
+                )
+            ],
         )
 
     @classmethod
@@ -77,6 +97,8 @@ class FiDeSRResidual(io.ComfyNode):
         tile_size: int = 96,
         tile_overlap: int = 32,
         positive: Any = None,
+        pixel_strength: float = 1.0,
+        semantic_strength: float = 1.0,
     ) -> io.NodeOutput:
         node = RESIDUAL_NODE
         handle = require_handle(model, node)
@@ -89,6 +111,8 @@ class FiDeSRResidual(io.ComfyNode):
                 prompt_embedding=embedding,
                 tile_size=tile_size,
                 tile_overlap=tile_overlap,
+                pixel_strength=pixel_strength,
+                semantic_strength=semantic_strength,
                 runner=ComfyStepRunner(handle, node),
                 progress=TileProgress(),
                 should_cancel=interrupt_check,
@@ -104,12 +128,21 @@ class FiDeSRRefine(io.ComfyNode):
             node_id="FiDeSRRefine",
             display_name=REFINE_NODE,
             category=CATEGORY,
-            description="The Latent Residual Refinement Block: a small network corrects the U-Net residual from the "
-            "LQ latent and the residual. Outputs z_L − (r + Δr).",
-            inputs=[model_input(), io.Latent.Input("latent", tooltip=f"The output of {RESIDUAL_NODE}.")],
+            description="FiDeSR's Latent Residual Refinement Block: a small network corrects the U-Net residual from "
+            "the LQ latent and the residual. Outputs z_L − (r + Δr). PiSA-SR and OSEDiff have no LRRB: their latent "
+            "passes through unchanged, so one chain serves all three.",
+            inputs=[
+                model_input(),
+                io.Latent.Input(
+                    "latent",
+                    tooltip=f"The output of {RESIDUAL_NODE}. A PiSA-SR or OSEDiff latent passes through unchanged "
+                    "(those models have no LRRB).",
+                ),
+            ],
             outputs=[
                 latent_output(
-                    "The restored latent z_L − (r + Δr): connect it to the LF/HF injections or to the decoder."
+                    "The restored latent z_L − (r + Δr) (FiDeSR; the other families' latent as it came): connect "
+                    "it to the LF/HF injections or to the decoder."
                 )
             ],
         )

@@ -2,7 +2,8 @@
 
 The engine runs the same steps the composable nodes run (Encode → One-Step
 U-Net → LRRB Refine → LF → HF → Decode), with their defaults for everything
-this node does not expose, so it gives the chain's result bit for bit.
+this node does not expose, so it gives the chain's result bit for bit, for
+FiDeSR, PiSA-SR and OSEDiff alike.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from .inputs import (
     latent_mode_input,
     lq_image_input,
     model_input,
+    pixel_strength_input,
     positive_input,
     seed_input,
+    semantic_strength_input,
     tile_overlap_input,
     tile_size_input,
     upscale_by_input,
@@ -68,10 +71,11 @@ class FiDeSRUpscale(io.ComfyNode):
             node_id="FiDeSRUpscale",
             display_name=UPSCALE_NODE,
             category=CATEGORY,
-            description="FiDeSR in one node: restores and upscales the image with one diffusion step (LoRA U-Net "
-            "residual, LRRB refinement), training-free LF/HF frequency injection and colour correction. Same result "
-            "as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and VAE "
-            "Decode.",
+            description="One-step super-resolution in one node, with the model from Load FiDeSR Model: FiDeSR (LoRA "
+            "U-Net residual, LRRB refinement), PiSA-SR (pixel and semantic LoRA sets, adjustable strengths) or "
+            "OSEDiff (one DDPM step), then training-free LF/HF frequency injection and colour correction. Same "
+            "result as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and "
+            "VAE Decode.",
             inputs=[
                 model_input(),
                 lq_image_input(),
@@ -84,6 +88,8 @@ class FiDeSRUpscale(io.ComfyNode):
                 tile_size_input(),
                 tile_overlap_input(),
                 positive_input(),
+                pixel_strength_input(),
+                semantic_strength_input(),
             ],
             outputs=[image_output("The restored, upscaled image.")],
         )
@@ -102,6 +108,8 @@ class FiDeSRUpscale(io.ComfyNode):
         tile_size: int = 96,
         tile_overlap: int = 32,
         positive: Any = None,
+        pixel_strength: float = 1.0,
+        semantic_strength: float = 1.0,
     ) -> io.NodeOutput:
         node = UPSCALE_NODE
         handle = require_handle(model, node)
@@ -119,6 +127,8 @@ class FiDeSRUpscale(io.ComfyNode):
                 tile_overlap=tile_overlap,
                 low=LowFrequencySettings(strength=lf_strength),
                 high=HighFrequencySettings(strength=hf_strength),
+                pixel_strength=pixel_strength,
+                semantic_strength=semantic_strength,
             )
             result = upscale(
                 handle.model,

@@ -2,7 +2,7 @@
 
 It mirrors ComfyUI 0.8.0's ``comfy_api.latest._io`` for these pieces: ``io.ComfyNode`` (``GET_SCHEMA``,
 ``GET_NODE_INFO_V1``, ``INPUT_TYPES``), ``io.Schema``, the ``Int``/``Float``/``Combo``/``Image``/``Latent``/
-``Conditioning`` types, ``io.Custom``, ``io.NodeOutput`` and ``ComfyExtension``.  ``GET_NODE_INFO_V1`` gives what
+``Conditioning`` types, ``io.Custom``, ``io.NodeOutput``, ``ComfyExtension`` and ``ui.PreviewText``.  ``GET_NODE_INFO_V1`` gives what
 ComfyUI's ``GET /object_info`` serves for a V3 node; the test that runs in a real ComfyUI
 (``test_nodes_real_comfyui.py``) checks that the two agree for every node of the pack.
 """
@@ -163,6 +163,10 @@ class ComfyNode:
         raise NotImplementedError
 
     @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        return True
+
+    @classmethod
     def GET_SCHEMA(cls) -> Schema:  # noqa: N802 - ComfyUI's name
         schema = cls.define_schema()
         schema.finalize()
@@ -190,6 +194,16 @@ class NodeOutput:
         return self.args[index]
 
 
+class PreviewText:
+    """``ui.PreviewText``: a text a node shows after it ran (``{"text": (value,)}`` in the prompt's outputs)."""
+
+    def __init__(self, value: str, **kwargs: Any) -> None:
+        self.value = value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": (self.value,)}
+
+
 class ComfyExtension:
     async def on_load(self) -> None:
         return None
@@ -203,7 +217,7 @@ def Custom(io_type: str) -> type:  # noqa: N802 - ComfyUI's name
 
 
 def build_comfy_api_modules() -> dict[str, types.ModuleType]:
-    """``comfy_api`` and ``comfy_api.v0_0_2`` (with ``io`` and ``ComfyExtension``), ready for ``sys.modules``."""
+    """``comfy_api`` and ``comfy_api.v0_0_2`` (with ``io``, ``ui`` and ``ComfyExtension``), ready for ``sys.modules``."""
     io = types.ModuleType("comfy_api.v0_0_2.io")
     for name, value in {
         "Input": Input,
@@ -220,8 +234,10 @@ def build_comfy_api_modules() -> dict[str, types.ModuleType]:
         "Conditioning": _comfy_type("CONDITIONING"),
     }.items():
         setattr(io, name, value)
+    ui = types.ModuleType("comfy_api.v0_0_2.ui")
+    ui.PreviewText = PreviewText
     version = types.ModuleType("comfy_api.v0_0_2")
-    version.io, version.ComfyExtension = io, ComfyExtension
+    version.io, version.ui, version.ComfyExtension = io, ui, ComfyExtension
     package = types.ModuleType("comfy_api")
     package.__path__ = []
     package.v0_0_2 = version

@@ -141,6 +141,7 @@ def _model_management(stub: ComfyStub) -> types.ModuleType:
     module.free_memory = free_memory
     module.soft_empty_cache = soft_empty_cache
     module.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    module.processing_interrupted = lambda: stub.interrupt_requested
     module.unet_dtype = unet_dtype
     return module
 

@@ -110,10 +110,10 @@ def test_refine_passes_a_latent_without_lrrb_through(tiny_pisa_sr, images) -> No
 def test_steps_refuse_a_latent_of_another_family(tiny_model, tiny_pisa_sr, images) -> None:
     with torch.inference_mode():
         pisa_state = encode_step(tiny_pisa_sr, images[:1], process_size=SMALL)
-        with pytest.raises(StepOrderError, match="encoded by a PiSA-SR model but the U-Net residual step got a FiDeSR"):
+        with pytest.raises(StepOrderError, match="by the PiSA-SR model but the U-Net residual step got the FiDeSR"):
             residual_step(tiny_model, pisa_state)
         fidesr_state = residual_step(tiny_model, encode_step(tiny_model, images[:1], process_size=SMALL))
-        with pytest.raises(StepOrderError, match="encoded by a FiDeSR model but the LRRB refine step got a PiSA-SR"):
+        with pytest.raises(StepOrderError, match="by the FiDeSR model but the LRRB refine step got the PiSA-SR"):
             refine_step(tiny_pisa_sr, fidesr_state)
 
 

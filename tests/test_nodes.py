@@ -43,7 +43,7 @@ EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]
     "FiDeSRResidual": (
         "FiDeSR One-Step U-Net",
         {"model": None, "latent": None, "tile_size": 96, "tile_overlap": 32},
-        ["positive"],
+        ["positive", "pixel_strength", "semantic_strength"],
         ("LATENT",),
     ),
     "FiDeSRRefine": ("FiDeSR LRRB Refine", {"model": None, "latent": None}, [], ("LATENT",)),
@@ -98,7 +98,7 @@ EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]
             "tile_size": 96,
             "tile_overlap": 32,
         },
-        ["positive"],
+        ["positive", "pixel_strength", "semantic_strength"],
         ("IMAGE",),
     ),
     "FiDeSRColorFix": (
@@ -118,6 +118,8 @@ EXPECTED_COMBOS = {
     ("FiDeSRHighFrequencyInject", "filter"): ["official", "radial"],
     ("FiDeSRColorFix", "method"): ["adain", "wavelet"],
 }
+# Optional widgets (appended after the first release, so saved workflows and prompts without them load): defaults.
+OPTIONAL_DEFAULTS = {"pixel_strength": 1.0, "semantic_strength": 1.0}
 SOCKET_TYPES = {
     "model": "FIDESR_MODEL",
     "image": "IMAGE",
@@ -220,6 +222,8 @@ def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
             assert spec[0] == SOCKET_TYPES[name]
         elif required.get(name) is not None:
             assert options.get("default") == required[name]
+        elif name in optional:
+            assert options.get("default") == OPTIONAL_DEFAULTS[name], f"{node_id}.{name}"
         if (node_id, name) in EXPECTED_COMBOS:
             assert _combo_options(spec) == EXPECTED_COMBOS[(node_id, name)]
         if spec[0] in ("INT", "FLOAT"):

@@ -56,8 +56,11 @@ def test_loader_combos_load_with_empty_model_folders(comfy, tmp_path, monkeypatc
     names = comfy.stub.folder_names_and_paths
     for folder in ("checkpoints", "diffusers", "fidesr"):
         monkeypatch.setitem(names, folder, ([str(tmp_path / folder)], names[folder][1]))
-    lists = loader_lists(comfy)
-    assert lists["base_model"] == [] and lists["fidesr_weights"] == []
+    lists = loader_lists(comfy)  # only the released files, as download entries (test_nodes_downloads.py)
+    assert lists["base_model"] == [
+        "checkpoints/v2-1_512-ema-pruned.safetensors (download from Manojb/stable-diffusion-2-1-base)"
+    ]
+    assert lists["fidesr_weights"] == ["fidesr.pkl (download from jmjin2/FiDeSR)"]
 
 
 def test_extra_model_paths_are_kept_and_listed(comfy, model_files, tmp_path, monkeypatch) -> None:

@@ -8,7 +8,9 @@ does for V1 and V3 nodes), ComfyUI's core nodes come from a recorded fixture.
 
 * every node type exists (frontend-only nodes such as Note are allowed);
 * ``widgets_values`` holds one value per widget input, in input order, plus the
-  frontend's extra value for seed controls and image-upload buttons, and every
+  frontend's extra value for seed controls and image-upload buttons (trailing
+  optional widgets may be missing: a workflow saved before they were appended
+  loads with their defaults), and every
   value fits its type, range or combo list (file lists are machine-specific, so
   file combos are checked by a caller-supplied rule instead);
 * inputs and outputs listed on the node match the definition;
@@ -135,11 +137,14 @@ def _check_widgets(
     values = node.get("widgets_values", [])
     if not isinstance(values, list):
         return [f"{label}: widgets_values must be a list, got {type(values).__name__}"]
-    if len(values) != len(slots):
+    optional = set(definition["input"].get("optional", {}))
+    # A workflow saved before optional widgets were appended lacks their values: the frontend keeps the defaults.
+    missing = slots[len(values) :]
+    if len(values) > len(slots) or any(name not in optional for name, _, _ in missing):
         expected = [f"{name}:{role}" for name, role, _ in slots]
         return [f"{label}: {len(values)} widgets_values but the widgets are {expected}"]
     problems = []
-    for (name, role, spec), value in zip(slots, values, strict=True):
+    for (name, role, spec), value in zip(slots, values, strict=False):
         if role == "seed_control":
             if value not in SEED_CONTROL_VALUES:
                 problems.append(f"{label}: control after generate of {name} is {value!r}")

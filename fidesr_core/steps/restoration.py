@@ -43,10 +43,11 @@ def _pisa_sr_unet(
 
     ``λ_pix·ε_pix + λ_sem·(ε_both − ε_pix) = (λ_pix − λ_sem)·ε_pix + λ_sem·ε_both``: one call when
     ``λ_pix = λ_sem`` (a multiple of ``ε_both``) or ``λ_sem = 0`` (of ``ε_pix``), two otherwise.
+    Both at 1 is exactly ``ε_both``: the default mode's call itself.
     """
-    if pixel is None and semantic is None:
-        return call
     pixel, semantic = 1.0 if pixel is None else pixel, 1.0 if semantic is None else semantic
+    if pixel == 1.0 and semantic == 1.0:
+        return call
 
     def pixel_only(tile: torch.Tensor) -> torch.Tensor:
         with adapters_switched_on(model.unet):
