@@ -46,11 +46,13 @@ class WholeMap:
 class TensorMap(WholeMap):
     """A map held as one tensor (in host memory, or on the device for the final output)."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor, self.shape, self.dtype = tensor, tuple(tensor.shape), tensor.dtype
+    def __init__(self, tensor: torch.Tensor, layout: torch.memory_format) -> None:
+        self.tensor, self.shape, self.dtype, self.layout = tensor, tuple(tensor.shape), tensor.dtype, layout
 
     def read(self, box: Box, device: torch.device) -> torch.Tensor:
-        return self.tensor[..., box.top : box.bottom, box.left : box.right].to(device)
+        # a dense copy, as from a file: some half-precision kernels round differently on strided views
+        tile = self.tensor[..., box.top : box.bottom, box.left : box.right]
+        return tile.to(device).contiguous(memory_format=self.layout)
 
     def write(self, box: Box, piece: torch.Tensor) -> None:
         self.tensor[..., box.top : box.bottom, box.left : box.right] = piece
@@ -122,7 +124,7 @@ class MapStore:
     def new_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> WholeMap:
         nbytes = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
         if self.live_bytes + nbytes <= self.budget.map_bytes:
-            whole: WholeMap = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout))
+            whole: WholeMap = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
             weakref.finalize(whole, self._released, nbytes, False)
@@ -135,7 +137,7 @@ class MapStore:
 
     def output_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> WholeMap:
         """The result: a tensor on ``device``, outside the budget (it is what the caller asked for)."""
-        return TensorMap(torch.empty(shape, dtype=dtype, device=device, memory_format=self.layout))
+        return TensorMap(torch.empty(shape, dtype=dtype, device=device, memory_format=self.layout), self.layout)
 
     def _released(self, nbytes: int, in_file: bool) -> None:
         if in_file:

@@ -152,8 +152,9 @@ def _layout(program: Program) -> torch.memory_format:
     for step in program.steps:
         if isinstance(step, Conv):
             weight = step.conv.weight
-            nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-            return torch.channels_last if nhwc else torch.contiguous_format
+            nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+            if nhwc != nchw:  # a 1×1 kernel (or one input channel) is both: look further
+                return torch.channels_last if nhwc else torch.contiguous_format
     return torch.contiguous_format
 
 
@@ -180,7 +181,7 @@ def run_program_in(
         grids[start] = [
             Box(*rows, *cols, *latent) for rows in _spans(latent[0], side) for cols in _spans(latent[1], side)
         ]
-    maps: dict[str | int, WholeMap] = {"h": TensorMap(source)}
+    maps: dict[str | int, WholeMap] = {"h": TensorMap(source, store.layout)}
     owned: set[str | int] = set()  # maps made here (the caller's tensor is never written)
     stats, total, done = None, sum(len(cores) for cores in grids.values()), 0
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
