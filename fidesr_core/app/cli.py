@@ -91,7 +91,9 @@ def _run_upscale(args: argparse.Namespace) -> int:
         print(f"nothing to do: all {len(pairs)} outputs exist in {args.output} (use --overwrite to redo)")
         return 0
     model = load_fidesr_model(args.base, args.weights, precision=args.precision, device=args.device)
-    print(f"FiDeSR on {model.description['device']} ({model.description['precision']}): {len(todo)} image(s)")
+    from ..precision import precision_reason
+
+    print(f"FiDeSR on {model.device} in {precision_reason(args.precision, model.device)}: {len(todo)} image(s)")
     result = upscale_files(model, pairs, settings, overwrite=args.overwrite)
     print(f"written {len(result.written)}, skipped {len(result.skipped)} (exist), failed {len(result.failed)}")
     for source, reason in result.failed:
