@@ -87,10 +87,11 @@ def _round_inputs(model: nn.Module, half: torch.dtype) -> None:
             module.register_forward_pre_hook(round_in)
 
 
-def _half_matmuls(model: nn.Module, half: torch.dtype, split: bool) -> None:
+def _half_matmuls(model: nn.Module, half: torch.dtype, split: int) -> None:
     """fp32 model whose convolutions and linears run in the half type (input and weights cast, output back to
-    fp32): the residual stream, norms, activations and attention softmax stay fp32. ``split``: the weight
-    as ``hi + lo`` halves, two half-precision products (the weight's rounding error removed)."""
+    fp32): the residual stream, norms, activations and attention softmax stay fp32. ``split`` 2: the weight
+    as ``hi + lo`` halves, two half-precision products (the weight's rounding removed); 3: the input split
+    too, three products (hi·hi + hi·lo + lo·hi, about fp32's accuracy)."""
     import torch.nn.functional as F
 
     for module in model.modules():
@@ -99,18 +100,21 @@ def _half_matmuls(model: nn.Module, half: torch.dtype, split: bool) -> None:
         weight = module.weight.data
         layout = torch.channels_last if weight.dim() == 4 else torch.contiguous_format
         high = weight.to(half).contiguous(memory_format=layout)
-        low = (weight - high.float()).to(half).contiguous(memory_format=layout) if split else None
+        low = (weight - high.float()).to(half).contiguous(memory_format=layout) if split >= 2 else None
         bias = None if module.bias is None else module.bias.data
 
         def forward(x, module=module, high=high, low=low, bias=bias):
-            op = (
-                (lambda w: F.conv2d(x.to(half), w, None, module.stride, module.padding, module.dilation, module.groups))
-                if isinstance(module, nn.Conv2d)
-                else (lambda w: F.linear(x.to(half), w))
-            )
-            out = op(high).float()
+            def op(inputs, w):
+                if isinstance(module, nn.Conv2d):
+                    return F.conv2d(inputs, w, None, module.stride, module.padding, module.dilation, module.groups)
+                return F.linear(inputs, w)
+
+            x_high = x.to(half)
+            out = op(x_high, high).float()
             if low is not None:
-                out += op(low).float()
+                out += op(x_high, low).float()
+            if split >= 3:
+                out += op((x - x_high.float()).to(half), high).float()
             return out if bias is None else out + (bias[:, None, None] if isinstance(module, nn.Conv2d) else bias)
 
         module.forward = forward
@@ -156,11 +160,11 @@ def main() -> None:
     print(json.dumps({"variant": "fp32", "seconds": round(time.perf_counter() - start, 2)}), flush=True)
     for variant in args.variants.split(","):
         name, *kept = variant.split("+")
-        if name in ("wround", "xround", "mixed", "mixed2"):
+        if name in ("wround", "xround", "mixed", "mixed2", "mixed3"):
             model = _build(args.part)
             {"wround": _round_weights, "xround": _round_inputs}.get(name, lambda m, h: None)(model, torch.bfloat16)
             if name.startswith("mixed"):
-                _half_matmuls(model, torch.bfloat16, split=name == "mixed2")
+                _half_matmuls(model, torch.bfloat16, split={"mixed": 1, "mixed2": 2, "mixed3": 3}[name])
             start = time.perf_counter()
             value = _run(args.part, model, args.size, torch.float32)
             seconds = time.perf_counter() - start
