@@ -6,15 +6,18 @@ computed exactly with ``kthvalue`` because ``torch.quantile`` refuses tensors
 of more than 2**24 elements (a 4096x4096 image has exactly that many), and
 images are processed one at a time to bound memory. At full resolution only
 single-channel maps are made (the luminance comes first, then the shift to
-``[0, 1]``, which commutes with it since the luma weights sum to 1), and the
-sums and the normalisation run in place: a 4096x4096 map takes a few
-single-channel copies of the image, not several RGB ones.
+``[0, 1]``, which commutes with it since the luma weights sum to 1), the 3x3
+filters run a strip of rows at a time (``row_strips``) and the sums and the
+normalisation run in place: a 4096x4096 map takes a few single-channel copies
+of the image, not several RGB ones.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .row_strips import by_row_strips
 
 __all__ = [
     "luminance",
@@ -95,6 +98,14 @@ def percentile_normalize(x: torch.Tensor, *, low: float = 0.05, high: float = 0.
     return normalized
 
 
+_STRUCTURE_HALO = 3  # rows: the local variance stacks two 3x3 filters, each spoiling one edge row
+
+
+def _structure(gray: torch.Tensor) -> torch.Tensor:
+    """Mean of the three structure measures of ``gray`` ``[B, 1, H, W]``."""
+    return sobel_magnitude(gray).add_(laplacian_magnitude(gray)).add_(local_variance(gray)).div_(3.0)
+
+
 def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tensor:
     """Detail map ``D`` of ``[B, 3, H, W]`` -> ``[B, 1, H, W]`` in ``[0, 1]``, float32.
 
@@ -107,7 +118,7 @@ def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tens
         gray = luminance(image[index : index + 1].float())  # [1, 1, H, W]
         if shift_to_unit:
             gray.add_(1.0).mul_(0.5)
-        structure = sobel_magnitude(gray).add_(laplacian_magnitude(gray)).add_(local_variance(gray)).div_(3.0)
+        structure = by_row_strips(_structure, gray, halo=_STRUCTURE_HALO)
         del gray
-        maps.append(box_blur3(percentile_normalize(structure)))
+        maps.append(by_row_strips(box_blur3, percentile_normalize(structure), halo=1))
     return maps[0] if len(maps) == 1 else torch.cat(maps, dim=0)
