@@ -194,6 +194,35 @@ def test_safetensors_is_told_by_its_layout_whatever_the_header_length(authors: d
         path.unlink()
 
 
+def test_merge_is_peft_merging_every_lora_layer(tiny: BaseModel, authors: dict) -> None:
+    """merge_lora (diffusers' public fuse_lora + unload_lora) gives bit for bit what merging each peft LoRA
+    layer and putting its base layer back gives."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = _weights(authors)
+
+    def with_lora() -> UNet2DConditionModel:
+        unet = UNet2DConditionModel.from_config(tiny.unet.config).eval()
+        unet.load_state_dict(tiny.unet.state_dict())
+        add_lora_adapters(unet, weights.target_modules, rank=weights.lora_rank, init_lora_weights=False)
+        load_lora_state(unet, weights.unet_lora_state)
+        return unet
+
+    by_layer = with_lora()
+    for name, module in list(by_layer.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(by_layer.get_submodule(parent) if parent else by_layer, child, module.get_base_layer())
+    merged = with_lora()
+    merge_lora(merged)
+    expected, got = by_layer.state_dict(), merged.state_dict()
+    assert got.keys() == expected.keys() and not any("lora" in key for key in got)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert not any(isinstance(module, LoraLayer) for module in merged.modules())
+    assert not torch.equal(got["conv_in.weight"], tiny.unet.state_dict()["conv_in.weight"])
+
+
 def test_loaded_lora_changes_the_unet_and_merging_matches_peft(tiny: BaseModel, authors_pkl: Path) -> None:
     weights = load_fidesr_weights(authors_pkl)
     generator = torch.Generator().manual_seed(0)
