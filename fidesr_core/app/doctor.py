@@ -16,7 +16,7 @@ from ..precision import cpu_has_native_bf16, dtype_name, resolve_device, resolve
 
 __all__ = ["run_doctor"]
 
-_PACKAGES = ("torch", "diffusers", "peft", "transformers", "safetensors", "kornia", "numpy", "pillow", "tqdm")
+_PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers", "safetensors", "numpy", "pillow", "tqdm")
 
 
 def _report_versions(out: TextIO) -> bool:
