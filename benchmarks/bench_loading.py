@@ -15,6 +15,9 @@ subprocess, so every peak RSS (``VmHWM``) belongs to that case alone:
 Each case starts with the files in the page cache (read once before it), so times compare readers,
 not the disk.
 
+``peak_rss_gb`` is the process's VmHWM, which also counts pages of files it maps (reclaimable page cache);
+``peak_anonymous_gb`` (RssAnon sampled every 10 ms) is the memory it really had to have.
+
 Prints one JSON document. ``--delete`` removes what was written (5 GB each) at the end.
 
     python benchmarks/bench_loading.py --dir /tmp/sd21-random --cases folder,single --delete
@@ -28,6 +31,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +132,14 @@ def _child(case: str, folder: Path, single: Path) -> dict:
     from fidesr_core.loading.base_model import load_base_model
 
     torch.set_num_threads(2)
+    peak_anonymous = [0]
+
+    def sample_anonymous() -> None:  # VmHWM also counts pages of mapped files, which the kernel can drop
+        while True:
+            peak_anonymous[0] = max(peak_anonymous[0], _status_bytes("RssAnon"))
+            time.sleep(0.01)
+
+    threading.Thread(target=sample_anonymous, daemon=True).start()
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
     if case.startswith("read-"):
@@ -148,6 +160,7 @@ def _child(case: str, folder: Path, single: Path) -> dict:
         "seconds": round(seconds, 1),
         "rss_before_gb": round(before / 1e9, 2),
         "peak_rss_gb": round(_status_bytes("VmHWM") / 1e9, 2),
+        "peak_anonymous_gb": round(peak_anonymous[0] / 1e9, 2),
         "rss_after_gb": round(after / 1e9, 2),
         "tensors_gb": round(tensor_bytes / 1e9, 2),
         "kept_beyond_tensors_gb": round((after - before - tensor_bytes) / 1e9, 2),

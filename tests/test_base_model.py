@@ -325,9 +325,17 @@ def test_loaded_weights_own_aligned_memory(tiny: BaseModel, tiny_config_dir: Pat
     assert_same_outputs(tiny, loaded)
 
 
-def test_read_checkpoint_state_dict_matches_safetensors(tiny: BaseModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reopen_every", [None, 1000])
+def test_read_checkpoint_state_dict_matches_safetensors(
+    tiny: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen_every: int | None
+) -> None:
+    """Also when the reader reopens the file every few tensors (it does so every 256 MiB)."""
     from safetensors.torch import load_file
 
+    from fidesr_core.loading import checkpoint_files
+
+    if reopen_every is not None:
+        monkeypatch.setattr(checkpoint_files, "_MAPPED_BYTES_PER_OPEN", reopen_every)
     path = write_ldm_checkpoint(tiny, tmp_path / "m.safetensors", dtype=torch.bfloat16)
     ours, theirs = read_checkpoint_state_dict(path), load_file(path)
     assert ours.keys() == theirs.keys()

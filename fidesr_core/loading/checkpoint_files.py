@@ -1,7 +1,7 @@
 """Opening single-file model checkpoints without trusting them.
 
 Files are ``.safetensors`` (read with the safetensors library: the header first,
-then tensors one by one) or pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``)
+then tensors one by one, copied out of its memory map) or pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``)
 read only with ``torch.load(weights_only=True)``, memory-mapped when the file
 is a zip archive.  What kind of file it is, is told by its content first and by
 its name second.  Telling what a file *holds* lives in ``identify``.
@@ -37,6 +37,7 @@ __all__ = [
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
 _MAX_SNIFFED_HEADER = 100 * 2**20  # a longer JSON header is not parsed just to tell the container
+_MAPPED_BYTES_PER_OPEN = 256 * 2**20
 
 
 class Container(str, Enum):
@@ -104,10 +105,7 @@ def _safetensors_problem(path: Path, error: Exception) -> ModelFileError:
 
 
 def _safe_open(path: Path) -> Any:
-    # pread: tensors are read into their own buffers instead of mapping the file, so reading a checkpoint
-    # never counts its pages twice in the process's memory (measured: peak RSS 6.1 GB instead of 11.3 GB
-    # for a 5.2 GB file, benchmarks/bench_loading.py).
-    return safetensors.safe_open(str(path), framework="pt", backend="pread")
+    return safetensors.safe_open(str(path), framework="pt")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -132,16 +130,23 @@ def read_safetensors_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors ``keys`` of a safetensors file, each cast to ``dtype`` (default: as stored).
 
-    Each tensor is copied out of the library's buffer into torch-allocated memory: 64-byte aligned,
-    as CPU kernels expect (the library's own buffers are not), and owned by the tensor alone.
+    Each tensor is copied out of the library's memory map into torch-allocated memory: 64-byte aligned, as
+    CPU kernels expect (tensors in the map are not), and owned by the tensor alone.  The file is reopened
+    every ``_MAPPED_BYTES_PER_OPEN``: closing the map gives back the pages read so far, so a checkpoint's
+    pages never all count twice in the process's memory.
     """
+    pending = list(keys)[::-1]
     loaded: dict[str, torch.Tensor] = {}
     try:
-        with _safe_open(path) as handle:
-            for key in keys:
-                tensor = handle.get_tensor(key)
-                loaded[key] = tensor.to(dtype or tensor.dtype, copy=True)
-                del tensor
+        while pending:
+            mapped = 0
+            with _safe_open(path) as handle:
+                while pending and mapped < _MAPPED_BYTES_PER_OPEN:
+                    key = pending.pop()
+                    tensor = handle.get_tensor(key)
+                    mapped += tensor.numel() * tensor.element_size()
+                    loaded[key] = tensor.to(dtype or tensor.dtype, copy=True)
+                    del tensor
     except safetensors.SafetensorError as error:
         raise _safetensors_problem(path, error) from None
     except OSError as error:
