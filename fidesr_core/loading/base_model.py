@@ -179,25 +179,32 @@ def _text_encoder_from_checkpoint(checkpoint: OpenedCheckpoint, text_encoder: CL
     """The OpenCLIP text tower (``cond_stage_model.model.*``) by diffusers' ``convert_open_clip_checkpoint``.
 
     SD 2 reads the penultimate block, so the config has one layer fewer than the file: blocks past
-    ``num_hidden_layers`` are not even read.  ``text_projection`` is read for its shape (the q/k/v split).
+    ``num_hidden_layers`` are not even read.  ``text_projection`` goes with every block for its shape
+    (the converter splits q, k and v by it).
     """
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     layers = text_encoder.config.num_hidden_layers
-
-    def used(key: str) -> bool:
+    groups: dict[int, list[str]] = {}  # block index -> its keys; -1: the keys outside the blocks
+    for key in checkpoint.shapes:
         block = _RESBLOCK.match(key)
-        return key.startswith(OPEN_CLIP_PREFIX) and (block is None or int(block.group(1)) < layers)
-
-    original = checkpoint.load([key for key in checkpoint.shapes if used(key)], torch.float32)
-    try:
-        converted = convert_open_clip_checkpoint(text_encoder, original, prefix=OPEN_CLIP_PREFIX)
-    except (KeyError, IndexError, ValueError, RuntimeError) as error:
-        raise BaseModelError(
-            f"{checkpoint.path}: the OpenCLIP text encoder cannot be converted ({type(error).__name__}: {error}); "
-            f"{SD21_BASE_HINT}"
-        ) from error
-    del original
+        index = -1 if block is None else int(block.group(1))
+        if key.startswith(OPEN_CLIP_PREFIX) and index < layers:
+            groups.setdefault(index, []).append(key)
+    projection_key = OPEN_CLIP_PREFIX + "text_projection"
+    projection = checkpoint.load([projection_key], torch.float32) if projection_key in checkpoint.shapes else {}
+    converted: dict[str, torch.Tensor] = {}
+    # One block at a time: the converter copies q, k and v out of a block's packed in_proj while it holds it.
+    for index in sorted(groups):
+        original = checkpoint.load([key for key in groups[index] if key != projection_key], torch.float32)
+        try:
+            converted |= convert_open_clip_checkpoint(text_encoder, original | projection, prefix=OPEN_CLIP_PREFIX)
+        except (KeyError, IndexError, ValueError, RuntimeError) as error:
+            raise BaseModelError(
+                f"{checkpoint.path}: the OpenCLIP text encoder cannot be converted ({type(error).__name__}: {error}); "
+                f"{SD21_BASE_HINT}"
+            ) from error
+        del original
     # diffusers names the keys for transformers 4 ("text_model." prefix); transformers 5 models have none.
     wants_prefix = any(key.startswith("text_model.") for key in text_encoder.state_dict())
     plain = {key.removeprefix("text_model."): tensor for key, tensor in converted.items()}
