@@ -39,6 +39,7 @@ __all__ = [
     "UNET_PREFIX",
     "VAE_PREFIX",
     "OPEN_CLIP_PREFIX",
+    "CHANNEL_VARIANTS",
     "ModelFamily",
     "ModelIdentity",
     "FileNote",
@@ -182,7 +183,7 @@ MISSING_PARTS = AnyOf(
     ),
 )
 # The U-Net's input channels name the SD variant; the text-to-image model takes 4.
-_CHANNEL_VARIANTS = {9: "inpainting", 5: "depth", 7: "x4-upscaler", 8: "instruct-pix2pix"}
+CHANNEL_VARIANTS = {9: "inpainting", 5: "depth", 7: "x4-upscaler", 8: "instruct-pix2pix"}
 _NOT_4_CHANNELS = "; the text-to-image model takes 4"
 
 SD2_NOTES = (
@@ -212,7 +213,7 @@ def _input_variant_rules() -> tuple[FileRule, ...]:
     """SD 1.x / 2.x models whose U-Net does not take the 4 latent channels of text-to-image (SD 1.x first)."""
     rules = []
     for base, version, evidence in (("sd1", "SD 1.x", (SD1_EVIDENCE,)), ("sd2", "SD 2.x", ())):
-        for channels, variant in _CHANNEL_VARIANTS.items():
+        for channels, variant in CHANNEL_VARIANTS.items():
             in_channels = KeyShape(_CONV_IN, axis=1, one_of=(channels,), reason="conv_in takes {value} input channels")
             rules.append(
                 FileRule(
@@ -222,7 +223,7 @@ def _input_variant_rules() -> tuple[FileRule, ...]:
                 )
             )
         other = KeyShape(
-            _CONV_IN, axis=1, not_one_of=(4, *_CHANNEL_VARIANTS), reason="conv_in takes {value} input channels"
+            _CONV_IN, axis=1, not_one_of=(4, *CHANNEL_VARIANTS), reason="conv_in takes {value} input channels"
         )
         rules.append(
             FileRule(

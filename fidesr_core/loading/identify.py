@@ -14,13 +14,12 @@ import torch
 
 from ..errors import ModelFileError
 from .checkpoint_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, Container, OpenedCheckpoint, open_checkpoint
-from .file_rules import ModelFamily, ModelIdentity, match_file_rules
+from .file_rules import CHANNEL_VARIANTS, ModelFamily, ModelIdentity, match_file_rules
 
 __all__ = ["identify_model_file", "identify_checkpoint", "read_checkpoint_state_dict", "read_json_object"]
 
 _COMPONENTS = ("unet", "vae", "text_encoder")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")  # diffusers / transformers weight files and shard indexes
-_CHANNEL_VARIANTS = {9: "inpainting", 5: "depth", 7: "x4-upscaler", 8: "instruct-pix2pix"}
 _SIZE_NOTE = "text context {} differs from SD 2.1-base (1024): not the released model's sizes"
 
 
@@ -88,7 +87,7 @@ def _not_sd2_text_to_image(sd1_evidence: list[str], in_channels: int) -> ModelId
     """The refusal of an SD 1.x folder or of a variant whose U-Net does not take 4 channels; None otherwise."""
     base, version = ("sd1", "SD 1.x") if sd1_evidence else ("sd2", "SD 2.x")
     if in_channels != 4:
-        variant = _CHANNEL_VARIANTS.get(in_channels)
+        variant = CHANNEL_VARIANTS.get(in_channels)
         family = ModelFamily(f"{base}-{variant or 'other-input'}")
         description = (
             f"an {version} {variant or 'other-input'} diffusers folder "

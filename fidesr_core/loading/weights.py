@@ -18,7 +18,7 @@ files.  The layout has no place for metadata: writing a ``.pkl`` drops it.
   and comes back in ``FiDeSRWeights.metadata``; ``fidesr.*`` keys are reserved.  The prefix keeps clear of the
   bare ``format`` key other writers use (``"pt"``).
 
-The format is told by content (zip or pickle magic versus a safetensors JSON header), not by the extension.
+The format is told by content (the safetensors layout, else zip or pickle magic), not by the extension.
 Weights are checked on reading and before writing by ``validate_fidesr_weights`` (``weights_validation``).
 """
 
@@ -210,7 +210,7 @@ def _check_readable(path: Path) -> None:
             identity = identify_model_file(path)  # reads JSON configs only
         except ModelFileError:
             identity = None
-        if identity is not None and identity.family != "unknown":
+        if identity is not None and identity.family is not ModelFamily.UNKNOWN:
             raise WeightsFileError(_base_model_refusal(path, identity.description))
         raise WeightsFileError(f"{path} is a folder; expected a file with {_EXPECTED}")
     if path.stat().st_size == 0:
