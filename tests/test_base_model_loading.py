@@ -137,6 +137,16 @@ def test_safetensors_base_is_told_by_its_layout_whatever_the_header_length(
 # --------------------------------------------------------------------------- doctor
 
 
+@pytest.fixture
+def one_thread():
+    """doctor's self-check runs tiny networks: on a busy machine, waiting threads make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_doctor_loads_the_base_before_calling_it_usable(tiny: BaseModel, tmp_path: Path) -> None:
     """A tiny SD 2-shaped file identifies as SD 2.x but does not fit the bundled SD 2.1-base configs."""
     path = write_ldm_checkpoint(tiny, tmp_path / "tiny-sd2.safetensors")
@@ -149,7 +159,4 @@ def test_doctor_loads_the_base_before_calling_it_usable(tiny: BaseModel, tmp_pat
     assert "NOT usable" in report and "do not match its config" in report and "usable as the FiDeSR base" not in report
 
     folder = write_diffusers_folder(tiny, tmp_path / "folder")  # loads with its own configs
-    assert check_base_model(folder).is_sd2
-    out = io.StringIO()
-    assert run_doctor(base=folder, out=out) is True
-    assert "loads; usable as the FiDeSR base" in out.getvalue()
+    assert check_base_model(folder).is_sd2  # doctor's report of a usable base: tests/test_cli.py
