@@ -1,13 +1,14 @@
-"""FiDeSR engine: one-step diffusion super-resolution on Stable Diffusion 2.1-base.
+"""FiDeSR engine: one-step diffusion super-resolution on Stable Diffusion 2.1-base (FiDeSR, PiSA-SR, OSEDiff).
 
 Plain torch + diffusers + peft; no ComfyUI.  Names are imported lazily so that
 ``python -m fidesr_core --help`` and the ComfyUI pack start quickly.
 
 Typical use::
 
-    from fidesr_core import load_fidesr_model, upscale, UpscaleSettings
-    model = load_fidesr_model("v2-1_512-ema-pruned.safetensors", "fidesr.pkl")
+    from fidesr_core import load_restorer, upscale, UpscaleSettings
+    model = load_restorer("v2-1_512-ema-pruned.safetensors", "pisa_sr.pkl")  # or fidesr.pkl, osediff.pkl
     image = upscale(model, lq, UpscaleSettings(latent_mode="mode"))  # [B, 3, 4H, 4W] in [0, 1]
+    model.family  # "fidesr", "pisa-sr" or "osediff"
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ _EXPORTS: dict[str, str] = {
     "SCALING_FACTOR": "networks.model",
     "BaseModel": "networks.model",
     "FiDeSRModel": "networks.model",
+    "OneStepRestorer": "networks.model",
+    "FAMILIES": "networks.families",
+    "FamilyRecipe": "networks.families",
+    "recipe_for": "networks.families",
+    "LoraSet": "networks.families",
+    "PiSASRWeights": "networks.families",
+    "OSEDiffWeights": "networks.families",
     "LRRB": "networks.lrrb",
     "FiDeSRWeights": "networks.model",
     "load_fidesr_weights": "loading.weights",
@@ -40,6 +48,13 @@ _EXPORTS: dict[str, str] = {
     "identify_model_file": "loading.identify",
     "assemble_fidesr_model": "loading.assemble",
     "load_fidesr_model": "loading.assemble",
+    "load_restorer_weights": "loading.family_weights",
+    "save_restorer_weights": "loading.family_weights",
+    "convert_restorer_weights": "loading.family_weights",
+    "describe_restorer_weights": "loading.describe_weights",
+    "assemble_restorer": "loading.restorer",
+    "load_restorer": "loading.restorer",
+    "prompt_embedding_for": "loading.restorer",
     "resolve_device": "precision",
     "resolve_dtype": "precision",
     # the steps

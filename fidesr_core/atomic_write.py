@@ -13,14 +13,30 @@ from pathlib import Path
 __all__ = ["write_atomic"]
 
 
+_TEMP_EXTRA = len(".") + len(".") + 12 + len(".part")  # what the temporary name adds to the target's
+
+
+def _fitting_prefix(path: Path) -> str:
+    """The target's name, cut so the temporary name stays within the folder's name limit (255 bytes)."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder yet, or no pathconf (Windows)
+        limit = 255
+    encoded = path.name.encode("utf-8", "surrogateescape")
+    if len(encoded) + _TEMP_EXTRA <= limit:
+        return path.name
+    return encoded[: max(1, limit - _TEMP_EXTRA)].decode("utf-8", "ignore")
+
+
 def _create_temp_file(path: Path) -> tuple[Path, int]:
     """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here.
 
     Created with mode 0o666 so the kernel applies the umask (``mkstemp`` would make it 0600);
     reading the result back avoids ``os.umask``, which changes the whole process's mask.
     """
+    stem = _fitting_prefix(path)
     for _ in range(100):
-        temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+        temp = path.parent / f".{stem}.{secrets.token_hex(6)}.part"
         try:
             handle = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:

@@ -14,6 +14,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "auto_dtype",
     "precision_reason",
+    "precision_why",
     "resolve_device",
     "resolve_dtype",
     "dtype_name",
@@ -64,11 +65,14 @@ def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     return torch.float32, "this CPU has no native bf16/fp16 units: half types would be emulated, slower than fp32"
 
 
+def precision_why(precision: str, device: torch.device) -> str:
+    """``"auto: this CPU has AMX-BF16 ..."`` or ``"asked for"``."""
+    return f"auto: {auto_dtype(device)[1]}" if precision == "auto" else "asked for"
+
+
 def precision_reason(precision: str, device: torch.device) -> str:
     """``"bf16 (auto: this CPU has AMX-BF16 ...)"`` or ``"fp32 (asked for)"``: the line a user reads."""
-    dtype = resolve_dtype(precision, device)
-    why = f"auto: {auto_dtype(device)[1]}" if precision == "auto" else "asked for"
-    return f"{dtype_name(dtype)} ({why})"
+    return f"{dtype_name(resolve_dtype(precision, device))} ({precision_why(precision, device)})"
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:

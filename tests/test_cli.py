@@ -120,9 +120,10 @@ def test_existing_outputs_are_skipped_and_overwrite_redoes(
     Image.fromarray(_photo(16, 16)).save(source)
     output = tmp_path / "out"
     output.mkdir()
-    (output / "a.png").write_bytes(b"old")
+    Image.fromarray(_photo(4, 4)).save(output / "a.png")  # a complete PNG from an earlier run
+    old = (output / "a.png").read_bytes()
     code, out, _ = _run(capsys, *_upscale_args(model_files, source, output=output))
-    assert code == 0 and "nothing to do" in out and (output / "a.png").read_bytes() == b"old"
+    assert code == 0 and "nothing to do" in out and (output / "a.png").read_bytes() == old
     code, out, _ = _run(capsys, *_upscale_args(model_files, source, output=output), "--overwrite")
     assert code == 0 and "written 1" in out
     with Image.open(output / "a.png") as image:
@@ -189,36 +190,6 @@ def test_doctor_runs_the_tiny_pipeline_and_identifies_files(model_files: dict, c
     assert "usable as the FiDeSR base" in out
     code, out, _ = _run(capsys, "doctor", "--base", model_files["weights"])  # weights are not a base model
     assert code == 1 and "NOT usable" in out and "problems found" in out
-
-
-def test_download_only_when_asked_and_names_the_files(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub
-
-    calls: list[tuple[str, str]] = []
-
-    def fake_download(*, repo_id: str, filename: str, local_dir: Path) -> str:
-        calls.append((repo_id, filename))
-        target = Path(local_dir) / filename
-        target.write_bytes(b"data")
-        return str(target)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    code, out, _ = _run(capsys, "download", "--to", tmp_path)
-    assert code == 0
-    assert calls == [
-        ("jmjin2/FiDeSR", "fidesr.pkl"),
-        ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
-    ]
-    assert _run(capsys, "download", "--to", tmp_path)[0] == 0 and len(calls) == 2  # present files are kept
-
-    def offline(**_: object) -> str:
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    code, _, err = _run(capsys, "download", "--to", tmp_path / "other", "--skip-base")
-    assert code == 2 and "could not download fidesr.pkl" in err and "network unreachable" in err
 
 
 def test_single_file_and_folder_bases_give_identical_outputs(tmp_path: Path) -> None:

@@ -79,3 +79,10 @@ def test_image_folders_list_images_only_skipping_hidden_copies(tmp_path: Path) -
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageInputError, match="holds no PNG, JPEG or WebP"):
         collect_image_files([tmp_path / "sub" / "d.webp", tmp_path / "empty"])
+
+
+def test_a_long_name_is_written_although_the_temporary_name_is_longer(tmp_path: Path) -> None:
+    target = tmp_path / ("x" * 245 + ".png")  # 249 bytes: fits, but ".<name>.<random>.part" would not
+    write_atomic(target, lambda temp: Path(temp).write_bytes(b"data"))
+    assert target.read_bytes() == b"data"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

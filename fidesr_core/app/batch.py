@@ -1,50 +1,135 @@
-"""Upscaling image files: input discovery, output naming, skip-existing, atomic writes."""
+"""Upscaling image files: input discovery, output naming, skip-existing, atomic writes.
+
+A batch never loses a file: an output never replaces an input, outputs are written atomically,
+and any failure of one image (bad file, write error, out of memory) is recorded with the input's
+name while the batch goes on.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..errors import FiDeSRError, ImageInputError
-from ..networks.model import FiDeSRModel
+from ..networks.model import OneStepRestorer
 from ..pipeline import UpscaleSettings, upscale
-from ..steps.preprocess import resize_image
-from .image_io import load_image, save_png_atomic
+from ..steps.preprocess import processing_size, resize_image
+from .image_io import IMAGE_EXTENSIONS, image_files_in, is_complete_png, load_image, save_png_atomic
 
-__all__ = ["BatchResult", "plan_outputs", "upscale_file", "upscale_files"]
+__all__ = ["BatchResult", "plan_outputs", "pending", "describe_failure", "upscale_file", "upscale_files"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BatchResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (input, why), the reason without the path
+    interrupted: bool = False
+
+    def merge(self, other: BatchResult) -> None:
+        self.written += other.written
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.interrupted = self.interrupted or other.interrupted
 
 
-def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[tuple[Path, Path]]:
-    """Pair each input with ``output_dir/<stem>.png``; two inputs that would share an output are an error."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _sources(inputs: Sequence[Path], output_dir: Path, *, recursive: bool) -> list[tuple[Path, Path]]:
+    """``(source, output folder)`` for every input; ``--recursive`` mirrors sub-folders under ``output_dir``."""
+    output_resolved = output_dir.resolve()
+    found: list[tuple[Path, Path]] = []
+    for path in inputs:
+        if path.is_dir():
+            images = [
+                image
+                for image in image_files_in(path, recursive=recursive)
+                # outputs written into an input folder are not inputs of the next run
+                if not (recursive and _inside(image.resolve(), output_resolved))
+            ]
+            if not images:
+                raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
+            found += [(image, output_dir / image.parent.relative_to(path)) for image in images]
+        elif path.is_file():
+            found.append((path, output_dir))
+        else:
+            raise ImageInputError(f"{path}: no such file or folder")
+    return list(dict.fromkeys(found))
+
+
+def plan_outputs(inputs: Sequence[Path], output_dir: Path, *, recursive: bool = False) -> list[tuple[Path, Path]]:
+    """Pair each input with ``output_dir/[sub-folder/]<stem>.png``, in a deterministic order.
+
+    Raises ``ImageInputError`` when two inputs would share an output, or an output would be an input.
+    """
+    sources = _sources([Path(path) for path in inputs], Path(output_dir), recursive=recursive)
+    inputs_resolved = {source.resolve(): source for source, _ in sources}
     planned: dict[Path, Path] = {}
-    for source in inputs:
-        target = output_dir / f"{source.stem}.png"
+    for source, folder in sources:
+        target = folder / f"{source.stem}.png"
         if target in planned:
             raise ImageInputError(f"{planned[target]} and {source} would both be written to {target}; rename one")
+        replaced = inputs_resolved.get(target.resolve())
+        if replaced is not None:
+            raise ImageInputError(
+                f"the output for {source} would replace the input {replaced}; choose another -o folder"
+            )
         planned[target] = source
-    return [(source, target) for target, source in planned.items()]
+    return sorted(((source, target) for target, source in planned.items()), key=lambda pair: str(pair[1]))
+
+
+def pending(pairs: Sequence[tuple[Path, Path]], *, overwrite: bool) -> list[tuple[Path, Path]]:
+    """The pairs still to do: all with ``overwrite``, else those whose output is not a complete PNG."""
+    return [pair for pair in pairs if overwrite or not is_complete_png(pair[1])]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def describe_failure(error: Exception, source: Path, target: Path) -> str:
+    """One line for the summary, for the person who gave ``source``; no internal file names."""
+    if isinstance(error, FiDeSRError):
+        return str(error).removeprefix(f"{source}: ")
+    if _is_out_of_memory(error):
+        return "out of memory: lower --tile-size, --encode-tile or --decode-tile, or --upscale-by"
+    if isinstance(error, OSError):
+        return f"cannot write {target}: {error.strerror or error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def upscale_file(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     source: Path,
     target: Path,
     settings: UpscaleSettings,
     *,
+    max_image_pixels: int | None = None,
     stage_bar: tqdm | None = None,
 ) -> None:
-    """Upscale one file to an 8-bit PNG (alpha, if any, resized bicubically alongside)."""
-    loaded = load_image(source)
+    """Upscale one file to an 8-bit PNG (alpha, if any, resized bicubically alongside).
+
+    ``max_image_pixels``: see ``load_image`` (None: PIL's limit, 0: none).
+    """
+    if source.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ImageInputError(f"{source}: not a PNG, JPEG or WebP file")
+
+    def check_size(height: int, width: int) -> None:  # before decoding: refuse what cannot be processed
+        processing_size(height, width, upscale_by=settings.upscale_by, process_size=settings.process_size)
+
+    loaded = load_image(source, max_pixels=max_image_pixels, check_size=check_size)
 
     def on_stage(stage: str, done: int, total: int) -> None:
         if stage_bar is not None:
@@ -57,29 +142,43 @@ def upscale_file(
     save_png_atomic(target, restored[0], alpha)
 
 
+def _release_memory(model: OneStepRestorer) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def upscale_files(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     pairs: Sequence[tuple[Path, Path]],
     settings: UpscaleSettings,
     *,
     overwrite: bool = False,
+    max_image_pixels: int | None = None,
     show_progress: bool = True,
 ) -> BatchResult:
-    """Upscale every ``(source, target)``; existing targets are skipped unless ``overwrite``.
+    """Upscale every ``(source, target)``; complete outputs are skipped unless ``overwrite``.
 
-    A bad image is recorded in ``failed`` and the batch goes on.
+    Any failure of one image is recorded in ``failed`` and the batch goes on; Ctrl-C stops it
+    with ``interrupted`` set (finished outputs are whole, nothing half-written stays).
     """
     result = BatchResult()
     with tqdm(total=len(pairs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for source, target in pairs:
-            if target.exists() and not overwrite:
-                result.skipped.append(target)
-            else:
-                try:
-                    upscale_file(model, source, target, settings, stage_bar=bar)
+            try:
+                if not overwrite and is_complete_png(target):
+                    result.skipped.append(target)
+                else:
+                    upscale_file(model, source, target, settings, max_image_pixels=max_image_pixels, stage_bar=bar)
                     result.written.append(target)
-                except FiDeSRError as error:
-                    result.failed.append((source, str(error)))
-                    bar.write(f"failed: {error}")
+            except KeyboardInterrupt:
+                result.interrupted = True
+                break
+            except Exception as error:  # one image must not stop the batch, whatever went wrong
+                reason = describe_failure(error, source, target)
+                logger.debug("%s failed", source, exc_info=True)
+                if _is_out_of_memory(error):
+                    _release_memory(model)
+                result.failed.append((source, reason))
+                bar.write(f"failed: {source}: {reason}")
             bar.update(1)
     return result

@@ -1,7 +1,7 @@
-"""``python -m fidesr_core``: upscale, convert, info, doctor, download.
+"""fidesr (or python -m fidesr_core): upscale, convert, info, doctor, download.
 
 Exit codes: 0 success, 1 some images failed or doctor found a problem,
-2 bad arguments or unusable model files, 130 interrupted.
+2 bad arguments or unusable model files, 3 download could not fetch a file, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,107 +12,136 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["build_parser", "main"]
 
-_EXIT_FAILED, _EXIT_USAGE, _EXIT_INTERRUPTED = 1, 2, 130
+_EXIT_FAILED, _EXIT_USAGE, _EXIT_NOT_FETCHED, _EXIT_INTERRUPTED = 1, 2, 3, 130
+_PIL_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as shipped (1024**3 // 4 // 3)
 
 
-def _add_upscale_parser(commands: argparse._SubParsersAction) -> None:
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2 (subcommand parsers are made of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(_EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _verbose_flag() -> argparse.ArgumentParser:
+    """``-v`` accepted after the subcommand too; SUPPRESS keeps the main parser's value when absent."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks and debug logs"
+    )
+    return parent
+
+
+def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
     from ..precision import PRECISIONS
     from ..steps.color_fix import COLOR_FIX_METHODS
     from ..steps.frequency import FILTER_GEOMETRIES
     from ..steps.vae_codec import LATENT_MODES
 
-    parser = commands.add_parser("upscale", help="super-resolve images (files and folders) to PNG")
+    parser = commands.add_parser("upscale", parents=common, help="super-resolve images (files and folders) to PNG")
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the PNG results")
     parser.add_argument("--base", required=True, type=Path, help="SD 2.1-base: diffusers folder or single file")
-    parser.add_argument("--weights", required=True, type=Path, help="FiDeSR weights: fidesr.pkl or .safetensors")
-    parser.add_argument("--upscale-by", type=float, default=4.0, help="scale factor (default 4, as trained)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="FiDeSR, PiSA-SR or OSEDiff weights (fidesr.pkl, pisa_sr.pkl, osediff.pkl or .safetensors; told by content)",
+    )
+    parser.add_argument(
+        "--pixel-strength",
+        type=float,
+        help="PiSA-SR: strength of the pixel-level (fidelity) LoRA; with --semantic-strength its adjustable mode "
+        "(default: its default mode; the other families have one LoRA set)",
+    )
+    parser.add_argument("--semantic-strength", type=float, help="PiSA-SR: strength of the semantic-level LoRA")
+    parser.add_argument("--prompt", default="", help="text prompt (OSEDiff encodes ', PROMPT,' as released)")
+    parser.add_argument("--upscale-by", type=float, default=4.0, help="scale factor, 1 to 16 (default 4, as trained)")
     parser.add_argument("--lf-strength", type=float, default=0.1, help="effective LF injection strength (0 = off)")
     parser.add_argument("--hf-strength", type=float, default=0.1, help="effective HF injection strength (0 = off)")
     parser.add_argument("--filter", choices=FILTER_GEOMETRIES, default="official", help="Butterworth geometry")
     parser.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="adain")
     parser.add_argument("--latent-mode", choices=LATENT_MODES, default="sample")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latent sample, 0 to 2^64-1")
     parser.add_argument("--tile-size", type=int, default=96, help="U-Net latent tile (0 = never tile)")
-    parser.add_argument("--tile-overlap", type=int, default=32)
-    parser.add_argument("--encode-tile", type=int, default=1024, help="VAE encoder tile in pixels (0 = off)")
+    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of U-Net tiles, below --tile-size")
+    parser.add_argument("--encode-tile", type=int, default=1024, help="VAE encoder tile in pixels, >= 8 (0 = off)")
     parser.add_argument("--decode-tile", type=int, default=224, help="VAE decoder tile in latent px (0 = off)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
-    parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=_PIL_DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse images that declare more pixels (decompression-bomb guard; default %(default)s, 0 = no limit)",
+    )
+    parser.add_argument("--recursive", action="store_true", help="also look in sub-folders (mirrored under -o)")
+    parser.add_argument("--overwrite", action="store_true", help="redo images whose output is complete")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fidesr_core", description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from .. import __version__
+
+    summary, _, exit_codes = __doc__.partition("\n\n")
+    parser = _Parser(prog=prog, description=summary, epilog=" ".join(exit_codes.split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_upscale_parser(commands)
-    convert = commands.add_parser("convert", help="convert FiDeSR weights between .pkl and .safetensors")
+    common = [_verbose_flag()]
+    _add_upscale_parser(commands, common)
+    convert = commands.add_parser(
+        "convert", parents=common, help="convert FiDeSR, PiSA-SR or OSEDiff weights between .pkl and .safetensors"
+    )
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
-    info = commands.add_parser("info", help="describe a FiDeSR weights file")
+    convert.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    info = commands.add_parser("info", parents=common, help="describe a FiDeSR, PiSA-SR or OSEDiff weights file")
     info.add_argument("weights", type=Path)
     info.add_argument("--json", action="store_true", help="print JSON")
-    doctor = commands.add_parser("doctor", help="check the install; identify model files")
+    doctor = commands.add_parser("doctor", parents=common, help="check the install; identify model files")
     doctor.add_argument("--base", type=Path, help="a base model to identify")
-    doctor.add_argument("--weights", type=Path, help="a FiDeSR weights file to check")
-    download = commands.add_parser("download", help="fetch fidesr.pkl and SD 2.1-base from the Hugging Face Hub")
+    doctor.add_argument("--weights", type=Path, help="a FiDeSR, PiSA-SR or OSEDiff weights file to check")
+    download = commands.add_parser(
+        "download", parents=common, help="fetch fidesr.pkl and SD 2.1-base from the Hugging Face Hub"
+    )
     download.add_argument("--to", type=Path, default=Path("models"), help="destination folder (default ./models)")
     download.add_argument("--skip-base", action="store_true", help="only fetch the FiDeSR weights")
+    download.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="REPO_ID",
+        help="another Hub repository holding the same files, tried after the known ones (repeatable)",
+    )
     return parser
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
-    from ..loading.assemble import load_fidesr_model
-    from ..pipeline import UpscaleSettings
-    from ..steps.injection import HighFrequencySettings, LowFrequencySettings
-    from .batch import plan_outputs, upscale_files
-    from .image_io import collect_image_files
+    from .upscale_command import run
 
-    settings = UpscaleSettings(
-        upscale_by=args.upscale_by,
-        latent_mode=args.latent_mode,
-        seed=args.seed,
-        color_fix=args.color_fix,
-        tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap,
-        encode_tile_size=args.encode_tile,
-        decode_tile_size=args.decode_tile,
-        low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
-        high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
-    )
-    pairs = plan_outputs(collect_image_files(args.inputs, recursive=args.recursive), args.output)
-    todo = [pair for pair in pairs if args.overwrite or not pair[1].exists()]
-    if not todo:
-        print(f"nothing to do: all {len(pairs)} outputs exist in {args.output} (use --overwrite to redo)")
-        return 0
-    model = load_fidesr_model(args.base, args.weights, precision=args.precision, device=args.device)
-    from ..precision import precision_reason
-
-    print(f"FiDeSR on {model.device} in {precision_reason(args.precision, model.device)}: {len(todo)} image(s)")
-    result = upscale_files(model, pairs, settings, overwrite=args.overwrite)
-    print(f"written {len(result.written)}, skipped {len(result.skipped)} (exist), failed {len(result.failed)}")
-    for source, reason in result.failed:
-        print(f"  {source}: {reason}", file=sys.stderr)
-    return _EXIT_FAILED if result.failed else 0
+    return run(args)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from ..loading.weights import convert_fidesr_weights
+    from ..errors import SettingsError
+    from ..loading.family_weights import convert_restorer_weights
 
-    convert_fidesr_weights(args.source, args.destination)
+    if args.destination.exists() and not args.overwrite:
+        raise SettingsError(f"{args.destination} exists; add --overwrite to replace it")
+    convert_restorer_weights(args.source, args.destination)
     print(f"wrote {args.destination}")
     return 0
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
-    description = describe_fidesr_weights(load_fidesr_weights(args.weights))
+    description = describe_restorer_weights(load_restorer_weights(args.weights))
     if args.json:
         print(json.dumps(description, indent=2, default=str))
     else:
@@ -128,10 +157,53 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0 if run_doctor(base=args.base, weights=args.weights, out=sys.stdout) else _EXIT_FAILED
 
 
-def _run_download(args: argparse.Namespace) -> int:
-    from .download import download_models
+class _ByteBar:
+    """A terminal progress bar per transfer (none when stderr is not a terminal)."""
 
-    for path in download_models(args.to, include_base=not args.skip_base):
+    def __init__(self) -> None:
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or done < self.done or total != self.bar.total:
+            self.close()
+            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, disable=None, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def print(self, line: str) -> None:
+        self.close()
+        print(line, flush=True)
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from huggingface_hub.utils import logging as hub_logging
+
+    from ..errors import SettingsError
+    from .download import DownloadError, download_models, is_repo_id
+
+    for repo_id in args.source:
+        if not is_repo_id(repo_id):
+            raise SettingsError(f"argument --source: {repo_id!r} is not a Hub repository id (owner/name)")
+    hub_logging.disable_propagation()  # it has its own handler: through ours too, every line came twice
+    bar = _ByteBar()
+    try:
+        paths = download_models(
+            args.to, include_base=not args.skip_base, extra_sources=args.source, progress=bar, report=bar.print
+        )
+    except DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        for line in error.by_hand:
+            print(line, file=sys.stderr)
+        return _EXIT_NOT_FETCHED
+    for path in paths:
         print(f"ready: {path}")
     return 0
 
@@ -145,8 +217,9 @@ _COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the command line; ``prog`` is the name in messages (default: how the program was started)."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from ..errors import FiDeSRError
 

@@ -16,7 +16,7 @@ from ..precision import dtype_name, precision_reason, resolve_device
 
 __all__ = ["run_doctor"]
 
-_PACKAGES = ("torch", "diffusers", "peft", "transformers", "safetensors", "kornia", "numpy", "pillow", "tqdm")
+_PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers", "safetensors", "numpy", "pillow", "tqdm")
 
 
 def _report_versions(out: TextIO) -> bool:
@@ -79,14 +79,14 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
 
 
 def _check_base(path: Path, out: TextIO) -> bool:
-    from ..loading.identify import identify_model_file
+    from ..loading.base_model import check_base_model
 
     try:
-        identity = identify_model_file(path)
+        identity = check_base_model(path)  # loads it when it looks usable
     except FiDeSRError as error:
-        print(f"base         {path}: {error}", file=out)
+        print(f"base         {path}: NOT usable: {error}", file=out)
         return False
-    verdict = "usable as the FiDeSR base" if identity.is_sd2 else "NOT usable: FiDeSR needs SD 2.1-base"
+    verdict = "loads; usable as the FiDeSR base" if identity.is_sd2 else "NOT usable: FiDeSR needs SD 2.1-base"
     print(f"base         {path}: {identity.family}, {identity.container}; {verdict}", file=out)
     print(f"             looks like {identity.description}", file=out)
     for note in identity.notes:
@@ -95,10 +95,11 @@ def _check_base(path: Path, out: TextIO) -> bool:
 
 
 def _check_weights(path: Path, out: TextIO) -> bool:
-    from ..loading.weights import describe_fidesr_weights, load_fidesr_weights
+    from ..loading.describe_weights import describe_restorer_weights
+    from ..loading.family_weights import load_restorer_weights
 
     try:
-        description = describe_fidesr_weights(load_fidesr_weights(path))
+        description = describe_restorer_weights(load_restorer_weights(path))
     except FiDeSRError as error:
         print(f"weights      {error}", file=out)
         return False

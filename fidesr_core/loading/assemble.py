@@ -16,7 +16,7 @@ from ..precision import dtype_name, resolve_device, resolve_dtype
 from .base_model import load_base_model
 from .weights import load_fidesr_weights
 
-__all__ = ["assemble_fidesr_model", "load_fidesr_model", "use_channels_last"]
+__all__ = ["assemble_fidesr_model", "load_fidesr_model", "use_channels_last", "place_networks"]
 
 
 def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
@@ -25,6 +25,19 @@ def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return False
     return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def place_networks(
+    unet: nn.Module, vae: nn.Module, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module]:
+    """Cast and move the U-Net and VAE (channels-last where it pays), frozen in eval mode."""
+    memory_format = torch.channels_last if use_channels_last(device, dtype) else torch.contiguous_format
+    # nn.Module.to, not diffusers' override: it warns about keeping modules in fp32 that SD 2.1 does not have.
+    unet = nn.Module.to(unet, device=device, dtype=dtype, memory_format=memory_format)
+    vae = nn.Module.to(vae, device=device, dtype=dtype, memory_format=memory_format)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    return unet, vae
 
 
 def _apply_lora(base: BaseModel, weights: FiDeSRWeights, source: str) -> None:
@@ -74,13 +87,9 @@ def assemble_fidesr_model(
     _apply_lora(base, weights, source)
     lrrb = _build_lrrb(weights, base.unet.config.in_channels, source)
     prompt_embedding = encode_empty_prompt(base.text_encoder.float())
-    memory_format = torch.channels_last if use_channels_last(target_device, dtype) else torch.contiguous_format
-    # nn.Module.to, not diffusers' override: it warns about keeping modules in fp32 that SD 2.1 does not have.
-    unet = nn.Module.to(base.unet, device=target_device, dtype=dtype, memory_format=memory_format)
-    vae = nn.Module.to(base.vae, device=target_device, dtype=dtype, memory_format=memory_format)
-    unet.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
+    unet, vae = place_networks(base.unet, base.vae, target_device, dtype)
     description = {
+        "family": "FiDeSR",
         "base": base.source,
         "base_kind": base.kind,
         "weights": source,

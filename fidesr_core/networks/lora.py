@@ -12,8 +12,10 @@ code.  peft is imported where it is used, so reading weight files stays fast.
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,9 +29,12 @@ __all__ = [
     "load_lora_state",
     "lora_state_dict",
     "merge_lora",
+    "negated_lora_state",
+    "adapters_switched_on",
 ]
 
 ADAPTER_NAMES: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 RELEASED_LORA_ALPHA = 8  # peft's LoraConfig default, which the released trainer and test script rely on
 LORA_TARGET_PATTERNS: tuple[str, ...] = (
     "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
@@ -104,19 +109,36 @@ def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def merge_lora(unet: nn.Module) -> None:
-    """Fold every LoRA layer into its base weight and remove the peft wrappers (in place).
+    """Fold every active LoRA adapter into its base weight and remove the peft wrappers (in place).
 
-    Raises ``ValueError`` if a merged weight is not finite.
+    diffusers' public ``fuse_lora`` (peft's ``merge`` on every LoRA layer, ``safe_merge``) and
+    ``unload_lora``.  Raises ``ValueError`` if a merged weight is not finite.
     """
-    from peft.tuners.lora import LoraLayer
+    unet.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    unet.unload_lora()
 
-    for name, module in list(unet.named_modules()):
-        if not isinstance(module, LoraLayer):
-            continue
-        module.merge(safe_merge=True)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child_name, module.get_base_layer())
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-    unet._hf_peft_config_loaded = False
+
+def negated_lora_state(state: Mapping[str, torch.Tensor], renamed: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The same LoRA with its sign flipped (``lora_B`` negated, exact in floating point), adapters renamed.
+
+    ``renamed`` maps old adapter names to new ones; added next to a merged copy of the original,
+    the result takes that LoRA back out of the weights without unmerging them.
+    """
+    negated = {}
+    for key, tensor in state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise KeyError(f"LoRA tensor {key!r} is not named <module>.lora_A|lora_B.<adapter>.weight")
+        new_key = f"{match['module']}.lora_{match['part']}.{renamed[match['adapter']]}.weight"
+        negated[new_key] = -tensor if match["part"] == "B" else tensor.clone()
+    return negated
+
+
+@contextmanager
+def adapters_switched_on(module: nn.Module) -> Iterator[None]:
+    """Run with the module's (normally switched off) peft adapters on; off again afterwards, also on errors."""
+    module.enable_adapters()
+    try:
+        yield
+    finally:
+        module.disable_adapters()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .families import FIDESR_RECIPE, Family, FamilyRecipe
 from .lora import RELEASED_LORA_ALPHA
 from .lrrb import LRRB
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:  # annotations only: importing diffusers/transformers takes se
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-__all__ = ["SCALING_FACTOR", "BaseModel", "FiDeSRWeights", "FiDeSRModel"]
+__all__ = ["SCALING_FACTOR", "BaseModel", "FiDeSRWeights", "OneStepRestorer", "FiDeSRModel"]
 
 SCALING_FACTOR = 0.18215  # SD 2.x VAE latent scale
 
@@ -50,42 +51,60 @@ class FiDeSRWeights:
     file_format: str = ""
     lora_alpha: float = RELEASED_LORA_ALPHA
 
+    family = "fidesr"
+
 
 @dataclass(eq=False)
-class FiDeSRModel:
-    """Everything inference needs: LoRA-merged U-Net, VAE, LRRB, empty-prompt embedding.
+class OneStepRestorer:
+    """A one-step SD 2.1 restorer ready for inference: FiDeSR, PiSA-SR or OSEDiff (``recipe`` says which).
 
-    ``dtype`` is the compute precision of the U-Net and VAE; the LRRB and all
-    frequency maths stay in float32.  The text encoder is not kept: the only
-    prompt FiDeSR uses is the empty one, computed once at load time.
+    ``unet`` carries its LoRA merged; ``vae`` likewise (OSEDiff's encoder LoRA).  ``lrrb`` is
+    FiDeSR's refinement block, ``None`` for the other families.  ``pixel_only_adapters`` names
+    the peft adapters that, switched on, take PiSA-SR's semantic LoRA back out of the merged
+    U-Net (its adjustable mode, docs/algorithm.md §9); empty for the others.
+    ``dtype`` is the compute precision of the U-Net and VAE; the LRRB and all frequency maths
+    stay in float32.  The text encoder is not kept: the prompt embedding is computed once at
+    load time (the family's released prompt, or the one asked for then).
     """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    lrrb: LRRB
+    lrrb: LRRB | None
     prompt_embedding: torch.Tensor  # [1, 77, cross_attention_dim], float32
     dtype: torch.dtype
     description: dict[str, str] = field(default_factory=dict)
     scaling_factor: float = SCALING_FACTOR
+    recipe: FamilyRecipe = FIDESR_RECIPE
+    pixel_only_adapters: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        return self.recipe.family
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def to(self, device: torch.device | str) -> FiDeSRModel:
+    def _networks(self) -> tuple[torch.nn.Module, ...]:
+        return (self.unet, self.vae) if self.lrrb is None else (self.unet, self.vae, self.lrrb)
+
+    def to(self, device: torch.device | str) -> OneStepRestorer:
         """Move every network to ``device`` (in place) and return self."""
         device = torch.device(device)
         if self.device != device:
-            self.unet.to(device)
-            self.vae.to(device)
-            self.lrrb.to(device)
+            for module in self._networks():
+                module.to(device)
             self.prompt_embedding = self.prompt_embedding.to(device)
         return self
 
     def memory_bytes(self) -> int:
         """Bytes held by parameters and buffers of all networks."""
         total = 0
-        for module in (self.unet, self.vae, self.lrrb):
+        for module in self._networks():
             for tensor in (*module.parameters(), *module.buffers()):
                 total += tensor.numel() * tensor.element_size()
         return total
+
+
+# The restorer's name before PiSA-SR and OSEDiff joined; kept so callers written for FiDeSR keep working.
+FiDeSRModel = OneStepRestorer

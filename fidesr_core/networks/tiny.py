@@ -10,11 +10,29 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .lora import add_lora_adapters, lora_state_dict, lora_target_modules
+from .families import (
+    OSEDIFF_UNET_ADAPTERS,
+    OSEDIFF_VAE_ADAPTER,
+    PISA_SR_PIXEL_ADAPTERS,
+    PISA_SR_SEMANTIC_ADAPTERS,
+    LoraSet,
+    OSEDiffWeights,
+    PiSASRWeights,
+)
+from .lora import ADAPTER_NAMES, add_lora_adapters, lora_state_dict, lora_target_modules
 from .lrrb import LRRB
 from .model import BaseModel, FiDeSRWeights
 
-__all__ = ["TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "TINY_TEXT_CONFIG", "tiny_base_model", "tiny_fidesr_weights"]
+__all__ = [
+    "TINY_UNET_CONFIG",
+    "TINY_VAE_CONFIG",
+    "TINY_TEXT_CONFIG",
+    "tiny_base_model",
+    "tiny_fidesr_weights",
+    "tiny_pisa_sr_weights",
+    "tiny_osediff_weights",
+    "vae_encoder_lora_modules",
+]
 
 TINY_UNET_CONFIG: dict = {
     "sample_size": 8,
@@ -86,3 +104,59 @@ def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale:
         lrrb_state=lrrb_state,
         metadata={"source": f"tiny random (seed {seed})"},
     )
+
+
+def _random_lora_set(
+    network: torch.nn.Module, targets: dict[str, list[str]], rank: int, generator: torch.Generator, scale: float
+) -> LoraSet:
+    """Random non-zero LoRA tensors for ``targets``, shaped by adding those adapters to ``network`` (a scratch copy)."""
+    add_lora_adapters(network, targets, rank=rank)
+    state = {
+        key: torch.randn(value.shape, generator=generator) * scale
+        for key, value in lora_state_dict(network).items()
+        if any(f".{adapter}." in key for adapter in targets)
+    }
+    return LoraSet(rank=rank, target_modules=targets, state=state)
+
+
+def tiny_pisa_sr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> PiSASRWeights:
+    """Random PiSA-SR weights for ``base``'s U-Net: a pixel and a semantic set (``base`` is left untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(base.unet.config)
+    groups = lora_target_modules(unet)
+    sets = []
+    for adapters in (PISA_SR_PIXEL_ADAPTERS, PISA_SR_SEMANTIC_ADAPTERS):
+        targets = {new: groups[old] for old, new in zip(ADAPTER_NAMES, adapters, strict=True)}
+        sets.append(_random_lora_set(unet, targets, rank, generator, scale))
+    return PiSASRWeights(pixel=sets[0], semantic=sets[1], metadata={"source": f"tiny random (seed {seed})"})
+
+
+def vae_encoder_lora_modules(vae: torch.nn.Module) -> list[str]:
+    """The VAE modules OSEDiff's trainer puts its LoRA on: encoder convolutions and attention projections,
+    and ``quant_conv`` (docs/algorithm.md §9); each named once."""
+    patterns = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
+    modules = []
+    for name, _ in vae.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        if ("encoder" in name and any(pattern in name for pattern in patterns)) or (
+            "quant_conv" in name and "post_quant_conv" not in name
+        ):
+            modules.append(name.removesuffix(".weight"))
+    return modules
+
+
+def tiny_osediff_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> OSEDiffWeights:
+    """Random OSEDiff weights for ``base``: U-Net LoRA, a perturbed conv_in and a VAE encoder LoRA."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(base.unet.config)
+    groups = lora_target_modules(unet)
+    targets = {new: groups[old] for old, new in zip(ADAPTER_NAMES, OSEDIFF_UNET_ADAPTERS, strict=True)}
+    conv_in = {
+        name: value + torch.randn(value.shape, generator=generator) * scale
+        for name, value in base.unet.conv_in.state_dict().items()
+    }
+    unet_lora = _random_lora_set(unet, targets, rank, generator, scale)
+    vae = AutoencoderKL.from_config(base.vae.config)
+    vae_lora = _random_lora_set(vae, {OSEDIFF_VAE_ADAPTER: vae_encoder_lora_modules(vae)}, rank, generator, scale)
+    return OSEDiffWeights(unet_lora, conv_in, vae_lora, metadata={"source": f"tiny random (seed {seed})"})

@@ -6,6 +6,11 @@ Gaussian.  It builds the Gaussian before clamping the tile to the latent's
 short side and crashes when that side is shorter than the tile while the area
 is larger than ``tile_size²``; here each axis is clamped first (tiles may be
 rectangular), which is what the released code means to do.
+
+OSEDiff's released tiler differs in two details, both reproduced on request
+(docs/algorithm.md §9): it clamps the tile to a square of the latent's short side
+(``square_tiles``), and its blend weight's row centre sits half a pixel low
+(``weight_row_shift=0.5``).
 """
 
 from __future__ import annotations
@@ -32,15 +37,15 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [min(index * stride, length - tile) for index in range(count)]
 
 
-def _gaussian_1d(size: int) -> torch.Tensor:
+def _gaussian_1d(size: int, centre_shift: float = 0.0) -> torch.Tensor:
     positions = torch.arange(size, dtype=torch.float64)
     sigma = 0.1 * size
-    return torch.exp(-((positions - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    return torch.exp(-((positions - (size - 1) / 2 - centre_shift) ** 2) / (2 * sigma**2))
 
 
-def gaussian_tile_weight(height: int, width: int) -> torch.Tensor:
-    """Separable blend weight ``[height, width]`` (float32), peak 1 at the centre."""
-    return torch.outer(_gaussian_1d(height), _gaussian_1d(width)).to(torch.float32)
+def gaussian_tile_weight(height: int, width: int, *, row_shift: float = 0.0) -> torch.Tensor:
+    """Separable blend weight ``[height, width]`` (float32), peak 1 at the centre (rows: ``row_shift`` lower)."""
+    return torch.outer(_gaussian_1d(height, row_shift), _gaussian_1d(width)).to(torch.float32)
 
 
 def needs_tiling(height: int, width: int, tile_size: int) -> bool:
@@ -54,12 +59,17 @@ def run_tiled(
     *,
     tile_size: int,
     overlap: int,
+    square_tiles: bool = False,
+    weight_row_shift: float = 0.0,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` (``[B, C, th, tw] -> [B, C', th, tw]``) tile by tile and blend; float32 result.
 
     Without tiling (small input or ``tile_size == 0``) ``fn`` runs once on ``x``.
+    ``square_tiles``: clamp the tile to ``min(tile_size, h, w)`` on both axes (OSEDiff's tiler);
+    where that square is no larger than ``overlap`` (the released loop would never end) the
+    overlap becomes half the tile.  ``weight_row_shift``: see ``gaussian_tile_weight``.
     """
     height, width = x.shape[-2:]
     if not needs_tiling(height, width, tile_size):
@@ -71,10 +81,13 @@ def run_tiled(
     if not 0 <= overlap < tile_size:
         raise SettingsError(f"tile overlap must be in [0, tile size {tile_size}), got {overlap}")
     tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    if square_tiles:
+        tile_h = tile_w = min(tile_h, tile_w)
+        overlap = overlap if overlap < tile_h else tile_h // 2
     boxes = [
         (top, left) for top in tile_starts(height, tile_h, overlap) for left in tile_starts(width, tile_w, overlap)
     ]
-    weight = gaussian_tile_weight(tile_h, tile_w).to(x.device)
+    weight = gaussian_tile_weight(tile_h, tile_w, row_shift=weight_row_shift).to(x.device)
     blended: torch.Tensor | None = None
     weight_sum = torch.zeros((height, width), device=x.device, dtype=torch.float32)
     for done, (top, left) in enumerate(boxes, start=1):

@@ -1,35 +1,97 @@
-"""The one-step restoration: U-Net residual at t = 1, then LRRB refinement (docs/algorithm.md §2.4–2.6)."""
+"""The one-step restoration: the U-Net's residual, then (FiDeSR) LRRB refinement (docs/algorithm.md §2.4–2.6, §9).
+
+Every family restores ``z = z_L − r``; ``predict_residual`` returns that ``r`` for all three:
+
+- FiDeSR and PiSA-SR: the U-Net's output at t = 1 itself.  PiSA-SR's adjustable mode mixes the
+  pixel-only and the full prediction, ``λ_pix·ε_pix + λ_sem·(ε_pix+sem − ε_pix)``;
+- OSEDiff: the U-Net predicts noise at t = 999, one DDPM step gives the clean latent
+  ``x0 = (z_L − √(1 − ᾱ)·ε) / √ᾱ``, and ``r = z_L − x0``.
+
+``refine_residual`` applies the LRRB where there is one and passes the residual through otherwise.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 
-from ..networks.model import FiDeSRModel
+from ..errors import SettingsError
+from ..networks.lora import adapters_switched_on
+from ..networks.model import OneStepRestorer
 from ..networks.text_embedding import batch_prompt_embedding
 from ..progress import CancelCheck, ProgressCallback
 from .latent_tiling import run_tiled
 from .row_strips import by_row_strips
 
-__all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent"]
+__all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent", "noise_to_residual"]
 
-RESIDUAL_TIMESTEP = 1
+RESIDUAL_TIMESTEP = 1  # FiDeSR's and PiSA-SR's
 LRRB_HALO = 16  # latent rows: three dense blocks of five chained 3x3 convolutions see 15 rows each way
+logger = logging.getLogger(__name__)
+
+
+def _checked_strength(name: str, value: float | None) -> float | None:
+    if value is not None and not -10.0 <= float(value) <= 10.0:
+        raise SettingsError(f"{name} must be between -10 and 10, got {value}")
+    return None if value is None else float(value)
+
+
+def _pisa_sr_unet(
+    model: OneStepRestorer, call: Callable[[torch.Tensor], torch.Tensor], pixel: float | None, semantic: float | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The U-Net pass of PiSA-SR's default mode (both sets, one call) or its adjustable mode.
+
+    ``λ_pix·ε_pix + λ_sem·(ε_both − ε_pix) = (λ_pix − λ_sem)·ε_pix + λ_sem·ε_both``: one call when
+    ``λ_pix = λ_sem`` (a multiple of ``ε_both``) or ``λ_sem = 0`` (of ``ε_pix``), two otherwise.
+    """
+    if pixel is None and semantic is None:
+        return call
+    pixel, semantic = 1.0 if pixel is None else pixel, 1.0 if semantic is None else semantic
+
+    def pixel_only(tile: torch.Tensor) -> torch.Tensor:
+        with adapters_switched_on(model.unet):
+            return call(tile)
+
+    def adjustable(tile: torch.Tensor) -> torch.Tensor:
+        if semantic == 0.0:
+            return pixel * pixel_only(tile).float()
+        both = call(tile).float()
+        if pixel == semantic:
+            return semantic * both
+        return (pixel - semantic) * pixel_only(tile).float() + semantic * both
+
+    return adjustable
+
+
+def noise_to_residual(z_lq: torch.Tensor, noise: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """``z_L − x0`` with ``x0 = (z_L − √(1 − ᾱ)·ε) / √ᾱ``: one DDPM step to t = 0, as diffusers computes it (float32)."""
+    alpha = torch.tensor(alpha_bar, dtype=torch.float32, device=z_lq.device)
+    z_lq = z_lq.float()
+    clean = (z_lq - (1 - alpha) ** 0.5 * noise.float()) / alpha**0.5
+    return z_lq - clean
 
 
 @torch.no_grad()
 def predict_residual(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     z_lq: torch.Tensor,
     *,
     prompt_embedding: torch.Tensor | None = None,
     tile_size: int = 96,
     tile_overlap: int = 32,
+    pixel_strength: float | None = None,
+    semantic_strength: float | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
-    """``r = U-Net(z_L, t=1, prompt)`` ``[B, 4, h, w]`` float32, tiled over the latent when large.
+    """The residual ``r`` (``z = z_L − r``) ``[B, 4, h, w]`` float32, the U-Net tiled over the latent when large.
 
-    ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's empty-prompt embedding.
+    ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's own (its family's
+    released prompt).  ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode
+    (``λ_pix``, ``λ_sem``; one of them alone leaves the other at 1); both None is its default
+    mode.  The other families have a single LoRA set and ignore them.
     """
     embedding = model.prompt_embedding if prompt_embedding is None else prompt_embedding
     expected_dim = model.unet.config.cross_attention_dim
@@ -38,31 +100,48 @@ def predict_residual(
             f"prompt embedding width {embedding.shape[-1]} does not fit this U-Net (expects {expected_dim}); "
             "use a text encoder of the same Stable Diffusion 2.x model"
         )
+    pixel = _checked_strength("pixel_strength", pixel_strength)
+    semantic = _checked_strength("semantic_strength", semantic_strength)
+    recipe = model.recipe
     embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=model.device, dtype=model.dtype)
-    timestep = torch.tensor(RESIDUAL_TIMESTEP, device=model.device)
+    timestep = torch.tensor(recipe.timestep, device=model.device)
 
     def unet_tile(tile: torch.Tensor) -> torch.Tensor:
         tile = tile.to(device=model.device, dtype=model.dtype)
         return model.unet(tile, timestep, encoder_hidden_states=embedding).sample
 
-    return run_tiled(
+    if model.pixel_only_adapters:
+        unet_tile = _pisa_sr_unet(model, unet_tile, pixel, semantic)
+    elif pixel is not None or semantic is not None:
+        logger.debug("%s has one LoRA set: pixel/semantic strengths do not apply", recipe.name)
+    z_lq = z_lq.float().to(model.device)
+    output = run_tiled(
         unet_tile,
-        z_lq.float().to(model.device),
+        z_lq,
         tile_size=tile_size,
         overlap=tile_overlap,
+        square_tiles=recipe.square_tiles,
+        weight_row_shift=recipe.tile_weight_row_shift,
         progress=progress,
         should_cancel=should_cancel,
     )
+    if recipe.unet_output == "residual":
+        return output
+    if recipe.alpha_bar is None:
+        raise SettingsError(f"{recipe.name}: the model has no noise schedule value ᾱ_{recipe.timestep}")
+    return noise_to_residual(z_lq, output, recipe.alpha_bar)
 
 
 @torch.no_grad()
-def refine_residual(model: FiDeSRModel, z_lq: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``r̃ = r + LRRB(cat[z_L, r])`` on the whole (stitched) latent, float32.
+def refine_residual(model: OneStepRestorer, z_lq: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``r̃ = r + LRRB(cat[z_L, r])`` on the whole (stitched) latent, float32; ``r`` unchanged without an LRRB.
 
     The released code runs the LRRB per U-Net tile; running it once on the
     stitched residual makes tiled and untiled results agree (identical when
-    no tiling happens).
+    no tiling happens).  PiSA-SR and OSEDiff have no LRRB.
     """
+    if model.lrrb is None:
+        return residual.float()
     device = next(model.lrrb.parameters()).device
     z_lq, residual = z_lq.float().to(device), residual.float().to(device)
     # in strips of latent rows: the same numbers, without 192-channel maps of the whole latent

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ..errors import SettingsError
-from ..networks.model import FiDeSRModel
+from ..networks.model import OneStepRestorer
 from ..progress import CancelCheck, ProgressCallback
 
 __all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise"]
@@ -26,7 +26,7 @@ def latent_noise(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor
 
 
 def encode_image(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     pixels: torch.Tensor,
     *,
     latent_mode: LatentMode = "sample",
@@ -57,7 +57,7 @@ def encode_image(
 
 
 def decode_latent(
-    model: FiDeSRModel,
+    model: OneStepRestorer,
     latent: torch.Tensor,
     *,
     tile_size: int = 224,

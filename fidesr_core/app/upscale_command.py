@@ -1,0 +1,189 @@
+"""The ``upscale`` command: every argument checked before the model loads, the batch, one summary.
+
+Under ``torchrun`` / ``accelerate launch`` (see ``ranks``) rank 0 plans the outputs, every rank
+upscales its share, and rank 0 prints the summary of all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import FiDeSRError, ImageInputError, SettingsError
+from ..pipeline import UpscaleSettings
+from .batch import BatchResult, pending, plan_outputs, upscale_files
+from .ranks import Ranks
+
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "settings_from_args", "check_output_folder", "run"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+# UpscaleSettings' messages start with the field's name; the user typed the flag.
+_FLAG_OF_FIELD = {
+    "upscale_by": "--upscale-by",
+    "latent_mode": "--latent-mode",
+    "seed": "--seed",
+    "color_fix": "--color-fix",
+    "tile_size": "--tile-size",
+    "tile_overlap": "--tile-overlap",
+    "encode_tile_size": "--encode-tile",
+    "decode_tile_size": "--decode-tile",
+    "low.strength": "--lf-strength",
+    "high.strength": "--hf-strength",
+    "pixel_strength": "--pixel-strength",
+    "semantic_strength": "--semantic-strength",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
+    """The settings, or a ``SettingsError`` that names the flag."""
+    from ..steps.injection import HighFrequencySettings, LowFrequencySettings
+
+    try:
+        return UpscaleSettings(
+            upscale_by=args.upscale_by,
+            latent_mode=args.latent_mode,
+            seed=args.seed,
+            color_fix=args.color_fix,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            encode_tile_size=args.encode_tile,
+            decode_tile_size=args.decode_tile,
+            low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
+            high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
+            pixel_strength=args.pixel_strength,
+            semantic_strength=args.semantic_strength,
+        )
+    except SettingsError as error:
+        field, _, rest = str(error).partition(" must ")
+        flag = _FLAG_OF_FIELD.get(field)
+        if flag is None or not rest:
+            raise
+        raise SettingsError(f"argument {flag}: must {rest}") from None
+
+
+def check_output_folder(folder: Path) -> None:
+    """``-o`` is a folder this process can write into (created if missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise SettingsError(f"argument -o/--output: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fidesr-write-test-"):
+            pass
+    except OSError as error:
+        raise SettingsError(f"argument -o/--output: cannot write into {folder} ({error.strerror or error})") from None
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[Path, Path]] | str:
+    """The planned ``(input, output)`` pairs, or the one-line reason there is no plan."""
+    try:
+        return plan_outputs(args.inputs, args.output, recursive=args.recursive)
+    except (FiDeSRError, OSError) as error:
+        return str(error)
+
+
+def _summary(result: BatchResult, planned: int, output: Path) -> None:
+    if not (result.written or result.failed or result.interrupted):
+        print(f"nothing to do: all {planned} outputs exist in {output} (use --overwrite to redo)")
+        return
+    print(f"written {len(result.written)}, skipped {len(result.skipped)} (exist), failed {len(result.failed)}")
+    for source, reason in result.failed:
+        print(f"  {source}: {reason}", file=sys.stderr)
+    if result.interrupted:
+        print("interrupted (finished outputs are complete; nothing half-written was kept)", file=sys.stderr)
+
+
+def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: Ranks, todo: list) -> BatchResult:
+    from ..loading.base_model import load_base_model
+    from ..loading.family_weights import load_restorer_weights
+    from ..loading.restorer import assemble_restorer
+    from ..networks.families import FAMILY_NAMES
+
+    weights = load_restorer_weights(args.weights)
+    weights.metadata.setdefault("path", str(args.weights))
+    if (args.pixel_strength is not None or args.semantic_strength is not None) and weights.family != "pisa-sr":
+        raise SettingsError(
+            f"argument --pixel-strength/--semantic-strength: applies to PiSA-SR's two LoRA sets; {args.weights} "
+            f"holds {FAMILY_NAMES[weights.family]} weights, which have one"
+        )
+    device = ranks.device(args.device)
+    model = assemble_restorer(
+        load_base_model(args.base),
+        weights,
+        prompt=args.prompt,
+        tokenizer_source=args.base,
+        precision=args.precision,
+        device=device,
+    )
+    where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.distributed else ""
+    described = model.description
+    from ..precision import precision_why  # why this precision (auto's reason)
+
+    why = precision_why(args.precision, model.device)
+    print(
+        f"{described['family']} on {described['device']} ({described['precision']}, {why}, {where}{len(todo)} image(s))"
+    )
+    return upscale_files(
+        model,
+        todo,
+        settings,
+        overwrite=args.overwrite,
+        max_image_pixels=args.max_image_pixels,
+        show_progress=ranks.is_main,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # Our guard (load_image's max_pixels) takes the place of PIL's while the command runs: it names the
+    # image's size and the flag instead of failing at open.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return _run(args)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def _run(args: argparse.Namespace) -> int:
+    ranks = Ranks.from_environment()
+    try:  # the same checks on every rank: only rank 0 says what is wrong
+        settings = settings_from_args(args)
+        if args.max_image_pixels < 0:
+            raise SettingsError(
+                f"argument --max-image-pixels: must be 0 (no limit) or more, got {args.max_image_pixels}"
+            )
+        check_output_folder(args.output)
+        try:
+            ranks.start()
+        except (RuntimeError, ValueError) as error:  # the launcher's variables are there, the others are not
+            raise SettingsError(f"cannot join the other ranks of {ranks.world_size} ({error})") from None
+        plan = ranks.from_main(_plan(args) if ranks.is_main else None)
+        if isinstance(plan, str):
+            raise ImageInputError(plan)
+    except (FiDeSRError, OSError) as error:
+        ranks.stop()
+        if args.verbose:
+            raise
+        if ranks.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        share = ranks.share(plan)
+        todo = pending(share, overwrite=args.overwrite)
+        to_write = {target for _, target in todo}
+        result = BatchResult(skipped=[target for _, target in share if target not in to_write])
+        if todo:
+            result.merge(_upscale_share(args, settings, ranks, todo))
+        total = BatchResult()
+        for part in ranks.gather(result):
+            total.merge(part)
+    finally:
+        ranks.stop()
+    if ranks.is_main:
+        _summary(total, len(plan), args.output)
+    if total.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if total.failed else 0

@@ -1,0 +1,59 @@
+"""SD 2's CLIP tokenizer for a user's prompt: the base model folder's own, else the copy the package ships.
+
+A diffusers folder has ``tokenizer/`` (``vocab.json``, ``merges.txt``); a single checkpoint file
+has none, so ``configs/sd21_base/tokenizer/`` holds CLIP's BPE vocabulary (MIT licence, see its
+README) with SD 2's settings (77 tokens, padding ``!`` = id 0).  The released scripts' fixed
+prompts (``""``, ``", ,"``) never need either (``networks.text_embedding``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ModelFileError
+from ..networks.text_embedding import fixed_prompt_token_ids
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: it takes seconds
+    from transformers import CLIPTokenizer
+
+__all__ = ["BUNDLED_TOKENIZER_DIR", "tokenizer_folder", "load_clip_tokenizer", "prompt_ids"]
+
+BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base" / "tokenizer"
+_FILES = ("vocab.json", "merges.txt")
+
+
+def tokenizer_folder(base_path: str | os.PathLike | None = None) -> Path:
+    """``<base>/tokenizer`` when ``base_path`` is a diffusers folder that has one, else the bundled tokenizer."""
+    if base_path is not None:
+        candidate = Path(base_path).expanduser() / "tokenizer"
+        if candidate.is_dir() and all((candidate / name).is_file() for name in _FILES):
+            return candidate
+    return BUNDLED_TOKENIZER_DIR
+
+
+def load_clip_tokenizer(base_path: str | os.PathLike | None = None) -> CLIPTokenizer:
+    """The CLIP tokenizer of ``tokenizer_folder(base_path)``; ModelFileError naming the folder if it is unusable."""
+    from transformers import CLIPTokenizer
+
+    folder = tokenizer_folder(base_path)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ModelFileError(f"{folder} is not a usable CLIP tokenizer ({error})") from error
+    if folder == BUNDLED_TOKENIZER_DIR or tokenizer.model_max_length > 1000:  # an unset maximum reads as 1e30
+        tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def prompt_ids(text: str, *, base_path: str | os.PathLike | None = None, length: int = 77) -> torch.Tensor:
+    """Token ids ``[1, length]`` of ``text`` as the released scripts tokenize it (padded, truncated)."""
+    fixed = fixed_prompt_token_ids(text, length)
+    if fixed is not None:
+        return fixed
+    tokenizer = load_clip_tokenizer(base_path)
+    encoded = tokenizer(text, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+    return encoded.input_ids.long()

@@ -1,0 +1,153 @@
+"""The three one-step SD 2.1-base restorers this engine runs, and what each one's checkpoint holds.
+
+FiDeSR, PiSA-SR and OSEDiff all fine-tune the same U-Net with LoRA and restore in one U-Net
+call; they differ in a few choices, collected per family in a ``FamilyRecipe``
+(docs/algorithm.md §9): the timestep, whether the U-Net predicts the residual itself or noise
+that one DDPM step turns into the clean latent, whether an LRRB refines the residual, the prompt
+text of the released script, and the released latent tiler's layout.
+
+The weights containers for PiSA-SR and OSEDiff live here; FiDeSR's is ``networks.model.FiDeSRWeights``.
+Reading and writing their files lives in ``fidesr_core.loading.family_weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .lora import RELEASED_LORA_ALPHA
+
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "UnetOutput",
+    "FamilyRecipe",
+    "FIDESR_RECIPE",
+    "PISA_SR_RECIPE",
+    "OSEDIFF_RECIPE",
+    "recipe_for",
+    "LoraSet",
+    "PiSASRWeights",
+    "OSEDiffWeights",
+    "PISA_SR_PIXEL_ADAPTERS",
+    "PISA_SR_SEMANTIC_ADAPTERS",
+    "OSEDIFF_UNET_ADAPTERS",
+    "OSEDIFF_VAE_ADAPTER",
+]
+
+Family = Literal["fidesr", "pisa-sr", "osediff"]
+FAMILIES: tuple[str, ...] = ("fidesr", "pisa-sr", "osediff")
+FAMILY_NAMES: dict[str, str] = {"fidesr": "FiDeSR", "pisa-sr": "PiSA-SR", "osediff": "OSEDiff"}
+UnetOutput = Literal["residual", "noise"]
+
+PISA_SR_PIXEL_ADAPTERS: tuple[str, str, str] = ("default_encoder_pix", "default_decoder_pix", "default_others_pix")
+PISA_SR_SEMANTIC_ADAPTERS: tuple[str, str, str] = ("default_encoder_sem", "default_decoder_sem", "default_others_sem")
+OSEDIFF_UNET_ADAPTERS: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
+OSEDIFF_VAE_ADAPTER = "default_encoder"
+
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """How one family turns ``z_L`` into the restored latent (docs/algorithm.md §9).
+
+    ``prompt_template``: the released script's prompt, ``{prompt}`` standing for the user's text
+    (empty when there is none).  ``square_tiles``: the released tiler clamps a tile to the
+    latent's short side on both axes (OSEDiff) rather than each axis to its own length.
+    ``tile_weight_row_shift``: how far below ``(T − 1) / 2`` the blend weight's row centre sits
+    (OSEDiff: ½ pixel).  ``alpha_bar``: ``ᾱ`` at ``timestep``, needed when the U-Net predicts noise
+    (filled in when the model is assembled, from the SD 2.1 scheduler).
+    """
+
+    family: Family
+    timestep: int
+    unet_output: UnetOutput
+    uses_lrrb: bool
+    prompt_template: str = "{prompt}"
+    square_tiles: bool = False
+    tile_weight_row_shift: float = 0.0
+    alpha_bar: float | None = None
+
+    @property
+    def name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
+    def prompt_text(self, prompt: str = "") -> str:
+        """The text the released script encodes for the user's ``prompt`` (``""`` for none)."""
+        return self.prompt_template.replace("{prompt}", prompt)
+
+
+FIDESR_RECIPE = FamilyRecipe(family="fidesr", timestep=1, unet_output="residual", uses_lrrb=True)
+PISA_SR_RECIPE = FamilyRecipe(family="pisa-sr", timestep=1, unet_output="residual", uses_lrrb=False)
+# The released OSEDiff script encodes f"{tags}, {prompt}," with tags from a tagger we do not ship.
+OSEDIFF_RECIPE = FamilyRecipe(
+    family="osediff",
+    timestep=999,
+    unet_output="noise",
+    uses_lrrb=False,
+    prompt_template=", {prompt},",
+    square_tiles=True,
+    tile_weight_row_shift=0.5,
+)
+_RECIPES = {recipe.family: recipe for recipe in (FIDESR_RECIPE, PISA_SR_RECIPE, OSEDIFF_RECIPE)}
+
+
+def recipe_for(family: str) -> FamilyRecipe:
+    """The recipe of ``family`` ("fidesr", "pisa-sr" or "osediff")."""
+    if family not in _RECIPES:
+        raise ValueError(f"unknown restorer family {family!r}; expected one of {FAMILIES}")
+    return _RECIPES[family]
+
+
+@dataclass(eq=False)
+class LoraSet:
+    """One set of LoRA adapters on one network, as the released code builds it.
+
+    ``target_modules`` maps adapter name to module names; ``state`` holds peft-named tensors
+    ``<module>.lora_A.<adapter>.weight`` / ``lora_B``.  Scale ``alpha / rank``; the released
+    files carry no alpha and their code uses peft's default 8 (docs/algorithm.md §5).
+    """
+
+    rank: int
+    target_modules: dict[str, list[str]]
+    state: dict[str, torch.Tensor]
+    alpha: float = RELEASED_LORA_ALPHA
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.state.values())
+
+
+@dataclass(eq=False)
+class PiSASRWeights:
+    """What a PiSA-SR checkpoint holds (docs/algorithm.md §6, §9): a pixel and a semantic LoRA set on the U-Net.
+
+    Adapters ``default_{encoder,decoder,others}_pix`` and ``..._sem``; no LRRB.
+    ``file_format``: "pkl", "safetensors", or "" when built in memory.
+    """
+
+    pixel: LoraSet
+    semantic: LoraSet
+    metadata: dict[str, str] = field(default_factory=dict)
+    file_format: str = ""
+
+    family = "pisa-sr"
+
+
+@dataclass(eq=False)
+class OSEDiffWeights:
+    """What an OSEDiff checkpoint holds (docs/algorithm.md §6, §9).
+
+    A LoRA set on the U-Net (``default_encoder/decoder/others``), the fully trained U-Net
+    ``conv_in`` (``weight``, ``bias``; it replaces the base model's) and a LoRA set on the
+    VAE encoder (one adapter, ``default_encoder``).
+    """
+
+    unet_lora: LoraSet
+    conv_in_state: dict[str, torch.Tensor]
+    vae_lora: LoraSet
+    metadata: dict[str, str] = field(default_factory=dict)
+    file_format: str = ""
+
+    family = "osediff"

@@ -1,0 +1,105 @@
+"""``upscale`` as several processes: two CPU ranks under torchrun, talking over gloo.
+
+This is the code path of ``torchrun --nproc_per_node N`` / ``accelerate launch`` on N GPUs with the
+device swapped for the CPU: rank 0 plans, each rank upscales its share, rank 0 prints one summary,
+and the outputs are byte for byte those of one process. A second run after losing outputs (what
+a killed run leaves) redoes only those.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ldm_export import write_diffusers_folder
+from PIL import Image
+
+from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.networks.tiny import tiny_fidesr_weights
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("a.png", "b.png", "c.png", "d/e.png", "d/f.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ranks")
+    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), root / "fidesr.pkl")
+    write_diffusers_folder(tiny, root / "sd21-tiny")
+    for index, name in enumerate(NAMES):
+        path = root / "photos" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(index)
+        Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(path)
+    return {"root": root, "photos": root / "photos", "base": root / "sd21-tiny", "weights": root / "fidesr.pkl"}
+
+
+def _upscale(workspace: dict[str, Path], output: Path, ranks: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "fidesr_core"]
+    if ranks > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "fidesr_core",
+        ]
+    command = [
+        *launcher,
+        "upscale",
+        str(workspace["photos"]),
+        "--recursive",
+        "-o",
+        str(output),
+        "--base",
+        str(workspace["base"]),
+        "--weights",
+        str(workspace["weights"]),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank; fp32 moves with threads
+    finished = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished
+
+
+def test_two_ranks_share_the_work_print_one_summary_and_match_one_process(workspace, tmp_path: Path) -> None:
+    single = _upscale(workspace, tmp_path / "single", ranks=1)
+    assert "written 5, skipped 0 (exist), failed 0" in single.stdout
+
+    double = _upscale(workspace, tmp_path / "double", ranks=2)
+    assert double.stdout.count("written 5, skipped 0 (exist), failed 0") == 1  # one summary, by rank 0
+    assert "rank 0 of 2, 3 image(s)" in double.stdout and "rank 1 of 2, 2 image(s)" in double.stdout
+    for name in NAMES:
+        target = Path(name).with_suffix(".png")
+        assert (tmp_path / "double" / target).read_bytes() == (tmp_path / "single" / target).read_bytes(), name
+
+    # What a killed run leaves: some outputs missing (writes are atomic, so never half a PNG under its name).
+    expected = {name: (tmp_path / "double" / name).read_bytes() for name in NAMES}
+    (tmp_path / "double" / "b.png").unlink()
+    (tmp_path / "double" / "d" / "f.png").unlink()
+    resumed = _upscale(workspace, tmp_path / "double", ranks=2)
+    assert resumed.stdout.count("written 2, skipped 3 (exist), failed 0") == 1
+    assert {name: (tmp_path / "double" / name).read_bytes() for name in NAMES} == expected

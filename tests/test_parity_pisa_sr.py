@@ -1,0 +1,198 @@
+"""PiSA-SR parity: the engine equals the independent reference of the released inference (docs/algorithm.md §9).
+
+A tiny random checkpoint in the authors' layout (``family_fixtures.pisa_sr_checkpoint``) is
+written as ``pisa_sr.pkl`` and read by the engine's loader; the reference merges the same
+tensors its own way (``reference_families.RefPiSASR``).  Float32 on the CPU,
+``latent_mode="mode"``; default mode and two adjustable strength pairs, untiled and tiled (a
+latent whose short side is under the tile while its area is over it: the released tiler's crash
+case, fixed as for FiDeSR), each decoded with a colour fix.  Latents agree to float precision,
+8-bit output within 1/255.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from family_fixtures import pisa_sr_checkpoint
+from reference_families import RefPiSASR, ref_pisa_sr_latents, ref_prompt_embedding
+from reference_image_steps import ref_prepare_lq
+from reference_impl import ref_decode_and_finish, ref_lfim
+
+from fidesr_core.loading.family_weights import load_restorer_weights
+from fidesr_core.loading.restorer import assemble_restorer
+from fidesr_core.networks.model import OneStepRestorer
+from fidesr_core.networks.tiny import tiny_base_model
+from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
+from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.steps.preprocess import prepare_lq
+from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.steps.vae_codec import decode_latent, encode_image
+
+LQ_SIZE = (32, 48)  # pre-scaled to 128x192, processed at 512x768: latent 64x96
+TILE, OVERLAP = 72, 24  # latent short side 64 < 72 while 64·96 > 72²: tiled, per-axis clamp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # exactness tests fix the thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Pair:
+    model: OneStepRestorer
+    reference: RefPiSASR
+    vae: torch.nn.Module
+    embedding: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    reference_base = tiny_base_model(seed=0)
+    checkpoint = pisa_sr_checkpoint(reference_base, seed=5)
+    path = Path(tmp_path_factory.mktemp("pisa")) / "pisa_sr.pkl"
+    torch.save(checkpoint, path)
+    weights = load_restorer_weights(path)
+    model = assemble_restorer(tiny_base_model(seed=0), weights, precision="fp32", device="cpu")
+    reference = RefPiSASR(reference_base.unet, checkpoint)
+    embedding = ref_prompt_embedding(copy.deepcopy(reference_base.text_encoder).eval(), "")
+    return Pair(model, reference, copy.deepcopy(reference_base.vae).eval(), embedding)
+
+
+def _lq_image(size: tuple[int, int] = LQ_SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(11)
+    coarse = torch.rand(1, 3, size[0] // 4, size[1] // 4, generator=generator)
+    image = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
+    return (image + 0.03 * torch.randn(1, 3, *size, generator=generator)).clamp(0, 1)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all()
+    difference = float((actual.float() - expected.float()).abs().max())
+    assert difference <= atol, f"max |engine − reference| = {difference:.3g} > {atol:g}"
+
+
+# (pixel_strength, semantic_strength): None/None is the default mode (one call with both sets).
+MODES = [(None, None), (0.5, 1.4), (1.3, 0.6)]
+CASES = [
+    (mode, tiled, color_fix)
+    for mode, color_fix in zip(MODES, ("adain", "wavelet", "adain"), strict=True)
+    for tiled in (False, True)
+]
+
+
+def test_tiled_cases_hit_the_released_crash_case() -> None:
+    """Latent 64x96 with tile 72: short side under the tile while the area is over it."""
+    height, width = LQ_SIZE[0] * 4 * 4 // 8, LQ_SIZE[1] * 4 * 4 // 8
+    assert height * width > TILE * TILE and min(height, width) < TILE
+
+
+def test_prompt_embedding_is_the_empty_prompt(pair: Pair) -> None:
+    _close(pair.model.prompt_embedding, pair.embedding, atol=1e-6)
+    assert pair.model.family == "pisa-sr" and pair.model.lrrb is None
+
+
+@pytest.mark.parametrize(("mode", "tiled", "color_fix"), CASES)
+def test_latent_and_output_match_released(
+    pair: Pair, mode: tuple[float | None, float | None], tiled: bool, color_fix: str
+) -> None:
+    pixel, semantic = mode
+    tile = TILE if tiled else 0
+    prepared = prepare_lq(_lq_image())
+    with torch.no_grad():
+        z_lq = encode_image(pair.model, prepared.pixels, latent_mode="mode")
+        residual = predict_residual(
+            pair.model, z_lq, tile_size=tile, tile_overlap=OVERLAP, pixel_strength=pixel, semantic_strength=semantic
+        )
+        z = restored_latent(z_lq, refine_residual(pair.model, z_lq, residual))
+    pixels, output_size = ref_prepare_lq(_lq_image())
+    released = {"default": True} if pixel is None else {"default": False, "lambda_pix": pixel, "lambda_sem": semantic}
+    ref_z_lq, ref_z = ref_pisa_sr_latents(
+        pair.reference, pair.vae, pair.embedding, pixels, tile=tile, overlap=OVERLAP, **released
+    )
+    assert z.shape == (1, 4, 64, 96)
+    scale = max(float(ref_z.abs().max()), 1.0)
+    _close(z_lq, ref_z_lq, atol=1e-5)
+    _close(z, ref_z, atol=2e-5 * scale)
+    assert float((ref_z - ref_z_lq).abs().max()) > 1e-2  # the LoRA sets act
+
+    settings = UpscaleSettings(
+        latent_mode="mode",
+        color_fix=color_fix,
+        tile_size=tile,
+        tile_overlap=OVERLAP,
+        low=LowFrequencySettings(strength=0.0),
+        high=HighFrequencySettings(strength=0.0),
+        pixel_strength=pixel,
+        semantic_strength=semantic,
+    )
+    with torch.no_grad():
+        output = upscale(pair.model, _lq_image(), settings)
+    expected = ref_decode_and_finish(pair.vae, ref_z, pixels, output_size, color_fix)
+    assert output.shape == (1, 3, 4 * LQ_SIZE[0], 4 * LQ_SIZE[1])
+    _close(output, expected, atol=1e-4)
+    assert float(((output * 255).round() - (expected * 255).round()).abs().max()) <= 1.0
+
+
+def test_strengths_change_the_result_and_equal_strengths_take_one_call(pair: Pair) -> None:
+    """λ_pix = λ_sem = 1 is the default mode; different strengths give a different latent."""
+    z_lq = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        default = predict_residual(pair.model, z_lq)
+        ones = predict_residual(pair.model, z_lq, pixel_strength=1.0, semantic_strength=1.0)
+        pixel_only = predict_residual(pair.model, z_lq, pixel_strength=1.0, semantic_strength=0.0)
+        mixed = predict_residual(pair.model, z_lq, pixel_strength=0.5, semantic_strength=1.4)
+    _close(ones, default, atol=1e-6)
+    assert float((pixel_only - default).abs().max()) > 1e-3
+    _close(mixed, 0.5 * pixel_only + 1.4 * (default - pixel_only), atol=1e-5 * max(float(default.abs().max()), 1.0))
+    # The sign-flipped semantic adapters are switched off again after every call.
+    with torch.no_grad():
+        _close(predict_residual(pair.model, z_lq), default, atol=0.0)
+
+
+def test_released_output_size_for_large_inputs(pair: Pair) -> None:
+    """No pre-enlarging (short side >= 128): output is exactly 4x, as released, and ``upscale`` is the steps."""
+    image = _lq_image((128, 136))
+    off = {"low": LowFrequencySettings(strength=0.0), "high": HighFrequencySettings(strength=0.0)}
+    with torch.no_grad():
+        output = upscale(pair.model, image, UpscaleSettings(latent_mode="mode", tile_size=0, **off))
+    assert output.shape == (1, 3, 512, 544)
+    prepared = prepare_lq(image)
+    with torch.no_grad():
+        z_lq = encode_image(pair.model, prepared.pixels, latent_mode="mode")
+        z = restored_latent(z_lq, predict_residual(pair.model, z_lq, tile_size=0))
+        decoded = decode_latent(pair.model, z)
+    _close(output, finish_image(decoded, prepared.pixels, prepared.output_size, "adain").cpu(), atol=1e-6)
+
+
+# (released lf_scale, released hf_scale) -> effective strengths: both on halves each (docs/algorithm.md §4).
+INJECTION = [((0.2, 0.0), (0.2, 0.0)), ((0.0, 0.3), (0.0, 0.3)), ((0.2, 0.2), (0.1, 0.1))]
+
+
+@pytest.mark.parametrize(("released", "effective"), INJECTION)
+def test_frequency_injection_is_fidesrs_on_pisa_sr_latents(pair: Pair, released: tuple, effective: tuple) -> None:
+    """LF/HF on PiSA-SR: FiDeSR's injection formulas on its z_L, z and residual z_L − z."""
+    low, high = LowFrequencySettings(strength=effective[0]), HighFrequencySettings(strength=effective[1])
+    prepared = prepare_lq(_lq_image())
+    with torch.no_grad():
+        z_lq = encode_image(pair.model, prepared.pixels, latent_mode="mode")
+        z = restored_latent(z_lq, refine_residual(pair.model, z_lq, predict_residual(pair.model, z_lq, tile_size=0)))
+    injected = inject_frequencies(z, z_lq, spatial_gate(prepared.pixels, tuple(z.shape[-2:])), low, high)
+    pixels, output_size = ref_prepare_lq(_lq_image())
+    ref_z_lq, ref_z = ref_pisa_sr_latents(pair.reference, pair.vae, pair.embedding, pixels)
+    expected = ref_lfim(ref_z, ref_z_lq, ref_z_lq - ref_z, pixels, lf_scale=released[0], hf_scale=released[1])
+    _close(injected, expected, atol=2e-5 * max(float(expected.abs().max()), 1.0))
+    assert float((expected - ref_z).abs().max()) > 1e-4  # the injection acts on this latent
+    settings = UpscaleSettings(latent_mode="mode", tile_size=0, low=low, high=high)
+    with torch.no_grad():
+        output = upscale(pair.model, _lq_image(), settings)
+    reference_output = ref_decode_and_finish(pair.vae, expected, pixels, output_size, "adain")
+    _close(output, reference_output, atol=1e-4)
