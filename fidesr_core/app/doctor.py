@@ -12,7 +12,7 @@ from typing import TextIO
 import torch
 
 from ..errors import FiDeSRError
-from ..precision import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype
+from ..precision import dtype_name, precision_reason, resolve_device
 
 __all__ = ["run_doctor"]
 
@@ -32,12 +32,7 @@ def _report_versions(out: TextIO) -> bool:
 
 
 def _report_devices(out: TextIO) -> None:
-    native = "native" if cpu_has_native_bf16() else "emulated (slower than fp32)"
-    print(
-        f"cpu          {os.cpu_count()} threads, bf16 {native}; auto precision: "
-        f"{dtype_name(resolve_dtype('auto', torch.device('cpu')))}",
-        file=out,
-    )
+    print(f"cpu          {os.cpu_count()} threads; precision {precision_reason('auto', torch.device('cpu'))}", file=out)
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

@@ -87,4 +87,4 @@ def decode_latent(
             )
         finally:
             model.vae.to(model.dtype)
-    return (decoded.float().clamp(-1.0, 1.0) + 1.0) * 0.5
+    return decoded.float().clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)  # in place: the decode's own tensor
