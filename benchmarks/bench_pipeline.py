@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,31 +29,17 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory_probe import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings  # noqa: E402
 
-CASES = {"small": (128, 128), "large": (256, 384)}  # LQ sizes: 128->512 untiled, 256x384->1024x1536 tiled
+# LQ sizes: 128->512 untiled, 256x384->1024x1536 tiled, 1024->4096 (run it with --paths ours: the reference's
+# untiled VAE would need tens of GB there)
+CASES = {"small": (128, 128), "large": (256, 384), "huge": (1024, 1024)}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "fidesr_core" / "loading" / "configs" / "sd21_base"
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: reset the process's peak RSS (VmHWM) so it measures what comes next."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device: torch.device) -> None:
@@ -81,19 +66,29 @@ def _build_networks(dtype: torch.dtype, device: torch.device, channels_last: boo
 
 
 class StageTimer:
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, {}
+    """Seconds and peak memory of each stage: the peak RSS during the stage (CPU) or the peak allocated
+    memory (CUDA), minus ``baseline`` (what was held before the run: weights, runtime)."""
+
+    def __init__(self, device: torch.device, baseline: int = 0) -> None:
+        self.device, self.seconds, self.peak_bytes, self.baseline = device, {}, {}, baseline
 
     def __call__(self, stage: str, fn, *args, **kwargs):
         _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         _sync(self.device)
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
+        self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), peak - self.baseline)
         return result
 
 
 def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
+    from fidesr_core.app.image_io import save_png_atomic
     from fidesr_core.latent_steps import finish_image
     from fidesr_core.networks.model import FiDeSRModel
     from fidesr_core.steps.injection import inject_frequencies, spatial_gate
@@ -109,15 +104,20 @@ def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: 
         residual = timer("unet", predict_residual, model, z_lq)
         refined = timer("lrrb", refine_residual, model, z_lq, residual)
 
-        def lfim():
-            gate = spatial_gate(prepared.pixels.to(device), tuple(z_lq.shape[-2:]))
+        def lfim(pixels: torch.Tensor, z_lq: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+            gate = spatial_gate(pixels.to(device), tuple(z_lq.shape[-2:]))
             return inject_frequencies(
                 restored_latent(z_lq, refined), z_lq, gate, LowFrequencySettings(), HighFrequencySettings()
             )
 
-        latent = timer("lfim", lfim)
+        latent = timer("lfim", lfim, prepared.pixels, z_lq, refined)
         decoded = timer("decode", decode_latent, model, latent)
-        return timer("colorfix", finish_image, decoded, prepared.pixels, prepared.output_size, "adain")
+        del latent, z_lq, residual, refined
+        result = timer("colorfix", finish_image, decoded, prepared.pixels, prepared.output_size, "adain")
+        del decoded, prepared
+        with tempfile.TemporaryDirectory() as folder:
+            timer("png", save_png_atomic, Path(folder) / "out.png", result[0])
+        return result
 
 
 def _released_tiles(length: int, tile: int, overlap: int) -> list[int]:
@@ -189,21 +189,23 @@ def _worker(path: str, case: str, precision: str, device_name: str, output: Path
     weights_bytes = sum(p.numel() * p.element_size() for net in networks[:3] for p in net.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    peak_is_pipeline_only = device.type == "cuda" or _reset_peak_rss()
+    peak_is_pipeline_only = device.type == "cuda" or reset_peak_rss()
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     # The fastest run per stage is kept, which filters out other work on a shared machine.
     # A warm-up run (kernel selection, allocator) is only worth its time on accelerators.
     if device.type != "cpu":
-        run(networks, image, dtype, device, StageTimer(device))
-    timings = []
+        run(networks, image, dtype, device, StageTimer(device, baseline))
+    timings, stage_peaks = [], {}
     start = time.perf_counter()
     for _ in range(repeats):
-        timer = StageTimer(device)
+        timer = StageTimer(device, baseline)
         result = run(networks, image, dtype, device, timer)
         timings.append(timer.seconds)
+        stage_peaks = {k: max(v, stage_peaks.get(k, 0)) for k, v in timer.peak_bytes.items()}
     total = time.perf_counter() - start
     best = {stage: min(t[stage] for t in timings) for stage in timings[0]}
     torch.save(result.cpu(), output)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak = max(stage_peaks.values()) + baseline
     return {
         "path": path,
         "case": case,
@@ -216,6 +218,8 @@ def _worker(path: str, case: str, precision: str, device_name: str, output: Path
         "pipeline_seconds": round(sum(best.values()), 4),
         "wall_seconds_all_repeats": round(total, 2),
         "peak_memory_mib": round(peak / 2**20, 1),
+        "peak_beyond_weights_mib": round((peak - baseline) / 2**20, 1),
+        "stage_peak_beyond_weights_mib": {k: round(v / 2**20, 1) for k, v in stage_peaks.items()},
         "weights_mib": round(weights_bytes / 2**20, 1),
         "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS")
         + (" during the runs (weights included)" if peak_is_pipeline_only else " (model build included)"),

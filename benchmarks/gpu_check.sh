@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
-# One prepared run for a session that has a GPU machine (see benchmarks/README.md):
-# the CUDA tests, then the GPU benchmark (fp16, bf16, fp32; 128->512 and a large tiled case).
-# Results land in $OUT (or ./gpu_results when run by hand).
+# One prepared run for a session that has a GPU machine (see benchmarks/README.md), about 8 minutes:
+# install from this repository, the CUDA tests, per-stage ms and peak VRAM for 128->512 (fp16, bf16)
+# and 1024->4096 (fp16), and eager vs CUDA graph vs torch.compile on the fixed 512 path.
+# Every part runs on its own with a time limit, inside one overall deadline, and writes its output
+# to $OUT (or ./gpu_results by hand): one failing or slow part does not lose the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
-if [ -d .whl ]; then  # diffusers/kornia wheels carried from the dev machine (the GPU image lacks them)
+deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+part() {  # part NAME SECONDS COMMAND...: run with min(SECONDS, time left), output in $out/NAME.txt
+  local name=$1 limit=$2 left
+  shift 2
+  left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "== $name: skipped (overall deadline)" | tee "$out/$name.txt"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "exit status $?" >> "$out/$name.txt"
+  tail -n 15 "$out/$name.txt"
+}
+
+# diffusers and friends: from wheels carried in .whl/ when the GPU image lacks them (torch is there)
+if ! python3 -c "import diffusers, peft" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-export PYTHONUNBUFFERED=1
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/device.txt"
-python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.txt"
-python3 benchmarks/bench_pipeline.py --device cuda --cases small,large --precisions fp16,bf16,fp32 --repeats 5 \
-  > "$out/bench_gpu.json" 2> "$out/bench_gpu.log"
-tail -c 3000 "$out/bench_gpu.json"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"; } \
+  2>&1 | tee "$out/device.txt"
+
+part cuda_tests 150 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider
+part bench_small 120 python3 benchmarks/bench_pipeline.py --device cuda --cases small --precisions fp16,bf16 \
+  --paths ours --repeats 10
+part bench_huge 150 python3 benchmarks/bench_pipeline.py --device cuda --cases huge --precisions fp16 --paths ours
+part compile_512 150 python3 benchmarks/gpu_compile.py --precision fp16 --variants eager,cudagraph,compile
+# >>> ComfyUI node benchmark: the separate script (another part of the project) is called on this line <<<
+[ -f benchmarks/bench_comfyui_nodes.py ] && part comfyui_nodes 90 python3 benchmarks/bench_comfyui_nodes.py
+echo "results in $out"

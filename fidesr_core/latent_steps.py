@@ -86,7 +86,7 @@ def finish_image(
     decoded: torch.Tensor, upscaled_lq: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
 ) -> torch.Tensor:
     """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize."""
-    reference = resize_image((upscaled_lq.float().to(decoded.device) + 1.0) * 0.5, tuple(decoded.shape[-2:]))
+    reference = resize_image((upscaled_lq.float().to(decoded.device) + 1.0).mul_(0.5), tuple(decoded.shape[-2:]))
     return resize_to_output(apply_color_fix(decoded, reference, color_fix), output_size)
 
 

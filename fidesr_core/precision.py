@@ -12,6 +12,9 @@ __all__ = [
     "Precision",
     "PRECISIONS",
     "cpu_has_native_bf16",
+    "auto_dtype",
+    "precision_reason",
+    "precision_why",
     "resolve_device",
     "resolve_dtype",
     "dtype_name",
@@ -31,6 +34,45 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _cpu_has(feature: str) -> bool:
+    """A ``torch.cpu._is_<feature>_supported()`` probe; False where this torch lacks it."""
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """What ``auto`` picks on ``device``, and why in a few words.
+
+    On a CPU by what it runs natively (benchmarks/README.md has the numbers): fp16 where AMX-FP16
+    multiplies it at the bf16 rate (fp16 keeps 3 more mantissa bits); bf16 with AMX-BF16 or
+    AVX512-BF16 (4.6x the reference fp32 path on an AMX CPU); otherwise fp32, since half types
+    are then emulated and slower than fp32 (fp16 too where only AVX512-FP16 conversions exist).
+    """
+    if device.type == "cuda":
+        return torch.float16, "CUDA: fp16 tensor cores"
+    if device.type == "mps":
+        return torch.float16, "MPS: fp16 native"
+    if _cpu_has("amx_fp16"):
+        return torch.float16, "this CPU has AMX-FP16: fp16 runs natively, as fast as bf16 and finer"
+    if cpu_has_native_bf16():
+        units = "AMX-BF16" if _cpu_has("amx_tile") else "AVX512-BF16"
+        return torch.bfloat16, f"this CPU has {units}: bf16 runs natively, several times faster than fp32"
+    return torch.float32, "this CPU has no native bf16/fp16 units: half types would be emulated, slower than fp32"
+
+
+def precision_why(precision: str, device: torch.device) -> str:
+    """``"auto: this CPU has AMX-BF16 ..."`` or ``"asked for"``."""
+    return f"auto: {auto_dtype(device)[1]}" if precision == "auto" else "asked for"
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """``"bf16 (auto: this CPU has AMX-BF16 ...)"`` or ``"fp32 (asked for)"``: the line a user reads."""
+    return f"{dtype_name(resolve_dtype(precision, device))} ({precision_why(precision, device)})"
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -55,16 +97,9 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype for U-Net and VAE.
-
-    ``auto``: fp16 on CUDA and MPS; on CPU bf16 where it runs natively (the
-    benchmark in ``benchmarks/`` measured it faster than fp32 with no visible
-    change), else fp32.
-    """
+    """Compute dtype for U-Net and VAE; ``auto`` as ``auto_dtype`` says."""
     if precision == "auto":
-        if device.type in ("cuda", "mps"):
-            return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return auto_dtype(device)[0]
     if precision not in _DTYPES:
         raise SettingsError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return _DTYPES[precision]

@@ -257,37 +257,85 @@ def test_identification_reads_only_the_safetensors_header(
     import safetensors
     import safetensors.torch
 
-    from fidesr_core.loading.checkpoint_files import OpenedCheckpoint
+    from fidesr_core.loading import checkpoint_files
 
     path = write_ldm_checkpoint(tiny, tmp_path / "model.safetensors")
+    real_open = safetensors.safe_open
+    opened: list[str] = []
+
+    class HeaderOnly:
+        """safetensors' reader that refuses to hand out tensor data."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.handle = real_open(*args, **kwargs)
+            opened.append(str(args[0]))
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def get_slice(self, key: str):
+            shape = self.inner.get_slice(key).get_shape()
+            return type("ShapeOnly", (), {"get_shape": lambda self: shape})()
+
+        def get_tensor(self, key: str):
+            raise AssertionError("tensor data read")
 
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("tensor data read")
 
+    monkeypatch.setattr(safetensors, "safe_open", HeaderOnly)
     for owner, name in (
-        (safetensors, "safe_open"),
         (safetensors.torch, "load_file"),
         (torch, "load"),
-        (OpenedCheckpoint, "load"),
-        (OpenedCheckpoint, "_read_safetensors"),
+        (checkpoint_files.OpenedCheckpoint, "load"),
+        (checkpoint_files, "read_safetensors_tensors"),
     ):
         monkeypatch.setattr(owner, name, no_tensor_reads)
     identity = identify_model_file(path)
     assert (identity.family, identity.container, identity.is_sd2) == ("sd2", "safetensors", True)
+    assert opened == [str(path)]  # the header was read, by the library
 
 
-def test_loaded_weights_own_aligned_memory(tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", [".safetensors", ".ckpt", "diffusers folder"])
+def test_loaded_weights_own_aligned_memory(tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path, form: str) -> None:
     """Weights never point into the file (mmap) nor at odd byte offsets (slower, numerically different kernels)."""
-    for suffix in (".safetensors", ".ckpt"):
-        loaded = load_base_model(write_ldm_checkpoint(tiny, tmp_path / f"m{suffix}"), config_dir=tiny_config_dir)
-        for module in (loaded.unet, loaded.vae, loaded.text_encoder):
-            for name, tensor in module.named_parameters():
-                assert tensor.data_ptr() % 64 == 0, (suffix, name)
+    if form == "diffusers folder":
+        path = write_diffusers_folder(tiny, tmp_path / "folder")
+        loaded = load_base_model(path)
+    else:
+        path = write_ldm_checkpoint(tiny, tmp_path / f"m{form}")
+        loaded = load_base_model(path, config_dir=tiny_config_dir)
+    for module in (loaded.unet, loaded.vae, loaded.text_encoder):
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            assert tensor.data_ptr() % 64 == 0, (form, name)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), (form, name)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]:
+        with open(file, "r+b") as handle:
+            handle.truncate(0)  # the same inode: a weight still mapped from it would fault when read
+    assert_same_outputs(tiny, loaded)
 
 
-def test_read_checkpoint_state_dict_matches_safetensors(tiny: BaseModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reopen_every", [None, 1000])
+def test_read_checkpoint_state_dict_matches_safetensors(
+    tiny: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen_every: int | None
+) -> None:
+    """Also when the reader reopens the file every few tensors (it does so every 256 MiB)."""
     from safetensors.torch import load_file
 
+    from fidesr_core.loading import checkpoint_files
+
+    if reopen_every is not None:
+        monkeypatch.setattr(checkpoint_files, "_MAPPED_BYTES_PER_OPEN", reopen_every)
     path = write_ldm_checkpoint(tiny, tmp_path / "m.safetensors", dtype=torch.bfloat16)
     ours, theirs = read_checkpoint_state_dict(path), load_file(path)
     assert ours.keys() == theirs.keys()

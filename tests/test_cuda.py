@@ -11,6 +11,7 @@ import torch
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.tiled_vae.budget import MemoryBudget
 from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,3 +54,31 @@ def test_model_moves_between_devices() -> None:
     assert model.device.type == "cpu" and next(model.lrrb.parameters()).device.type == "cpu"
     model.to("cuda")
     assert model.prompt_embedding.device.type == "cuda"
+
+
+def test_tiled_vae_maps_in_files_on_gpu_give_the_same_numbers() -> None:
+    vae = tiny_base_model(seed=14).vae.cuda().half().to(memory_format=torch.channels_last)
+    latents = torch.randn(1, 4, 24, 20, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        in_memory = decode_latents(vae, latents, tile_size=6)
+        in_files = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(map_bytes=0))
+        small_tiles = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(tile_bytes=32 << 10))
+    assert in_files.device.type == "cuda" and torch.equal(in_files, in_memory)
+    assert (small_tiles.float() - in_memory.float()).abs().max() < 0.05 * in_memory.float().abs().max()
+
+
+def test_tiled_vae_gpu_memory_is_bounded_by_the_tile() -> None:
+    # The same decode at twice the side: peak GPU memory grows by about the output, not by the maps.
+    vae = tiny_base_model(seed=15).vae.cuda()
+    budget = MemoryBudget(tile_bytes=1 << 20, map_bytes=1 << 20)
+    peaks = []
+    with torch.no_grad():
+        for side in (32, 64):
+            latents = torch.randn(1, 4, side, side, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            decoded = decode_latents(vae, latents, tile_size=8, budget=budget)
+            peaks.append(torch.cuda.max_memory_allocated() - before - decoded.numel() * decoded.element_size())
+            del decoded
+    assert peaks[1] < 1.5 * peaks[0] + (4 << 20), peaks

@@ -1,20 +1,44 @@
-"""The OpenCLIP → transformers CLIP text-encoder mapping used for SD 2.x single files (``open_clip_convert``),
-checked against an OpenCLIP-style text tower written here, and the original-layout export the tests use.
+"""The OpenCLIP text tower of SD 2.x single files, converted by diffusers' ``convert_open_clip_checkpoint``
+inside ``load_base_model``: checked tensor by tensor and forward against an OpenCLIP-style text tower written
+here, and the original-layout export the tests use.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
-from ldm_export import ldm_state_dict, text_encoder_to_open_clip, vae_to_ldm
+from ldm_export import (
+    ldm_state_dict,
+    text_encoder_to_open_clip,
+    unet_to_ldm,
+    vae_to_ldm,
+    write_config_folder,
+    write_ldm_checkpoint,
+)
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
-from fidesr_core.loading.open_clip_convert import clip_text_state_for, open_clip_to_clip_text
+from fidesr_core.errors import BaseModelError
+from fidesr_core.loading.base_model import load_base_model
 from fidesr_core.networks.model import BaseModel
 from fidesr_core.networks.tiny import TINY_TEXT_CONFIG
+
+pytestmark = pytest.mark.usefixtures("no_network")
+OPEN_CLIP = "cond_stage_model.model."
+
+
+@pytest.fixture(scope="module")
+def tiny_config_dir(tiny: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_config_folder(tiny, tmp_path_factory.mktemp("tiny_config"))
+
+
+def _checkpoint_with_text(tiny: BaseModel, text_state: dict[str, torch.Tensor], path: Path) -> Path:
+    """The tiny U-Net and VAE in the original layout with ``text_state`` (OpenCLIP names) as the text encoder."""
+    state = {**unet_to_ldm(tiny.unet), **vae_to_ldm(tiny.vae), **text_state}
+    return write_ldm_checkpoint(tiny, path, state=state)
 
 
 class _OpenClipBlock(nn.Module):
@@ -57,44 +81,67 @@ class _OpenClipText(nn.Module):
 
 
 @torch.no_grad()
-def test_open_clip_mapping_reproduces_the_open_clip_forward() -> None:
+def test_open_clip_text_tower_loads_tensor_for_tensor_and_reproduces_its_forward(
+    tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     config = CLIPTextConfig(**TINY_TEXT_CONFIG)
+    layers, width = config.num_hidden_layers, config.hidden_size
     reference = _OpenClipText(
-        config.vocab_size,
-        77,
-        config.hidden_size,
-        config.num_attention_heads,
-        config.intermediate_size,
-        config.num_hidden_layers + 1,
+        config.vocab_size, 77, width, config.num_attention_heads, config.intermediate_size, layers + 1
     ).eval()
     for parameter in reference.parameters():
         parameter.normal_(0.0, 0.3)
-    state = {f"cond_stage_model.model.{key}": value for key, value in reference.state_dict().items()}
-    converted = open_clip_to_clip_text(state, config.num_hidden_layers)
-    model = CLIPTextModel(config).eval()
-    model.load_state_dict(clip_text_state_for(model.state_dict(), converted), strict=False)
-    assert all(
-        torch.equal(model.state_dict()[key], value)
-        for key, value in clip_text_state_for(model.state_dict(), converted).items()
-    )
-    missing = set(model.state_dict()) - set(clip_text_state_for(model.state_dict(), converted))
-    assert all(key.endswith("position_ids") for key in missing)
+    open_clip = {OPEN_CLIP + key: value for key, value in reference.state_dict().items()}
+    path = _checkpoint_with_text(tiny, open_clip, tmp_path / "open_clip.safetensors")
+    model = load_base_model(path, config_dir=tiny_config_dir).text_encoder
+
+    loaded = {key.removeprefix("text_model."): value for key, value in model.state_dict().items()}
+    expected = {
+        "embeddings.token_embedding.weight": reference.token_embedding.weight,
+        "embeddings.position_embedding.weight": reference.positional_embedding,
+        "final_layer_norm.weight": reference.ln_final.weight,
+        "final_layer_norm.bias": reference.ln_final.bias,
+    }
+    for index, block in enumerate(reference.transformer.resblocks[:layers]):
+        layer = f"encoder.layers.{index}."
+        q, k, v = block.attn.in_proj_weight.chunk(3)  # OpenCLIP packs [q; k; v] along the output dimension
+        q_bias, k_bias, v_bias = block.attn.in_proj_bias.chunk(3)
+        for name, weight, bias in (("q_proj", q, q_bias), ("k_proj", k, k_bias), ("v_proj", v, v_bias)):
+            expected[f"{layer}self_attn.{name}.weight"], expected[f"{layer}self_attn.{name}.bias"] = weight, bias
+        for ours, module in (
+            ("self_attn.out_proj", block.attn.out_proj),
+            ("layer_norm1", block.ln_1),
+            ("layer_norm2", block.ln_2),
+            ("mlp.fc1", block.mlp.c_fc),
+            ("mlp.fc2", block.mlp.c_proj),
+        ):
+            expected[f"{layer}{ours}.weight"], expected[f"{layer}{ours}.bias"] = module.weight, module.bias
+    assert set(loaded) - set(expected) <= {"embeddings.position_ids"}
+    assert all(torch.equal(loaded[key], value) for key, value in expected.items())
+
     ids = torch.randint(1, config.vocab_size, (2, 77))
-    expected = reference(ids, config.num_hidden_layers)
+    wanted = reference(ids, layers)
     got = model(ids).last_hidden_state
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
-    assert not torch.allclose(reference(ids, config.num_hidden_layers + 1), expected, atol=1e-3)  # last block matters
+    assert torch.allclose(got, wanted, atol=1e-5), (got - wanted).abs().max()
+    assert not torch.allclose(reference(ids, layers + 1), wanted, atol=1e-3)  # the last block would matter
 
 
-def test_open_clip_mapping_rejects_unknown_keys_and_too_few_blocks(tiny: BaseModel) -> None:
+def test_open_clip_text_tower_of_another_layout_is_refused(
+    tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path
+) -> None:
     state = text_encoder_to_open_clip(tiny.text_encoder, extra_layers=0)
-    with pytest.raises(ValueError, match="2 transformer blocks"):
-        open_clip_to_clip_text(state, num_layers=3)
-    with pytest.raises(KeyError, match="resblocks.0.attn.mystery"):
-        open_clip_to_clip_text(
-            {**state, "cond_stage_model.model.transformer.resblocks.0.attn.mystery": torch.ones(1)}, 2
-        )
+    last = f"{OPEN_CLIP}transformer.resblocks.{TINY_TEXT_CONFIG['num_hidden_layers'] - 1}."
+    too_few = {key: value for key, value in state.items() if not key.startswith(last)}
+    path = _checkpoint_with_text(tiny, too_few, tmp_path / "few.safetensors")
+    with pytest.raises(
+        BaseModelError, match=r"few\.safetensors: the text encoder weights do not match its config: \d+ missing"
+    ):
+        load_base_model(path, config_dir=tiny_config_dir)
+    mystery = {**state, f"{OPEN_CLIP}transformer.resblocks.0.attn.mystery": torch.ones(1)}
+    path = _checkpoint_with_text(tiny, mystery, tmp_path / "mystery.safetensors")
+    with pytest.raises(BaseModelError, match=r"1 unexpected \(\S*encoder\.layers\.0\.self_attn\.mystery\)"):
+        load_base_model(path, config_dir=tiny_config_dir)
 
 
 def test_exported_layout_has_the_original_key_facts(tiny: BaseModel) -> None:

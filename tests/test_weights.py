@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from safetensors import safe_open
-from weights_fixtures import RANK, authors_checkpoint
+from weights_fixtures import RANK, authors_checkpoint, with_header_length_low_byte
 from weights_fixtures import weights_from_checkpoint as _weights
 
 from fidesr_core.errors import SettingsError, WeightsFileError
@@ -168,6 +168,59 @@ def test_loaded_tensors_do_not_depend_on_the_file(authors: dict, tmp_path: Path,
     path.write_bytes(b"")  # truncates the same inode: a tensor still mapped from it would fault when read
     assert _same_tensors(weights.unet_lora_state, authors["state_dict_unet"])
     assert _same_tensors(weights.lrrb_state, dict(authors["lrrb_state_dict"]))
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors only: on a busy machine, waiting threads make each tiny op ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_safetensors_is_told_by_its_layout_whatever_the_header_length(authors: dict, tmp_path: Path) -> None:
+    """The header length's low byte is the file's first byte: 0x80 (the pickle marker) must not make it a pickle."""
+    written = tmp_path / "written.safetensors"
+    save_fidesr_weights(_weights(authors), written)
+    expected = load_fidesr_weights(written)
+    for low_byte in range(256):
+        path = with_header_length_low_byte(written, tmp_path / f"fidesr-{low_byte}.weights", low_byte)
+        assert path.read_bytes()[0] == low_byte
+        weights = load_fidesr_weights(path)  # no suffix to go by: the content decides
+        assert weights.file_format == "safetensors", low_byte
+        assert _same_tensors(weights.unet_lora_state, expected.unet_lora_state), low_byte
+        path.unlink()
+
+
+def test_merge_is_peft_merging_every_lora_layer(tiny: BaseModel, authors: dict) -> None:
+    """merge_lora (diffusers' public fuse_lora + unload_lora) gives bit for bit what merging each peft LoRA
+    layer and putting its base layer back gives."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = _weights(authors)
+
+    def with_lora() -> UNet2DConditionModel:
+        unet = UNet2DConditionModel.from_config(tiny.unet.config).eval()
+        unet.load_state_dict(tiny.unet.state_dict())
+        add_lora_adapters(unet, weights.target_modules, rank=weights.lora_rank, init_lora_weights=False)
+        load_lora_state(unet, weights.unet_lora_state)
+        return unet
+
+    by_layer = with_lora()
+    for name, module in list(by_layer.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(by_layer.get_submodule(parent) if parent else by_layer, child, module.get_base_layer())
+    merged = with_lora()
+    merge_lora(merged)
+    expected, got = by_layer.state_dict(), merged.state_dict()
+    assert got.keys() == expected.keys() and not any("lora" in key for key in got)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert not any(isinstance(module, LoraLayer) for module in merged.modules())
+    assert not torch.equal(got["conv_in.weight"], tiny.unet.state_dict()["conv_in.weight"])
 
 
 def test_loaded_lora_changes_the_unet_and_merging_matches_peft(tiny: BaseModel, authors_pkl: Path) -> None:

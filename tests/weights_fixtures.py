@@ -1,11 +1,14 @@
-"""Test helper: the authors' FiDeSR checkpoint dict, built on the tiny U-Net, and its FiDeSRWeights twin.
+"""Test helper: the authors' FiDeSR checkpoint dict, built on the tiny U-Net, and its FiDeSRWeights twin;
+safetensors files re-written with a chosen header length.
 
-Shared by the weights tests (test_weights.py, test_weights_refusals.py). The key
+Shared by the weights and base-model tests. The key
 names are spelled out here, the way the released trainer's ``save_model`` writes
 them (docs/algorithm.md §5, §6), rather than taken from the module under test.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -15,7 +18,7 @@ from fidesr_core.networks.lrrb import LRRB
 from fidesr_core.networks.model import FiDeSRWeights
 from fidesr_core.networks.tiny import TINY_UNET_CONFIG
 
-__all__ = ["RANK", "authors_checkpoint", "weights_from_checkpoint"]
+__all__ = ["RANK", "authors_checkpoint", "weights_from_checkpoint", "with_header_length_low_byte"]
 
 RANK = 4
 
@@ -60,3 +63,14 @@ def weights_from_checkpoint(authors: dict) -> FiDeSRWeights:
         lrrb_state={k: v.clone() for k, v in authors["lrrb_state_dict"].items()},
         metadata={"source": "test", "training_step": "1200"},
     )
+
+
+def with_header_length_low_byte(source: Path, target: Path, low_byte: int) -> Path:
+    """A copy of the safetensors file ``source`` whose JSON header is padded with spaces (valid JSON, as
+    safetensors' own writer pads) until its 8-byte length, the file's first byte on disk, ends in ``low_byte``."""
+    data = source.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].rstrip(b" ")
+    padded = len(header) + (low_byte - len(header)) % 256
+    target.write_bytes(padded.to_bytes(8, "little") + header.ljust(padded, b" ") + data[8 + length :])
+    return target

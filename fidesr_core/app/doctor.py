@@ -12,11 +12,11 @@ from typing import TextIO
 import torch
 
 from ..errors import FiDeSRError
-from ..precision import cpu_has_native_bf16, dtype_name, resolve_device, resolve_dtype
+from ..precision import dtype_name, precision_reason, resolve_device
 
 __all__ = ["run_doctor"]
 
-_PACKAGES = ("torch", "diffusers", "peft", "transformers", "safetensors", "kornia", "numpy", "pillow", "tqdm")
+_PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers", "safetensors", "numpy", "pillow", "tqdm")
 
 
 def _report_versions(out: TextIO) -> bool:
@@ -32,12 +32,7 @@ def _report_versions(out: TextIO) -> bool:
 
 
 def _report_devices(out: TextIO) -> None:
-    native = "native" if cpu_has_native_bf16() else "emulated (slower than fp32)"
-    print(
-        f"cpu          {os.cpu_count()} threads, bf16 {native}; auto precision: "
-        f"{dtype_name(resolve_dtype('auto', torch.device('cpu')))}",
-        file=out,
-    )
+    print(f"cpu          {os.cpu_count()} threads; precision {precision_reason('auto', torch.device('cpu'))}", file=out)
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
@@ -84,14 +79,14 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
 
 
 def _check_base(path: Path, out: TextIO) -> bool:
-    from ..loading.identify import identify_model_file
+    from ..loading.base_model import check_base_model
 
     try:
-        identity = identify_model_file(path)
+        identity = check_base_model(path)  # loads it when it looks usable
     except FiDeSRError as error:
-        print(f"base         {path}: {error}", file=out)
+        print(f"base         {path}: NOT usable: {error}", file=out)
         return False
-    verdict = "usable as the FiDeSR base" if identity.is_sd2 else "NOT usable: FiDeSR needs SD 2.1-base"
+    verdict = "loads; usable as the FiDeSR base" if identity.is_sd2 else "NOT usable: FiDeSR needs SD 2.1-base"
     print(f"base         {path}: {identity.family}, {identity.container}; {verdict}", file=out)
     print(f"             looks like {identity.description}", file=out)
     for note in identity.notes:

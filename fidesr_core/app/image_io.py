@@ -190,9 +190,25 @@ def load_image(
     return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
 
 
+# Rows converted to 8 bits at a time: float temporaries of a strip, not of the whole image (a 4096² float
+# image is 200 MB a copy; the 8-bit result is a quarter of one).
+_PNG_STRIP_PIXELS = 1 << 20
+
+
+def _to_uint8_hwc(planes: list[torch.Tensor]) -> np.ndarray:
+    """``[C_i, H, W]`` planes in [0, 1] -> one ``[H, W, ΣC_i]`` uint8 array, rounded, a strip of rows at a time."""
+    height, width = planes[0].shape[-2:]
+    array = np.empty((height, width, sum(p.shape[0] for p in planes)), dtype=np.uint8)
+    step = max(1, _PNG_STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        strip = torch.cat([p[:, top : top + step].detach().float().cpu() for p in planes], dim=0)
+        quantised = strip.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        array[top : top + step] = quantised.permute(1, 2, 0).numpy()
+    return array
+
+
 def save_png_atomic(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
     """Write ``rgb`` ``[3, H, W]`` (and optional ``alpha`` ``[1, H, W]``) in [0, 1] as an 8-bit PNG."""
-    planes = rgb if alpha is None else torch.cat([rgb, alpha], dim=0)
-    array = (planes.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())  # RGB or RGBA from the last axis
+    planes = [rgb] if alpha is None else [rgb, alpha]
+    image = Image.fromarray(_to_uint8_hwc(planes))  # RGB or RGBA from the last axis
     write_atomic(path, lambda temp: image.save(temp, format="PNG"))

@@ -121,7 +121,12 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: R
     )
     where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.distributed else ""
     described = model.description
-    print(f"{described['family']} on {described['device']} ({described['precision']}, {where}{len(todo)} image(s))")
+    from ..precision import precision_why  # why this precision (auto's reason)
+
+    why = precision_why(args.precision, model.device)
+    print(
+        f"{described['family']} on {described['device']} ({described['precision']}, {why}, {where}{len(todo)} image(s))"
+    )
     return upscale_files(
         model,
         todo,

@@ -1,20 +1,22 @@
 """Opening single-file model checkpoints without trusting them.
 
-Files are ``.safetensors`` (header parsed here, tensors read one by one into
-aligned buffers) or pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``) read
-only with ``torch.load(weights_only=True)``, memory-mapped when the file is a
-zip archive.  Telling what a file is lives in ``checkpoint_inspect``.
+Files are ``.safetensors`` (read with the safetensors library: the header first,
+then tensors one by one, copied out of its memory map) or pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``)
+read only with ``torch.load(weights_only=True)``, memory-mapped when the file
+is a zip archive.  What kind of file it is, is told by its content first and by
+its name second.  Telling what a file *holds* lives in ``identify``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 
 from ..errors import ModelFileError
@@ -23,46 +25,47 @@ from .safe_torch_load import ZIP_MAGIC, load_tensors_only
 __all__ = [
     "SAFETENSORS_SUFFIXES",
     "PICKLE_SUFFIXES",
-    "CONTAINER_SAFETENSORS",
-    "CONTAINER_PICKLE",
-    "ZIP_MAGIC",
+    "Container",
     "container_by_content",
     "OpenedCheckpoint",
     "open_checkpoint",
+    "read_safetensors_header",
+    "read_safetensors_tensors",
     "state_dict_tensors",
 ]
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
-CONTAINER_SAFETENSORS = "safetensors"
-CONTAINER_PICKLE = "ckpt (pickle)"
-_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_SNIFFED_HEADER = 100 * 2**20  # a longer JSON header is not parsed just to tell the container
+_MAPPED_BYTES_PER_OPEN = 256 * 2**20
 
 
-@dataclass(frozen=True)
-class _SafetensorsEntry:
-    dtype: str  # safetensors name: "F32", "F16", "BF16", ...
-    shape: tuple[int, ...]
-    begin: int  # byte offsets into the data section
-    end: int
+class Container(str, Enum):
+    """How a model is stored."""
+
+    SAFETENSORS = "safetensors"
+    PICKLE = "ckpt (pickle)"
+    DIFFUSERS_FOLDER = "diffusers folder"
+    FOLDER = "folder"  # a folder that is not a diffusers folder
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(eq=False)
 class OpenedCheckpoint:
     """A single-file checkpoint whose key names and shapes are known; tensors load on demand.
 
-    safetensors: only the header has been read (``entries``).  Pickles: the
-    state dict is in ``tensors``, memory-mapped (``mapped``, cheap to inspect)
-    or read into memory (handed over key by key by ``load``).
+    safetensors: only the header has been read.  Pickles: the state dict is in
+    ``tensors``, memory-mapped (``mapped``, cheap to inspect) or read into
+    memory (handed over key by key by ``load``).
     """
 
     path: Path
-    container: str
+    container: Container
     shapes: dict[str, tuple[int, ...]]
     top_keys: frozenset[str] = frozenset()  # keys of a pickled dict's top level (training outputs)
     metadata: dict[str, str] = field(default_factory=dict)
-    entries: dict[str, _SafetensorsEntry] = field(default_factory=dict)
-    data_start: int = 0  # safetensors: byte offset of the data section
     tensors: dict[str, torch.Tensor] | None = None
     mapped: bool = False
 
@@ -72,122 +75,122 @@ class OpenedCheckpoint:
         Every returned tensor owns fresh, aligned memory.  A pickle read into
         memory hands its tensors over: each key can be loaded once.
         """
+        if self.container is Container.SAFETENSORS:
+            return read_safetensors_tensors(self.path, keys, dtype)
         if self.tensors is None:
-            return self._read_safetensors(list(keys), dtype)
-        if self.mapped:  # copies: weights must not stay backed by the file (replacing it would crash us)
+            raise ModelFileError(f"{self.path}: its tensors were released already")
+        if self.mapped:  # copies: weights must not stay backed by the file (rewriting it would crash us)
             return {key: self.tensors[key].to(dtype or self.tensors[key].dtype, copy=True) for key in keys}
         return {key: _cast(self.tensors.pop(key), dtype) for key in keys}
-
-    def _read_safetensors(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        # Read straight into torch-allocated buffers: safetensors' own reader returns unaligned
-        # tensors, and copying those fragments the heap (measured: +2 GB RSS kept after a 5 GB load).
-        loaded = {}
-        with open(self.path, "rb") as handle:
-            for key in keys:
-                entry = self.entries[key]
-                torch_dtype = _SAFETENSORS_DTYPES.get(entry.dtype)
-                if torch_dtype is None:
-                    raise ModelFileError(f"{self.path}: tensor {key} has the unsupported dtype {entry.dtype}")
-                size = entry.end - entry.begin
-                expected = math.prod(entry.shape) * torch.empty((), dtype=torch_dtype).element_size()
-                if size != expected:
-                    raise ModelFileError(f"{self.path}: tensor {key} has {size} bytes for shape {entry.shape}: damaged")
-                buffer = torch.empty(size, dtype=torch.uint8)
-                handle.seek(self.data_start + entry.begin)
-                if size and handle.readinto(memoryview(buffer.numpy())) != size:
-                    raise ModelFileError(f"{self.path} ends inside tensor {key}: the file is truncated")
-                loaded[key] = _cast(buffer.view(torch_dtype).reshape(entry.shape), dtype)
-        return loaded
 
     def release(self) -> None:
         """Drop the pickled state dict (tensors already handed out stay valid)."""
         self.tensors = None
 
 
-_SAFETENSORS_DTYPES = {
-    name: getattr(torch, attribute)
-    for name, attribute in (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-                            ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
-                            ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-    if hasattr(torch, attribute)
-}  # fmt: skip
-
-
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _read_safetensors_header(path: Path) -> OpenedCheckpoint:
-    """Key shapes, offsets and ``__metadata__`` of a safetensors file, reading only its header.
+# --------------------------------------------------------------------------- safetensors (the library)
 
-    Checks that the header is well formed and that the file is long enough for
-    the tensors it describes (a truncated download fails here, not mid-load).
+
+def _safetensors_problem(path: Path, error: Exception) -> ModelFileError:
+    detail = str(error).removeprefix("Error while deserializing header: ")
+    if "incomplete" in detail or "not fully covered" in detail:
+        return ModelFileError(
+            f"{path} is truncated: its header describes more bytes than the file has (incomplete download or copy?)"
+        )
+    return ModelFileError(f"{path} is not a valid safetensors file ({detail}): damaged, truncated or another format")
+
+
+def _safe_open(path: Path) -> Any:
+    return safetensors.safe_open(str(path), framework="pt")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Key shapes and ``__metadata__`` of a safetensors file, reading its header only.
+
+    The library checks that the header is well formed and that the file is long
+    enough for the tensors it describes (a truncated download fails here).
+    """
+    try:
+        with _safe_open(path) as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            metadata = dict(handle.metadata() or {})
+    except safetensors.SafetensorError as error:
+        raise _safetensors_problem(path, error) from None
+    except OSError as error:
+        raise ModelFileError(f"{path} cannot be read ({error.strerror or error})") from None
+    return shapes, {str(key): str(value) for key, value in metadata.items()}
+
+
+def read_safetensors_tensors(
+    path: Path, keys: Iterable[str], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a safetensors file, each cast to ``dtype`` (default: as stored).
+
+    Each tensor is copied out of the library's memory map into torch-allocated memory: 64-byte aligned, as
+    CPU kernels expect (tensors in the map are not), and owned by the tensor alone.  The file is reopened
+    every ``_MAPPED_BYTES_PER_OPEN``: closing the map gives back the pages read so far, so a checkpoint's
+    pages never all count twice in the process's memory.
+    """
+    pending = list(keys)[::-1]
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        while pending:
+            mapped = 0
+            with _safe_open(path) as handle:
+                while pending and mapped < _MAPPED_BYTES_PER_OPEN:
+                    key = pending.pop()
+                    tensor = handle.get_tensor(key)
+                    mapped += tensor.numel() * tensor.element_size()
+                    loaded[key] = tensor.to(dtype or tensor.dtype, copy=True)
+                    del tensor
+    except safetensors.SafetensorError as error:
+        raise _safetensors_problem(path, error) from None
+    except OSError as error:
+        raise ModelFileError(f"{path} cannot be read ({error.strerror or error})") from None
+    return loaded
+
+
+# --------------------------------------------------------------------------- telling the container
+
+
+def _parses_as_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def container_by_content(path: Path) -> Container | None:
+    """``Container.SAFETENSORS`` or ``Container.PICKLE`` from the content of ``path``; None if neither.
+
+    The safetensors layout is tested first: an 8-byte little-endian header length that fits the file,
+    then a JSON object.  Its first byte is the length's low byte, which may well be 0x80, the pickle
+    marker, so that marker is only believed when the layout does not hold.
     """
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ModelFileError(f"{path} has {size} bytes, too few for a safetensors file (empty or truncated)")
-        if prefix.startswith(ZIP_MAGIC):
-            raise ModelFileError(f"{path} is a PyTorch zip checkpoint, not safetensors: rename it to .ckpt")
-        header_bytes = int.from_bytes(prefix, "little")
-        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
-            raise ModelFileError(
-                f"{path} is not a valid safetensors file: its header length field says {header_bytes} bytes "
-                f"but the file has {size} (damaged, truncated or another format)"
-            )
-        raw = handle.read(header_bytes)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{path} is not a valid safetensors file: its header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path} is not a valid safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    metadata = metadata if isinstance(metadata, dict) else {}
-    entries: dict[str, _SafetensorsEntry] = {}
-    for key, info in header.items():
-        try:
-            begin, end = (int(offset) for offset in info["data_offsets"])
-            entries[key] = _SafetensorsEntry(str(info["dtype"]), tuple(int(n) for n in info["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelFileError(f"{path}: safetensors header entry {key!r} is malformed") from error
-    data_end = max((entry.end for entry in entries.values()), default=0)
-    if 8 + header_bytes + data_end > size:
-        raise ModelFileError(
-            f"{path} is truncated: its header describes {8 + header_bytes + data_end} bytes, "
-            f"the file has {size} (incomplete download or copy?)"
-        )
-    return OpenedCheckpoint(
-        path,
-        CONTAINER_SAFETENSORS,
-        {key: entry.shape for key, entry in entries.items()},
-        metadata={str(key): str(value) for key, value in metadata.items()},
-        entries=entries,
-        data_start=8 + header_bytes,
-    )
-
-
-def container_by_content(path: Path) -> str | None:
-    """``CONTAINER_PICKLE`` or ``CONTAINER_SAFETENSORS`` from the first bytes of ``path``; None if neither."""
-    with open(path, "rb") as handle:
         head = handle.read(9)
-    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # torch zip archive, or pickle protocol >= 2
-        return CONTAINER_PICKLE
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
-        return CONTAINER_SAFETENSORS  # 8-byte little-endian header length, then the JSON header
-    return None
+        length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+        layout = head[8:9] == b"{" and 2 <= length <= size - 8
+        pickle_marker = head.startswith(ZIP_MAGIC) or head[:1] == b"\x80"  # torch zip, or pickle protocol >= 2
+        if layout and (not pickle_marker or length > _MAX_SNIFFED_HEADER):
+            return Container.SAFETENSORS  # a damaged header is reported by the reader
+        if layout and _parses_as_json_object(head[8:] + handle.read(length - 1)):
+            return Container.SAFETENSORS
+    return Container.PICKLE if pickle_marker else None
 
 
-def _sniff_container(path: Path) -> str:
+def _sniff_container(path: Path) -> Container:
+    content = container_by_content(path)
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return CONTAINER_SAFETENSORS
-    if suffix in PICKLE_SUFFIXES:
-        return CONTAINER_PICKLE
-    container = container_by_content(path)
-    if container is not None:
-        return container
+    if content is Container.SAFETENSORS or (content is None and suffix in SAFETENSORS_SUFFIXES):
+        return Container.SAFETENSORS  # a damaged .safetensors file: the reader says what is wrong
+    if content is Container.PICKLE or suffix in PICKLE_SUFFIXES:
+        return Container.PICKLE
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head.startswith(b"GGUF"):
@@ -195,6 +198,9 @@ def _sniff_container(path: Path) -> str:
     raise ModelFileError(
         f"{path} is not a model file this loader reads (expected .safetensors, or .ckpt/.pt/.pth/.bin/.pkl)"
     )
+
+
+# --------------------------------------------------------------------------- opening
 
 
 def open_checkpoint(path: str | Path, *, mmap: bool = True) -> OpenedCheckpoint:
@@ -208,8 +214,11 @@ def open_checkpoint(path: str | Path, *, mmap: bool = True) -> OpenedCheckpoint:
         raise ModelFileError(f"{path} does not exist")
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder, not a checkpoint file")
-    if _sniff_container(path) == CONTAINER_SAFETENSORS:
-        return _read_safetensors_header(path)
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes)")
+    if _sniff_container(path) is Container.SAFETENSORS:
+        shapes, metadata = read_safetensors_header(path)
+        return OpenedCheckpoint(path, Container.SAFETENSORS, shapes, metadata=metadata)
     with open(path, "rb") as handle:
         mapped = mmap and handle.read(4) == ZIP_MAGIC  # legacy (non-zip) torch.save files cannot be mapped
     loaded = load_tensors_only(path, mmap=mapped)
@@ -218,7 +227,7 @@ def open_checkpoint(path: str | Path, *, mmap: bool = True) -> OpenedCheckpoint:
     top_keys = frozenset(str(key) for key in loaded)
     tensors = state_dict_tensors(loaded)
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
-    return OpenedCheckpoint(path, CONTAINER_PICKLE, shapes, top_keys=top_keys, tensors=tensors, mapped=mapped)
+    return OpenedCheckpoint(path, Container.PICKLE, shapes, top_keys=top_keys, tensors=tensors, mapped=mapped)
 
 
 def state_dict_tensors(loaded: dict) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 
 from ..atomic_write import write_atomic
-from ..errors import SettingsError, WeightsFileError
+from ..errors import ModelFileError, SettingsError, WeightsFileError
 from ..networks.families import (
     FAMILY_NAMES,
     OSEDIFF_UNET_ADAPTERS,
@@ -46,8 +46,18 @@ from ..networks.families import (
 )
 from ..networks.lora import RELEASED_LORA_ALPHA
 from ..networks.model import FiDeSRWeights
-from .checkpoint_files import CONTAINER_PICKLE, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, container_by_content
+from .checkpoint_files import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    Container,
+    OpenedCheckpoint,
+    container_by_content,
+    read_safetensors_header,
+    state_dict_tensors,
+)
 from .family_validation import validate_osediff_weights, validate_pisa_sr_weights
+from .file_rules import ModelFamily
+from .identify import identify_checkpoint
 from .safe_torch_load import load_tensors_only
 from .weights import load_fidesr_weights, save_fidesr_weights
 
@@ -117,20 +127,12 @@ _EXPECTED = "restorer weights: FiDeSR (fidesr.pkl), PiSA-SR (pisa_sr.pkl), OSEDi
 # --------------------------------------------------------------------------- telling the family
 
 
-def _family_of_dict(keys: set[str]) -> str | None:
-    if "lora_rank_unet_pix" in keys or "lora_rank_unet_sem" in keys or any(k.endswith(("_pix", "_sem")) for k in keys):
-        return "pisa-sr"
-    if {"rank_unet", "rank_vae", "state_dict_vae", "vae_lora_encoder_modules"} & keys:
-        return "osediff"
-    return None
+_FAMILY_OF = {ModelFamily.PISA_SR_WEIGHTS: "pisa-sr", ModelFamily.OSEDIFF_WEIGHTS: "osediff"}
 
 
-def _safetensors_marker(path: Path) -> str | None:
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get(_META + "format")
-    except safetensors.SafetensorError:
-        return None  # the FiDeSR reader explains what is wrong with the file
+def _family_by_rules(opened: OpenedCheckpoint) -> str | None:
+    """ "pisa-sr" or "osediff" when the shared file rules (``file_rules``) say so; None otherwise."""
+    return _FAMILY_OF.get(identify_checkpoint(opened).family)
 
 
 # --------------------------------------------------------------------------- reading pkl
@@ -296,17 +298,26 @@ def _read_family_file(path: Path) -> PiSASRWeights | OSEDiffWeights | None:
     if not path.is_file() or path.stat().st_size == 0:
         return None
     container = container_by_content(path)
-    if container == CONTAINER_PICKLE:
+    if container is Container.PICKLE:
         loaded = load_tensors_only(path, mmap=True, error=WeightsFileError, expected=_EXPECTED)
-        family = _family_of_dict({str(key) for key in loaded}) if isinstance(loaded, dict) else None
+        if not isinstance(loaded, dict):
+            return None
+        shapes = {key: tuple(value.shape) for key, value in state_dict_tensors(loaded).items()}
+        family = _family_by_rules(OpenedCheckpoint(path, container, shapes, top_keys=frozenset(map(str, loaded))))
         if family == "pisa-sr":
             return _read_pisa_sr_pkl(path, loaded)
         return _read_osediff_pkl(path, loaded) if family == "osediff" else None
-    if container is not None and (marker := _safetensors_marker(path)) in (
-        PISA_SR_FORMAT_MARKER,
-        OSEDIFF_FORMAT_MARKER,
-    ):
-        return _read_family_safetensors(path, marker)
+    if container is Container.SAFETENSORS:
+        try:
+            shapes, metadata = read_safetensors_header(path)
+        except ModelFileError:
+            return None  # the FiDeSR reader explains what is wrong with the file
+        marker = metadata.get(_META + "format")
+        # Only our own .safetensors hold these families; others are explained by the FiDeSR reader.
+        if marker in (PISA_SR_FORMAT_MARKER, OSEDIFF_FORMAT_MARKER) and _family_by_rules(
+            OpenedCheckpoint(path, container, shapes, metadata=metadata)
+        ):
+            return _read_family_safetensors(path, marker)
     return None
 
 

@@ -18,7 +18,7 @@ files.  The layout has no place for metadata: writing a ``.pkl`` drops it.
   and comes back in ``FiDeSRWeights.metadata``; ``fidesr.*`` keys are reserved.  The prefix keeps clear of the
   bare ``format`` key other writers use (``"pt"``).
 
-The format is told by content (zip or pickle magic versus a safetensors JSON header), not by the extension.
+The format is told by content (the safetensors layout, else zip or pickle magic), not by the extension.
 Weights are checked on reading and before writing by ``validate_fidesr_weights`` (``weights_validation``).
 """
 
@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
-import safetensors
 import safetensors.torch
 import torch
 
@@ -39,14 +37,16 @@ from ..errors import ModelFileError, SettingsError, WeightsFileError
 from ..networks.lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
 from ..networks.model import FiDeSRWeights
 from .checkpoint_files import (
-    CONTAINER_PICKLE,
-    CONTAINER_SAFETENSORS,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    Container,
     OpenedCheckpoint,
     container_by_content,
+    read_safetensors_header,
+    read_safetensors_tensors,
     state_dict_tensors,
 )
+from .file_rules import ModelFamily
 from .identify import identify_checkpoint, identify_model_file
 from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
@@ -69,7 +69,6 @@ _LORA_PREFIX, _LRRB_PREFIX = "unet_lora.", "lrrb."
 _MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules")
 _LIST_KEY_OF = dict(zip(ADAPTER_NAMES, _MODULE_LIST_KEYS, strict=True))  # adapter -> the authors' list key
 _PKL_KEYS = (*_MODULE_LIST_KEYS, "lora_rank_unet", "state_dict_unet", "lrrb_state_dict")
-_BASE_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "dit", "vae-only", "unet-only", "text-encoder-only")
 _EXPECTED = "FiDeSR weights (fidesr.pkl from the authors, or a fidesr.safetensors written by this package)"
 
 
@@ -79,7 +78,7 @@ _EXPECTED = "FiDeSR weights (fidesr.pkl from the authors, or a fidesr.safetensor
 def _sniff_format(path: Path) -> Literal["pkl", "safetensors"]:
     container = container_by_content(path)
     if container is not None:
-        return "pkl" if container == CONTAINER_PICKLE else "safetensors"
+        return "pkl" if container is Container.PICKLE else "safetensors"
     with open(path, "rb") as handle:
         head = handle.read(9)
     raise WeightsFileError(
@@ -96,29 +95,24 @@ def _base_model_refusal(path: Path, description: str) -> str:
 
 
 def _foreign_checkpoint(path: Path, opened: OpenedCheckpoint) -> str | None:
-    """Why a file that is not FiDeSR weights was refused, when it is something we recognise."""
-    top, keys = opened.top_keys, list(opened.shapes)
-    pisa = (
-        sorted(k for k in top if k.endswith(("_pix", "_sem")))
-        or [k for k in keys if re.search(r"\.default_\w+_(pix|sem)\.", k)][:1]
-    )
-    if pisa:
+    """Why a file that is not FiDeSR weights was refused, when ``file_rules`` recognises it."""
+    identity = identify_checkpoint(opened)
+    family, evidence = identity.family, ", ".join(identity.evidence)
+    if family is ModelFamily.PISA_SR_WEIGHTS:
         return (
-            f"{path} is a PiSA-SR checkpoint (pixel/semantic LoRA: {', '.join(pisa[:3])}), not FiDeSR weights; "
+            f"{path} is a PiSA-SR checkpoint (pixel/semantic LoRA: {evidence}), not FiDeSR weights; "
             "PiSA-SR weights are not supported by this loader (load_fidesr_weights): load_restorer_weights reads "
             "all three families"
         )
-    osediff = sorted({"rank_unet", "rank_vae", "vae_lora_encoder_modules", "state_dict_vae"} & top)
-    if osediff:
+    if family is ModelFamily.OSEDIFF_WEIGHTS:
         return (
-            f"{path} is an OSEDiff checkpoint ({', '.join(osediff)}), not FiDeSR weights; "
+            f"{path} is an OSEDiff checkpoint ({evidence}), not FiDeSR weights; "
             "OSEDiff weights are not supported by this loader (load_fidesr_weights): load_restorer_weights reads "
             "all three families"
         )
-    identity = identify_checkpoint(opened)
-    if identity.is_sd2 or identity.family.startswith(_BASE_FAMILIES):
+    if identity.is_sd2 or family.is_base_model:
         return _base_model_refusal(path, identity.description)
-    if identity.family not in ("unknown", "fidesr-weights"):
+    if family not in (ModelFamily.UNKNOWN, ModelFamily.FIDESR_WEIGHTS):
         return f"{path} is {identity.description}, not FiDeSR weights; expected {_EXPECTED}"
     return None
 
@@ -141,7 +135,7 @@ def _read_pkl(path: Path) -> FiDeSRWeights:
     if keys != set(_PKL_KEYS):
         tensors = state_dict_tensors(loaded)  # Lightning-style nesting unwrapped, as base checkpoints have
         opened = OpenedCheckpoint(
-            path, CONTAINER_PICKLE, {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys)
+            path, Container.PICKLE, {k: tuple(v.shape) for k, v in tensors.items()}, top_keys=frozenset(keys)
         )
         if message := _foreign_checkpoint(path, opened):
             raise WeightsFileError(message)
@@ -167,22 +161,20 @@ def _read_pkl(path: Path) -> FiDeSRWeights:
 
 def _read_safetensors(path: Path) -> FiDeSRWeights:
     try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            names = list(handle.keys())
-            if metadata.get(_META + "format") != SAFETENSORS_FORMAT_MARKER:
-                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
-                opened = OpenedCheckpoint(path, CONTAINER_SAFETENSORS, shapes, metadata=metadata)
-                raise WeightsFileError(
-                    _foreign_checkpoint(path, opened)
-                    or f"{path} is a safetensors file without the FiDeSR format marker (its metadata has no "
-                    f"{_META}format = {SAFETENSORS_FORMAT_MARKER!r}); expected {_EXPECTED}"
-                )
-            tensors = {name: handle.get_tensor(name).clone() for name in names}
-    except safetensors.SafetensorError as error:
-        raise WeightsFileError(
-            f"{path} is a truncated or damaged safetensors file ({error}); expected {_EXPECTED}"
-        ) from None
+        shapes, metadata = read_safetensors_header(path)
+        if metadata.get(_META + "format") != SAFETENSORS_FORMAT_MARKER:
+            opened = OpenedCheckpoint(path, Container.SAFETENSORS, shapes, metadata=metadata)
+            raise WeightsFileError(
+                _foreign_checkpoint(path, opened)
+                or f"{path} is a safetensors file without the FiDeSR format marker (its metadata has no "
+                f"{_META}format = {SAFETENSORS_FORMAT_MARKER!r}); expected {_EXPECTED}"
+            )
+        names = list(shapes)
+        tensors = read_safetensors_tensors(path, names)
+    except WeightsFileError:
+        raise
+    except ModelFileError as error:
+        raise WeightsFileError(f"{error}; expected {_EXPECTED}") from None
     absent = [_META + key for key in ("format_version", "lora_rank", *_MODULE_LIST_KEYS) if _META + key not in metadata]
     if absent:
         raise WeightsFileError(f"{path}: the FiDeSR safetensors metadata lacks {absent} (damaged or hand-edited file)")
@@ -220,7 +212,7 @@ def _check_readable(path: Path) -> None:
             identity = identify_model_file(path)  # reads JSON configs only
         except ModelFileError:
             identity = None
-        if identity is not None and identity.family != "unknown":
+        if identity is not None and identity.family is not ModelFamily.UNKNOWN:
             raise WeightsFileError(_base_model_refusal(path, identity.description))
         raise WeightsFileError(f"{path} is a folder; expected a file with {_EXPECTED}")
     if path.stat().st_size == 0:

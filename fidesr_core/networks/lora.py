@@ -109,22 +109,13 @@ def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def merge_lora(unet: nn.Module) -> None:
-    """Fold every LoRA layer into its base weight and remove the peft wrappers (in place).
+    """Fold every active LoRA adapter into its base weight and remove the peft wrappers (in place).
 
-    Raises ``ValueError`` if a merged weight is not finite.
+    diffusers' public ``fuse_lora`` (peft's ``merge`` on every LoRA layer, ``safe_merge``) and
+    ``unload_lora``.  Raises ``ValueError`` if a merged weight is not finite.
     """
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(unet.named_modules()):
-        if not isinstance(module, LoraLayer):
-            continue
-        module.merge(safe_merge=True)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child_name, module.get_base_layer())
-    if hasattr(unet, "peft_config"):
-        del unet.peft_config
-    unet._hf_peft_config_loaded = False
+    unet.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    unet.unload_lora()
 
 
 def negated_lora_state(state: Mapping[str, torch.Tensor], renamed: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,8 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     image, reference = image.float(), reference.float()
     image_mean, image_std = _mean_std(image)
     reference_mean, reference_std = _mean_std(reference)
-    return ((image - image_mean) / image_std * reference_std + reference_mean).clamp(0.0, 1.0)
+    # in place on one new map, in the same order of operations (a 4096² image is 200 MB a copy)
+    return torch.sub(image, image_mean).div_(image_std).mul_(reference_std).add_(reference_mean).clamp_(0.0, 1.0)
 
 
 def _binomial_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -57,8 +58,8 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     """Output's high-frequency bands plus the reference's low-frequency residue."""
     image, reference = image.float(), reference.float()
     # The sum of the detail bands telescopes to image - low_frequency(image).
-    high = image - _low_frequency(image)
-    return (high + _low_frequency(reference)).clamp(0.0, 1.0)
+    high = torch.sub(image, _low_frequency(image))
+    return high.add_(_low_frequency(reference)).clamp_(0.0, 1.0)
 
 
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: ColorFixMethod) -> torch.Tensor:

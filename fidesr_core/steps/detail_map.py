@@ -4,13 +4,20 @@ The detail map mixes three 3x3 measures of local structure on the luminance:
 Sobel gradient magnitude, absolute Laplacian and local variance.  Quantiles are
 computed exactly with ``kthvalue`` because ``torch.quantile`` refuses tensors
 of more than 2**24 elements (a 4096x4096 image has exactly that many), and
-images are processed one at a time to bound memory.
+images are processed one at a time to bound memory. At full resolution only
+single-channel maps are made (the luminance comes first, then the shift to
+``[0, 1]``, which commutes with it since the luma weights sum to 1), the 3x3
+filters run a strip of rows at a time (``row_strips``) and the sums and the
+normalisation run in place: a 4096x4096 map takes a few single-channel copies
+of the image, not several RGB ones.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .row_strips import by_row_strips
 
 __all__ = [
     "luminance",
@@ -46,17 +53,16 @@ def box_blur3(x: torch.Tensor) -> torch.Tensor:
 
 def sobel_magnitude(gray: torch.Tensor) -> torch.Tensor:
     kernel_x = torch.tensor(_SOBEL_X)
-    grad_x = _filter3(gray, kernel_x)
-    grad_y = _filter3(gray, kernel_x.t().contiguous())
-    return torch.sqrt(grad_x**2 + grad_y**2)
+    magnitude = _filter3(gray, kernel_x).square_()
+    return magnitude.add_(_filter3(gray, kernel_x.t().contiguous()).square_()).sqrt_()
 
 
 def laplacian_magnitude(gray: torch.Tensor) -> torch.Tensor:
-    return _filter3(gray, torch.tensor(_LAPLACIAN)).abs()
+    return _filter3(gray, torch.tensor(_LAPLACIAN)).abs_()
 
 
 def local_variance(gray: torch.Tensor) -> torch.Tensor:
-    return box_blur3((gray - box_blur3(gray)) ** 2)
+    return box_blur3(torch.sub(gray, box_blur3(gray)).square_())
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -83,12 +89,21 @@ def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 def percentile_normalize(x: torch.Tensor, *, low: float = 0.05, high: float = 0.95) -> torch.Tensor:
     """Per-image ``clamp((x - q_low) / (q_high - q_low + 1e-6), 0, 1)`` on ``[B, C, H, W]``."""
-    normalized = []
-    for sample in x.float():
+    x = x.float()
+    normalized = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for sample, out in zip(x, normalized, strict=True):
         q_low = exact_quantile(sample, low)
         q_high = exact_quantile(sample, high)
-        normalized.append(torch.clamp((sample - q_low) / (q_high - q_low + 1e-6), 0.0, 1.0))
-    return torch.stack(normalized)
+        torch.sub(sample, q_low, out=out).div_(q_high - q_low + 1e-6).clamp_(0.0, 1.0)
+    return normalized
+
+
+_STRUCTURE_HALO = 3  # rows: the local variance stacks two 3x3 filters, each spoiling one edge row
+
+
+def _structure(gray: torch.Tensor) -> torch.Tensor:
+    """Mean of the three structure measures of ``gray`` ``[B, 1, H, W]``."""
+    return sobel_magnitude(gray).add_(laplacian_magnitude(gray)).add_(local_variance(gray)).div_(3.0)
 
 
 def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tensor:
@@ -100,10 +115,10 @@ def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tens
     """
     maps = []
     for index in range(image.shape[0]):
-        sample = image[index : index + 1].float()
+        gray = luminance(image[index : index + 1].float())  # [1, 1, H, W]
         if shift_to_unit:
-            sample = (sample + 1.0) * 0.5
-        gray = luminance(sample)
-        structure = (sobel_magnitude(gray) + laplacian_magnitude(gray) + local_variance(gray)) / 3.0
-        maps.append(box_blur3(percentile_normalize(structure)))
-    return torch.cat(maps, dim=0)
+            gray.add_(1.0).mul_(0.5)
+        structure = by_row_strips(_structure, gray, halo=_STRUCTURE_HALO)
+        del gray
+        maps.append(by_row_strips(box_blur3, percentile_normalize(structure), halo=1))
+    return maps[0] if len(maps) == 1 else torch.cat(maps, dim=0)

@@ -23,10 +23,12 @@ from ..networks.model import OneStepRestorer
 from ..networks.text_embedding import batch_prompt_embedding
 from ..progress import CancelCheck, ProgressCallback
 from .latent_tiling import run_tiled
+from .row_strips import by_row_strips
 
 __all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent", "noise_to_residual"]
 
 RESIDUAL_TIMESTEP = 1  # FiDeSR's and PiSA-SR's
+LRRB_HALO = 16  # latent rows: three dense blocks of five chained 3x3 convolutions see 15 rows each way
 logger = logging.getLogger(__name__)
 
 
@@ -150,7 +152,9 @@ def refine_residual(
         return residual.float()
     device = device or next(model.lrrb.parameters()).device
     z_lq, residual = z_lq.float().to(device), residual.float().to(device)
-    return residual + model.lrrb(torch.cat([z_lq, residual], dim=1)).float()
+    # in strips of latent rows: the same numbers, without 192-channel maps of the whole latent
+    correction = by_row_strips(model.lrrb, torch.cat([z_lq, residual], dim=1), halo=LRRB_HALO, elements=1 << 18)
+    return residual + correction.float()
 
 
 def restored_latent(z_lq: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:

@@ -97,4 +97,4 @@ def decode_latent(
             decoded = decode_latents(model.vae, unscaled.to(device), tile_size=tile_size, should_cancel=should_cancel)
         finally:
             model.vae.to(model.dtype)
-    return (decoded.float().clamp(-1.0, 1.0) + 1.0) * 0.5
+    return decoded.float().clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)  # in place: the decode's own tensor

@@ -1,6 +1,7 @@
 """Tiled VAE encode/decode: accelerator memory bounded by one tile at any image size, and no seams.
 
-An input that fits in one tile goes through the stock diffusers path unchanged.
+An input that fits in one tile, and whose untiled activations fit the memory
+budget, goes through the stock diffusers path unchanged.
 A larger one is cut into a grid of tiles whose *cores* partition the latent
 (and, scaled by 2, 4 and 8, every feature map of the encoder or decoder). The
 network is flattened into primitive steps (convolution, GroupNorm, activation,
@@ -29,14 +30,23 @@ over the whole latent (global attention over a 4096² output's 512² latent is
 far too slow). Each position keeps the value of the tile that owns it, so
 every map stays single-valued and tiles cannot drift apart.
 
-The whole-image maps wait on the CPU when the VAE runs on an accelerator (which
-then holds one tile's working set) and stay where they are on the CPU; there
-they take about two of the largest feature maps. The tiled path runs without
-autograd, and the VAE module is neither modified nor hooked.
+Memory is bounded by the tile, not the image. Each segment picks its own
+grid: a tile's widest activation stays under ``MemoryBudget.tile_bytes``, so
+the wide maps at full resolution run in smaller tiles than the latent-level
+ones (the attention keeps the caller's tile, which its result depends on).
+The whole-image maps between segments wait in host memory up to
+``MemoryBudget.map_bytes`` and in unlinked temporary files beyond it (see
+``maps``): the numbers are the same either way, so the result does not depend
+on the budget, and host memory (or an accelerator's, which only ever holds one
+tile's working set) stays flat as the image grows; what grows is disk traffic
+through the page cache. The untiled diffusers path is taken only while its own
+widest activation fits ``MemoryBudget.stock_bytes``. The tiled path runs
+without autograd, and the VAE module is neither modified nor hooked.
 
 This module holds the entry points; ``program`` reads the diffusers VAE into the flat program of
-steps, ``steps`` holds the steps and their regions, ``group_norm`` the GroupNorm statistics and
-``runner`` the segment-by-segment runner. Those four are internal to the package.
+steps, ``steps`` holds the steps and their regions, ``group_norm`` the GroupNorm statistics,
+``maps`` the whole-image maps and ``runner`` the segment-by-segment runner. Those five are
+internal to the package; ``budget`` holds ``MemoryBudget``, the setting callers may pass.
 """
 
 from __future__ import annotations
@@ -46,10 +56,11 @@ from collections.abc import Callable
 import torch
 from diffusers import AutoencoderKL
 
-from ..errors import ImageInputError, SettingsError
+from ..errors import BaseModelError, ImageInputError, SettingsError
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
-from .program import decoder_program, encoder_program
-from .runner import map_sizes, run_program
+from .budget import MemoryBudget
+from .program import Program, decoder_program, encoder_program
+from .runner import map_channels, map_sizes, run_program
 
 __all__ = ["encode_moments", "decode_latents"]
 
@@ -66,6 +77,18 @@ def _check_no_autograd(tensor: torch.Tensor) -> None:
 
 def _fits_one_tile(height: int, width: int, tile_size: int) -> bool:
     return tile_size == 0 or (height <= tile_size and width <= tile_size)
+
+
+def _stock_fits(build: Callable[[], Program], source: torch.Tensor, budget: MemoryBudget) -> bool:
+    """True when the untiled path's widest activation fits ``budget.stock_bytes`` (or the VAE cannot be tiled)."""
+    try:
+        program = build()
+    except BaseModelError:
+        return True  # not tileable: the stock path is the only one
+    sizes, _ = map_sizes(program.steps, tuple(source.shape[-2:]))
+    channels, _ = map_channels(program.steps, source.shape[1])
+    widest = max(c * h * w for c, (h, w) in zip(channels, sizes, strict=True))
+    return widest * source.shape[0] * source.element_size() <= budget.stock_bytes
 
 
 def _run_untiled(
@@ -86,14 +109,17 @@ def encode_moments(
     tile_size: int = 1024,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """``quant_conv(encoder(pixels))``: ``[B, 2·latent_channels, H/8, W/8]`` (mean and log-variance halves).
 
     ``pixels`` [B, 3, H, W] in [-1, 1], H and W multiples of 8, in the VAE's
     dtype and device. ``tile_size`` is the largest tile core in pixels
-    (rounded down to a multiple of 8); 0 never tiles. An image within one tile
-    gives exactly ``vae.encode(pixels).latent_dist.parameters``.
+    (rounded down to a multiple of 8); 0 never tiles (the stock path, whatever
+    its memory). An image within one tile whose untiled activations fit
+    ``budget.stock_bytes`` gives exactly ``vae.encode(pixels).latent_dist.parameters``.
     """
+    budget = budget or MemoryBudget()
     _check_tile_size(tile_size, 8, "pixels")
     channels = vae.config.in_channels
     if pixels.dim() != 4 or pixels.shape[1] != channels or pixels.shape[-2] % 8 or pixels.shape[-1] % 8:
@@ -101,7 +127,9 @@ def encode_moments(
             f"VAE encode needs pixels [B, {channels}, H, W] with H, W multiples of 8, got {tuple(pixels.shape)}"
         )
     height, width = pixels.shape[-2:]
-    if _fits_one_tile(height, width, tile_size):
+    if tile_size == 0 or (
+        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: encoder_program(vae), pixels, budget)
+    ):
         return _run_untiled(lambda: vae.encode(pixels).latent_dist.parameters, progress, should_cancel)
     program = encoder_program(vae)
     latent_height = map_sizes(program.steps, (height, width))[0][-1][0]
@@ -112,7 +140,7 @@ def encode_moments(
         )
     _check_no_autograd(pixels)
     with torch.no_grad():
-        return run_program(program, pixels, tile_size // factor, progress, should_cancel)
+        return run_program(program, pixels, tile_size // factor, progress, should_cancel, budget)
 
 
 def decode_latents(
@@ -122,22 +150,28 @@ def decode_latents(
     tile_size: int = 224,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """``decoder(post_quant_conv(latents))``: ``[B, 3, 8h, 8w]``, not clamped.
 
     ``latents`` [B, latent_channels, h, w] unscaled (already divided by the
     scaling factor), in the VAE's dtype and device. ``tile_size`` is the
     largest tile core in latent pixels; 0 never tiles. Latents within one tile
-    give exactly ``vae.decode(latents).sample``.
+    whose untiled activations fit ``budget.stock_bytes`` give exactly
+    ``vae.decode(latents).sample``; larger ones within one tile are run tiled
+    with one attention tile, equal to it up to float rounding.
     """
+    budget = budget or MemoryBudget()
     _check_tile_size(tile_size, 1, "latent pixels")
     channels = vae.config.latent_channels
     if latents.dim() != 4 or latents.shape[1] != channels:
         raise ImageInputError(f"VAE decode needs latents [B, {channels}, h, w], got {tuple(latents.shape)}")
     height, width = latents.shape[-2:]
-    if _fits_one_tile(height, width, tile_size):
+    if tile_size == 0 or (
+        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: decoder_program(vae), latents, budget)
+    ):
         return _run_untiled(lambda: vae.decode(latents).sample, progress, should_cancel)
     program = decoder_program(vae)
     _check_no_autograd(latents)
     with torch.no_grad():
-        return run_program(program, latents, tile_size, progress, should_cancel)
+        return run_program(program, latents, tile_size, progress, should_cancel, budget)

@@ -8,14 +8,19 @@ statistics for the next GroupNorm.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
+from .budget import MemoryBudget
 from .group_norm import GroupStats
+from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
-from .steps import Add, Box, Layer, Norm, Save, Step
+from .steps import Add, Box, Conv, Layer, MidBlockAttention, Norm, Save, Step
 
-__all__ = ["map_sizes", "run_program"]
+__all__ = ["map_sizes", "map_channels", "run_program", "run_program_in"]
 
 
 def map_sizes(steps: list[Step], size: tuple[int, int]) -> tuple[list[tuple[int, int]], dict[int, tuple[int, int]]]:
@@ -26,6 +31,16 @@ def map_sizes(steps: list[Step], size: tuple[int, int]) -> tuple[list[tuple[int,
             saved[step.key] = sizes[-1]
         sizes.append(step.out_size(sizes[-1]) if isinstance(step, Layer) else sizes[-1])
     return sizes, saved
+
+
+def map_channels(steps: list[Step], channels: int) -> tuple[list[int], dict[int, int]]:
+    """Channels of ``h`` before each step (and after the last one), and of each saved value."""
+    found, saved = [channels], {}
+    for step in steps:
+        if isinstance(step, Save):
+            saved[step.key] = found[-1]
+        found.append(step.out_channels(found[-1]) if isinstance(step, Layer) else found[-1])
+    return found, saved
 
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:
@@ -85,14 +100,33 @@ def _spare_maps(maps: dict, owned: set, consumed: set, plans: list, saved_sizes:
     ]
 
 
-def _store(maps: dict, key: str | int, piece: torch.Tensor, target: Box, reuse: list, device: torch.device) -> None:
+def _store(
+    maps: dict,
+    key: str | int,
+    piece: torch.Tensor,
+    target: Box,
+    reuse: list,
+    make: Callable[[tuple, torch.dtype], WholeMap],
+) -> None:
     """Write a tile's core ``piece`` (covering ``target``) into ``maps[key]``, made on first use (from
-    ``reuse`` when one of those maps has the right shape)."""
+    ``reuse`` when one of those maps has the right shape, else by ``make``)."""
     if key not in maps:
         shape = (*piece.shape[:2], target.height, target.width)
         fits = [m for m in reuse if m.shape == shape and m.dtype == piece.dtype]
-        maps[key] = fits[0] if fits else piece.new_empty(shape, device=device)
-    maps[key][..., target.top : target.bottom, target.left : target.right] = piece
+        maps[key] = fits[0] if fits else make(shape, piece.dtype)
+    maps[key].write(target, piece)
+
+
+def _core_side(
+    segment: list[Step], maps: list[tuple[int, tuple[int, int]]], latent: tuple, tile: int, budget: int
+) -> int:
+    """The tile side (latent pixels) of one segment: ``tile``, or less where a tile of its widest map (of
+    ``maps``: channels and size) would pass ``budget`` elements. The attention keeps ``tile``: its context,
+    hence its result, depends on it."""
+    if any(isinstance(step, MidBlockAttention) for step in segment):
+        return tile
+    per_latent_pixel = max(channels * h * w // (latent[0] * latent[1]) for channels, (h, w) in maps)
+    return max(1, min(tile, math.isqrt(budget // max(1, per_latent_pixel))))
 
 
 def run_program(
@@ -101,19 +135,57 @@ def run_program(
     tile: int,
     progress: ProgressCallback | None,
     should_cancel: CancelCheck | None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
-    """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels."""
+    """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels.
+
+    Whole-image maps wait in host memory or files as ``budget`` allows (see ``maps``); the result is
+    a tensor on ``source``'s device.
+    """
+    return run_program_in(
+        program, source, tile, progress, should_cancel, MapStore(budget or MemoryBudget(), _layout(program))
+    )
+
+
+def _layout(program: Program) -> torch.memory_format:
+    """channels_last when the VAE's convolutions are (maps in that format feed them without a copy)."""
+    for step in program.steps:
+        if isinstance(step, Conv):
+            weight = step.conv.weight
+            nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+            if nhwc != nchw:  # a 1×1 kernel (or one input channel) is both: look further
+                return torch.channels_last if nhwc else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def run_program_in(
+    program: Program,
+    source: torch.Tensor,
+    tile: int,
+    progress: ProgressCallback | None,
+    should_cancel: CancelCheck | None,
+    store: MapStore,
+) -> torch.Tensor:
+    """``run_program`` with the maps made by ``store`` (whose peaks then tell what the run held)."""
     steps, device = program.steps, source.device
-    storage = device if device.type == "cpu" else torch.device("cpu")  # where whole-image maps wait
     sizes, saved_sizes = map_sizes(steps, tuple(source.shape[-2:]))
+    channels, saved_channels = map_channels(steps, source.shape[1])
     latent = sizes[-1] if sizes[-1][0] < sizes[0][0] else sizes[0]  # the encoder's output, the decoder's input
-    cores = [Box(*rows, *cols, *latent) for rows in _spans(latent[0], tile) for cols in _spans(latent[1], tile)]
+    item_bytes = source.shape[0] * source.element_size()
     bounds = [0] + [i for i, step in enumerate(steps) if isinstance(step, Norm)] + [len(steps)]
-    maps: dict[str | int, torch.Tensor] = {"h": source}
-    owned: set[str | int] = set()  # maps allocated here (the caller's tensor is never written)
-    stats, total, done = None, (len(bounds) - 1) * len(cores), 0
+    grids = {}
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        segment, last = steps[start:stop], stop == len(steps)
+        touched = list(zip(channels[start : stop + 1], sizes[start : stop + 1], strict=True))
+        touched += [(saved_channels[s.key], saved_sizes[s.key]) for s in steps[start:stop] if isinstance(s, Add)]
+        side = _core_side(steps[start:stop], touched, latent, tile, store.budget.tile_bytes // item_bytes)
+        grids[start] = [
+            Box(*rows, *cols, *latent) for rows in _spans(latent[0], side) for cols in _spans(latent[1], side)
+        ]
+    maps: dict[str | int, WholeMap] = {"h": TensorMap(source, store.layout)}
+    owned: set[str | int] = set()  # maps made here (the caller's tensor is never written)
+    stats, total, done = None, sum(len(cores) for cores in grids.values()), 0
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        segment, last, cores = steps[start:stop], stop == len(steps), grids[start]
         consumed = {step.key for step in segment if isinstance(step, Add)}
         saved = [step.key for step in segment if isinstance(step, Save) and step.key not in consumed]
         aliased = segment[-1].key if isinstance(segment[-1], Save) else None  # saved value is h itself
@@ -123,12 +195,10 @@ def run_program(
             wanted = {key: core.scaled_to(*saved_sizes[key]) for key in saved} | {"h": core.scaled_to(*sizes[stop])}
             plans.append((core, _needs(segment, sizes[start:stop], saved_sizes, wanted)))
         spare = [] if last else _spare_maps(maps, owned, consumed, plans, saved_sizes)
-        new_maps: dict[str | int, torch.Tensor] = {}
+        new_maps: dict[str | int, WholeMap] = {}
         for core, needed in plans:
             check_cancelled(should_cancel)
-            values = {
-                key: (maps[key][..., b.top : b.bottom, b.left : b.right].to(device), b) for key, b in needed.items()
-            }
+            values = {key: (maps[key].read(b, device), b) for key, b in needed.items()}
             values["h"] = _run_steps(segment, values, stats)
             for key in ["h"] + [key for key in saved if key != aliased]:
                 value, box = values[key]
@@ -137,7 +207,9 @@ def run_program(
                 if key == "h" and next_stats is not None:
                     next_stats.add(piece)
                 reuse = [maps[k] for k in spare] if key == "h" else []
-                _store(new_maps, key, piece, target, reuse, device if last else storage)
+                make = (lambda shape, dtype: store.output_map(shape, dtype, device)) if last else store.new_map
+                _store(new_maps, key, piece, target, reuse, make)
+            del values
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -148,4 +220,4 @@ def run_program(
         maps.update(new_maps)
         owned = (owned - consumed) | set(new_maps)
         stats = next_stats
-    return maps["h"]
+    return maps["h"].tensor

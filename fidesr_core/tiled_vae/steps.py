@@ -83,6 +83,9 @@ class Layer:
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size
 
+    def out_channels(self, channels: int) -> int:
+        return channels
+
     def needs(self, out: Box, in_size: tuple[int, int]) -> Box:
         """The input region from which ``run`` computes at least ``out``."""
         return out
@@ -145,6 +148,9 @@ class Conv(Layer):
         if self.functional and module is not conv:
             raise unsupported(f"the wrapped strided conv {type(module).__name__}")
         self.module, self.conv = module, conv
+
+    def out_channels(self, channels: int) -> int:
+        return self.conv.out_channels
 
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return tuple((n + b + a - k) // s + 1 for n, (k, s, b, a, _) in zip(size, self.axes, strict=True))

@@ -1,0 +1,192 @@
+"""Tiled VAE memory: whole-image maps within their budget (the rest in files, same numbers), tile activations
+within theirs, and peak memory that stays flat as the image grows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from fidesr_core.errors import SettingsError
+from fidesr_core.networks.tiny import TINY_VAE_CONFIG
+from fidesr_core.tiled_vae import maps as tiled_vae_maps
+from fidesr_core.tiled_vae.budget import MemoryBudget
+from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
+from fidesr_core.tiled_vae.maps import MapStore
+from fidesr_core.tiled_vae.program import decoder_program
+from fidesr_core.tiled_vae.runner import run_program_in
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_ALL_IN_FILES = MemoryBudget(map_bytes=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKL:
+    torch.manual_seed(3)
+    return AutoencoderKL(**TINY_VAE_CONFIG).eval()
+
+
+def _latents(batch: int, height: int, width: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 4, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _pixels(batch: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_maps_in_files_give_the_same_numbers(vae: AutoencoderKL, dtype: torch.dtype, layout) -> None:
+    model = torch.nn.Module.to(AutoencoderKL(**TINY_VAE_CONFIG).eval(), dtype=dtype, memory_format=layout)
+    model.load_state_dict(vae.state_dict())
+    latents, pixels = _latents(2, 11, 13).to(dtype), _pixels(2, 72, 88).to(dtype)
+    in_memory = decode_latents(model, latents, tile_size=4)
+    assert torch.equal(decode_latents(model, latents, tile_size=4, budget=_ALL_IN_FILES), in_memory)
+    in_memory = encode_moments(model, pixels, tile_size=32)
+    assert torch.equal(encode_moments(model, pixels, tile_size=32, budget=_ALL_IN_FILES), in_memory)
+
+
+@torch.no_grad()
+def test_maps_in_memory_stay_within_their_budget(vae: AutoencoderKL) -> None:
+    latents = _latents(1, 12, 16)
+    unbounded = MapStore(MemoryBudget(map_bytes=1 << 40))
+    reference = run_program_in(decoder_program(vae), latents, 4, None, None, unbounded)
+    assert unbounded.peak_file_bytes == 0
+    budget = unbounded.peak_bytes // 4  # a quarter of what the maps need at once
+    bounded = MapStore(MemoryBudget(map_bytes=budget))
+    result = run_program_in(decoder_program(vae), latents, 4, None, None, bounded)
+    assert 0 < bounded.peak_bytes <= budget < unbounded.peak_bytes
+    assert bounded.peak_file_bytes > 0
+    assert bounded.live_bytes == bounded.file_bytes == 0  # everything released at the end
+    assert torch.equal(result, reference)
+
+
+@torch.no_grad()
+def test_tile_activations_stay_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Record the largest region any tile reads from a whole-image map: the working set a tile brings in.
+    # (Without attention, whose segment keeps the caller's tile because its result depends on it.)
+    torch.manual_seed(4)
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "mid_block_add_attention": False}).eval()
+    largest: list[int] = [0]
+    for cls in (tiled_vae_maps.TensorMap, tiled_vae_maps.FileMap):
+        original = cls.read
+
+        def read(self, box, device, _original=original):
+            tile = _original(self, box, device)
+            largest[0] = max(largest[0], tile.numel())
+            return tile
+
+        monkeypatch.setattr(cls, "read", read)
+    pixels, latents = _pixels(1, 128, 160), _latents(1, 16, 20)
+    sizes = {}
+    for name, tile_bytes in (("default", MemoryBudget().tile_bytes), ("small", 8 << 10)):
+        largest[0] = 0
+        budget = MemoryBudget(tile_bytes=tile_bytes)
+        reference = encode_moments(vae, pixels, tile_size=64, budget=budget)
+        encoded = largest[0]
+        largest[0] = 0
+        decode_latents(vae, latents, tile_size=8, budget=budget)
+        sizes[name] = (encoded, largest[0], reference)
+    small_elements = (8 << 10) // 4
+    for default, small in zip(sizes["default"][:2], sizes["small"][:2], strict=True):
+        assert small <= 2 * small_elements < default  # the budget plus halos, far under the caller's tile
+    assert (sizes["small"][2] - sizes["default"][2]).abs().max() < 1e-4 * sizes["default"][2].abs().max()
+
+
+@torch.no_grad()
+def test_one_tile_beyond_the_stock_budget_runs_tiled_and_matches(vae: AutoencoderKL) -> None:
+    latents = _latents(1, 10, 12)
+    stock = vae.decode(latents).sample
+    assert torch.equal(decode_latents(vae, latents, tile_size=16), stock)
+    calls: list[tuple[int, int]] = []
+    tight = MemoryBudget(stock_bytes=0, tile_bytes=16 << 10)
+    tiled = decode_latents(vae, latents, tile_size=16, budget=tight, progress=lambda *done: calls.append(done))
+    assert len(calls) > 1  # it really was tiled
+    # one attention tile covers the whole latent, so only float rounding separates it from the stock path
+    assert (tiled - stock).abs().max() < 1e-4 * stock.abs().max()
+
+
+def test_a_bad_budget_is_refused() -> None:
+    for field in ("tile_bytes", "map_bytes", "stock_bytes"):
+        with pytest.raises(SettingsError, match=field):
+            MemoryBudget(**{field: -1})
+
+
+@torch.no_grad()
+def test_an_unusable_spill_folder_is_named(vae: AutoencoderKL, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(SettingsError, match="missing"):
+        decode_latents(vae, _latents(1, 8, 8), tile_size=4, budget=MemoryBudget(map_bytes=0, spill_folder=str(missing)))
+
+
+_FLAT_PEAK_PROBE = textwrap.dedent(
+    """
+    import ctypes, json
+    import torch
+    from diffusers import AutoencoderKL
+    from fidesr_core.tiled_vae.budget import MemoryBudget
+    from fidesr_core.tiled_vae.codec import decode_latents
+
+    try:  # glibc: give every block over 64 KiB back to the system when freed, so RSS follows live memory
+        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (AttributeError, OSError):
+        pass
+
+    def status_kib(key):
+        with open("/proc/self/status") as status:
+            return int(status.read().split(key + ":")[1].split()[0])
+
+    def peak_growth_kib(latents, budget, tile):
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = status_kib("VmRSS")
+        decode_latents(vae, latents, tile_size=tile, budget=budget)
+        return status_kib("VmHWM") - before
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    ).eval()
+    bounded = MemoryBudget(tile_bytes=2 << 20, map_bytes=4 << 20)
+    unbounded = MemoryBudget(tile_bytes=1 << 40, map_bytes=1 << 40)
+    small, large = torch.randn(1, 4, 24, 24), torch.randn(1, 4, 48, 48)  # 192² and 384² outputs
+    with torch.no_grad():
+        peak_growth_kib(small, bounded, 8), peak_growth_kib(small, unbounded, 8)  # warm-up
+        print(json.dumps({
+            "bounded": [peak_growth_kib(x, bounded, 8) for x in (small, large)],
+            "unbounded": [peak_growth_kib(x, unbounded, 8) for x in (small, large)],
+            "output_growth_kib": 3 * 4 * (384 * 384 - 192 * 192) // 1024,
+        }))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
+def test_peak_memory_stays_flat_as_the_image_grows() -> None:
+    # A fresh process, so that memory other tests freed (but the allocator kept) cannot hide the growth.
+    result = subprocess.run(
+        [sys.executable, "-c", _FLAT_PEAK_PROBE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=True
+    )
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    output_growth = peaks["output_growth_kib"]
+    unbounded_growth = peaks["unbounded"][1] - peaks["unbounded"][0]
+    bounded_growth = peaks["bounded"][1] - peaks["bounded"][0]
+    assert unbounded_growth > 10 * output_growth, peaks  # whole-image maps in memory grow with the image
+    assert bounded_growth < 2 * output_growth + 2048, peaks  # within budget: only the output itself grows
