@@ -30,6 +30,7 @@ from .steps.injection import spatial_gate as compute_spatial_gate
 from .steps.preprocess import PROCESS_SIZE, prepare_lq, processing_size, resize_image, resize_to_output
 from .steps.restoration import predict_residual, refine_residual
 from .steps.vae_codec import LatentMode, decode_latent, encode_image, vae_device
+from .tiled_vae.budget import MemoryBudget
 
 __all__ = [
     "MIN_ENCODE_TILE",
@@ -101,6 +102,7 @@ def encode_step(
     tile_size: int = 1024,
     process_size: int = PROCESS_SIZE,
     with_gate: bool = True,
+    vae_budget: MemoryBudget | None = None,
     runner: StepRunner | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
@@ -138,6 +140,7 @@ def encode_step(
             progress=chunk_progress,
             should_cancel=should_cancel,
             device=attempt.device,
+            budget=vae_budget,
         )
         gate = compute_spatial_gate(prepared.pixels, tuple(z_lq.shape[-2:])) if with_gate else None
         return [z_lq, prepared.pixels, gate]
@@ -281,6 +284,7 @@ def decode_step(
     *,
     color_fix: ColorFixMethod = "adain",
     tile_size: int = 224,
+    vae_budget: MemoryBudget | None = None,
     runner: StepRunner | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
@@ -312,6 +316,7 @@ def decode_step(
             progress=chunk_progress,
             should_cancel=should_cancel,
             device=attempt.device,
+            budget=vae_budget,
         )
         return [finish_image(decoded, state.upscaled_lq[part], state.output_size, color_fix)]
 

@@ -21,6 +21,7 @@ from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod
 from .steps.injection import HighFrequencySettings, LowFrequencySettings
 from .steps.preprocess import PROCESS_SIZE
 from .steps.vae_codec import LATENT_MODES, LatentMode
+from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
 
 __all__ = ["STAGES", "UpscaleSettings", "upscale"]
 
@@ -48,6 +49,7 @@ class UpscaleSettings:
     high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
     pixel_strength: float | None = None
     semantic_strength: float | None = None
+    vae_memory_mb: int = MAP_MEMORY_MB  # whole-image VAE maps kept in RAM; the rest go to temporary files (TMPDIR)
 
     def __post_init__(self) -> None:
         # Each message starts with the field's name: the CLI swaps it for the flag's.
@@ -78,6 +80,11 @@ class UpscaleSettings:
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, -10.0, 10.0)  # None: PiSA-SR's default mode
+        _check_integer("vae_memory_mb", self.vae_memory_mb, 0, 1 << 30, "an integer >= 0 (MiB; 0 = every map in files)")
+
+    def vae_budget(self) -> MemoryBudget:
+        """The tiled VAE's memory budget these settings ask for."""
+        return MemoryBudget(map_bytes=self.vae_memory_mb << 20)
 
 
 def _check_number(name: str, value: object, low: float | None, high: float | None) -> None:
@@ -127,6 +134,7 @@ def upscale(
         tile_size=settings.encode_tile_size,
         process_size=settings.process_size,
         with_gate=injects,
+        vae_budget=settings.vae_budget(),
         runner=runner,
         progress=_stage(stage_progress, "encode"),
         should_cancel=should_cancel,
@@ -158,6 +166,7 @@ def upscale(
         state,
         color_fix=settings.color_fix,
         tile_size=settings.decode_tile_size,
+        vae_budget=settings.vae_budget(),
         runner=runner,
         progress=_stage(stage_progress, "decode"),
         should_cancel=should_cancel,

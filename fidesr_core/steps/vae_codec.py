@@ -10,6 +10,7 @@ import torch
 from ..errors import SettingsError
 from ..networks.model import OneStepRestorer
 from ..progress import CancelCheck, ProgressCallback
+from ..tiled_vae.budget import MemoryBudget
 
 __all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise", "vae_device"]
 
@@ -40,6 +41,7 @@ def encode_image(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     device: torch.device | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """``z_L = SF · latent`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] -> ``[B, 4, H/8, W/8]`` float32.
 
@@ -47,7 +49,7 @@ def encode_image(
     released code samples unseeded); ``"mode"`` takes its mean.  Every image of
     a batch gets the noise it would get alone, so a batch (or a part of one)
     gives each image the result of encoding it by itself.  ``device``: where to
-    compute (default: where the VAE's weights are).
+    compute (default: where the VAE's weights are); ``budget``: the tiled VAE's memory (default: its own).
     """
     if latent_mode not in LATENT_MODES:
         raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
@@ -55,7 +57,7 @@ def encode_image(
 
     vae_input = pixels.to(device=device or vae_device(model), dtype=model.dtype)
     moments = encode_moments(
-        model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel
+        model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel, budget=budget
     ).float()
     mean, log_variance = moments.chunk(2, dim=1)
     latent = mean
@@ -73,6 +75,7 @@ def decode_latent(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     device: torch.device | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """Scaled latent ``[B, 4, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1], float32.
 
@@ -94,7 +97,9 @@ def decode_latent(
         logger.warning("VAE decode overflowed in %s; decoding again in float32", model.dtype)
         model.vae.float()
         try:
-            decoded = decode_latents(model.vae, unscaled.to(device), tile_size=tile_size, should_cancel=should_cancel)
+            decoded = decode_latents(
+                model.vae, unscaled.to(device), tile_size=tile_size, should_cancel=should_cancel, budget=budget
+            )
         finally:
             model.vae.to(model.dtype)
     return decoded.float().clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)  # in place: the decode's own tensor
