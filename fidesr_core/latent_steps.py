@@ -54,6 +54,26 @@ def _tile_pixels(height: int, width: int, tile: int) -> int:
     return min(height, tile) * min(width, tile) if tile > 0 else height * width
 
 
+def _latent_tiled_call(
+    step: str, network: str, weights_device: torch.device, latent: torch.Tensor, tile_size: int, model: OneStepRestorer
+) -> StepCall:
+    """A step that runs ``network`` on ``latent`` ``[B, 4, h, w]`` in tiles of latent pixels (the U-Net, the decoder)."""
+    batch, _, height, width = latent.shape
+    return StepCall(
+        step=step,
+        networks=(network,),
+        weights_device=weights_device,
+        batch_size=batch,
+        # a latent pixel is 8x8 image pixels, hence 64 pixels' working memory per latent pixel
+        working_bytes=lambda tile: working_memory_bytes(64 * _tile_pixels(height, width, tile), model.dtype),
+        tile_size=tile_size,
+        tiled=True,
+        full_size=max(height, width),
+        min_tile=MIN_LATENT_TILE,
+        tile_unit="latent pixels",
+    )
+
+
 def _overlap_for(tile: int, tile_size: int, tile_overlap: int) -> int:
     """Keep the overlap's share of the tile when a runner shrinks the tile."""
     if tile == tile_size:
@@ -173,19 +193,8 @@ def residual_step(
     if tile_size > 0 and not 0 <= tile_overlap < tile_size:
         raise SettingsError(f"tile_overlap {tile_overlap} must be smaller than tile_size {tile_size}")
     runner = runner or StepRunner()
-    batch, _, height, width = state.z_lq.shape
-    call = StepCall(
-        step=RESIDUAL,
-        networks=("unet",),
-        weights_device=next(model.unet.parameters()).device,
-        batch_size=batch,
-        working_bytes=lambda tile: working_memory_bytes(64 * _tile_pixels(height, width, tile), model.dtype),
-        tile_size=tile_size,
-        tiled=True,
-        full_size=max(height, width),
-        min_tile=MIN_LATENT_TILE,
-        tile_unit="latent pixels",
-    )
+    batch = state.z_lq.shape[0]
+    call = _latent_tiled_call(RESIDUAL, "unet", next(model.unet.parameters()).device, state.z_lq, tile_size, model)
 
     def residual_chunk(attempt: Attempt, part: slice, chunk_progress: ProgressCallback | None) -> list:
         embedding = prompt_embedding
@@ -294,19 +303,7 @@ def decode_step(
         raise SettingsError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
     runner = runner or StepRunner()
     latent = state.latent()
-    batch, _, height, width = latent.shape
-    call = StepCall(
-        step=DECODE,
-        networks=("vae",),
-        weights_device=vae_device(model),
-        batch_size=batch,
-        working_bytes=lambda tile: working_memory_bytes(64 * _tile_pixels(height, width, tile), model.dtype),
-        tile_size=tile_size,
-        tiled=True,
-        full_size=max(height, width),
-        min_tile=MIN_LATENT_TILE,
-        tile_unit="latent pixels",
-    )
+    call = _latent_tiled_call(DECODE, "vae", vae_device(model), latent, tile_size, model)
 
     def decode_chunk(attempt: Attempt, part: slice, chunk_progress: ProgressCallback | None) -> list:
         decoded = decode_latent(
