@@ -133,12 +133,12 @@ report["same_after_unload"] = torch.equal(outputs["after_unload"][0], outputs["o
 # ---------------------------------------------------------------- a partial load (what --lowvram does on a GPU)
 model_management.unload_all_models()
 unet = handle.patchers["unet"]
-pipeline = sys.modules[f"{pack.__name__}.fidesr_core.pipeline"]
+restoration = sys.modules[f"{pack.__name__}.fidesr_core.steps.restoration"]
 z_lq = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
 with torch.inference_mode():
-    full = pipeline.predict_residual(handle.model, z_lq, tile_size=0)
+    full = restoration.predict_residual(handle.model, z_lq, tile_size=0)
     unet.load(torch.device("cpu"), lowvram_model_memory=unet.model_size() // 3)
-    partial = pipeline.predict_residual(handle.model, z_lq, tile_size=0, device=torch.device("cpu"))
+    partial = restoration.predict_residual(handle.model, z_lq, tile_size=0, device=torch.device("cpu"))
 report["partial_load"] = {
     "lowvram": bool(unet.model.model_lowvram),
     "loaded_fraction": unet.loaded_size() / unet.model_size(),
