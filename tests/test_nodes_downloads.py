@@ -97,7 +97,7 @@ def test_entries_are_listed_only_while_the_folder_lacks_the_file(served, models:
     with hub_stand_in(_hub(served)) as hub:
         empty = _run(hub, models, "lists")
         assert empty["fidesr_weights"] == [WEIGHTS_ENTRY]
-        assert empty["base_model"] == [f"{LOCAL_BASE}", BASE_ENTRY]
+        assert empty["base_model"] == [LOCAL_BASE, BASE_ENTRY]
 
         (models / "fidesr").mkdir(exist_ok=True)
         (models / "fidesr" / "pisa_sr.pkl").write_bytes(b"any weights")  # lists go by name; loading checks
@@ -162,8 +162,8 @@ def test_nothing_is_fetched_for_any_other_value(served, models: Path) -> None:
         # Close to an entry is not an entry.
         near = _run(hub, models, "load", LOCAL_BASE, f"{FIDESR_WEIGHTS.name} (download from someone/else)")
         assert "is not in the fidesr model folders" in near["error"]
-        validated = _run(hub, models, "validate", f"checkpoints/{SD21_BASE.name}", FIDESR_WEIGHTS.name)
-        assert validated["valid"] != True  # noqa: E712 (a message, not True)
+        validated = _run(hub, models, "validate", f"checkpoints/{SD21_BASE.name}", FIDESR_WEIGHTS.name)["valid"]
+        assert validated.startswith(f"fidesr_weights {FIDESR_WEIGHTS.name!r} is not in the fidesr model folders")
     assert hub.requests == []
     assert not (models / "checkpoints").exists() or _files(models / "checkpoints") == []
     assert _files(models / "fidesr") == ["mine.pkl"]
@@ -215,6 +215,8 @@ def test_messages_name_the_resolved_folders_and_a_download_goes_to_the_first(ser
         assert hub.requests == []
         # ComfyUI lists extra_model_paths.yaml's fidesr path first: the fetched file goes there.
         loaded = _run(hub, models, "load", LOCAL_BASE, WEIGHTS_ENTRY, extra_paths=extra)
+        # The file in the extra folder counts: the entry is gone.
+        assert _run(hub, models, "lists", extra_paths=extra)["fidesr_weights"] == [FIDESR_WEIGHTS.name]
     assert loaded["family"] == "FiDeSR"
     assert (tmp_path / "shared" / "fidesr" / FIDESR_WEIGHTS.name).read_bytes() == served["weights"]
     assert not (models / "fidesr" / FIDESR_WEIGHTS.name).exists()
