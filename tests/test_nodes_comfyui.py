@@ -90,7 +90,7 @@ def test_interrupt_between_tiles_raises_comfyuis_exception(comfy, handle, defaul
 
 
 def test_out_of_memory_halves_the_tile_until_it_fits(comfy, handle, default_chain, monkeypatch, caplog) -> None:
-    pipeline = comfy.module("fidesr_core.pipeline")
+    latent_steps = comfy.module("fidesr_core.latent_steps")  # the module whose steps call them
     encoded = default_chain["encoded"]
     residual = torch.full_like(encoded["samples"], 0.5)
     tiles: list[tuple[int, int]] = []
@@ -101,7 +101,7 @@ def test_out_of_memory_halves_the_tile_until_it_fits(comfy, handle, default_chai
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return residual
 
-    monkeypatch.setattr(pipeline, "predict_residual", predict_running_out_twice)
+    monkeypatch.setattr(latent_steps, "predict_residual", predict_running_out_twice)
     with caplog.at_level(logging.WARNING, logger="FiDeSR"):
         (latent,) = run_node(comfy, "FiDeSRResidual", model=handle, latent=encoded, tile_size=64, tile_overlap=16)
     assert tiles == [(64, 16), (32, 8), (16, 4)]  # the overlap keeps its share of the tile
@@ -111,14 +111,14 @@ def test_out_of_memory_halves_the_tile_until_it_fits(comfy, handle, default_chai
 
 
 def test_out_of_memory_at_the_smallest_tile_names_node_tile_and_remedies(comfy, handle, default_chain, monkeypatch):
-    pipeline = comfy.module("fidesr_core.pipeline")
+    latent_steps = comfy.module("fidesr_core.latent_steps")  # the module whose steps call them
     tiles: list[int] = []
 
     def always_out_of_memory(model: Any, z_lq: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         tiles.append(kwargs["tile_size"])
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(pipeline, "predict_residual", always_out_of_memory)
+    monkeypatch.setattr(latent_steps, "predict_residual", always_out_of_memory)
     message = error_of(
         comfy, "FiDeSRResidual", model=handle, latent=default_chain["encoded"], tile_size=0, tile_overlap=0
     )
@@ -131,7 +131,7 @@ def test_out_of_memory_at_the_smallest_tile_names_node_tile_and_remedies(comfy, 
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     tiles.clear()
-    monkeypatch.setattr(pipeline, "predict_residual", other_error)
+    monkeypatch.setattr(latent_steps, "predict_residual", other_error)
     with pytest.raises(RuntimeError, match="mat1"):
         run_node(comfy, "FiDeSRResidual", model=handle, latent=default_chain["encoded"], tile_size=32, tile_overlap=8)
     assert tiles == [32]  # no retry for errors other than out-of-memory
@@ -142,15 +142,15 @@ def test_batches_run_in_chunks_that_fit_with_each_image_as_alone(comfy, handle, 
     one_at_a_time = torch.cat(
         [run_node(comfy, "FiDeSRUpscale", model=handle, image=image[None])[0] for image in lq_images]
     )
-    pipeline = comfy.module("fidesr_core.pipeline")
+    latent_steps = comfy.module("fidesr_core.latent_steps")  # the module whose steps call them
     chunk_sizes: list[int] = []
-    real_predict = pipeline.predict_residual
+    real_predict = latent_steps.predict_residual
 
     def recording_predict(model: Any, z_lq: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         chunk_sizes.append(z_lq.shape[0])
         return real_predict(model, z_lq, **kwargs)
 
-    monkeypatch.setattr(pipeline, "predict_residual", recording_predict)
+    monkeypatch.setattr(latent_steps, "predict_residual", recording_predict)
     stub.reset_records()
     (together,) = run_node(comfy, "FiDeSRUpscale", model=handle, image=lq_images)
     assert chunk_sizes == [2]  # plenty of free memory: the whole batch at once
@@ -168,8 +168,8 @@ def test_batches_run_in_chunks_that_fit_with_each_image_as_alone(comfy, handle, 
 
 
 def test_out_of_memory_with_a_batch_first_takes_fewer_images(comfy, handle, lq_images, monkeypatch) -> None:
-    pipeline = comfy.module("fidesr_core.pipeline")
-    real_refine = pipeline.refine_residual
+    latent_steps = comfy.module("fidesr_core.latent_steps")  # the module whose steps call them
+    real_refine = latent_steps.refine_residual
     batches: list[int] = []
 
     def refine_needing_one_at_a_time(model: Any, z_lq: torch.Tensor, residual: torch.Tensor, **kwargs: Any):
@@ -181,7 +181,7 @@ def test_out_of_memory_with_a_batch_first_takes_fewer_images(comfy, handle, lq_i
     (encoded,) = run_node(comfy, "FiDeSREncode", model=handle, image=lq_images, latent_mode="mode")
     (residual,) = run_node(comfy, "FiDeSRResidual", model=handle, latent=encoded, tile_size=0, tile_overlap=0)
     (expected,) = run_node(comfy, "FiDeSRRefine", model=handle, latent=residual)
-    monkeypatch.setattr(pipeline, "refine_residual", refine_needing_one_at_a_time)
+    monkeypatch.setattr(latent_steps, "refine_residual", refine_needing_one_at_a_time)
     (refined,) = run_node(comfy, "FiDeSRRefine", model=handle, latent=residual)
     assert batches == [2, 1, 1]
     torch.testing.assert_close(refined["samples"], expected["samples"], atol=1e-6, rtol=0)
