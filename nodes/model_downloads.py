@@ -60,7 +60,8 @@ class _ByteBar:
         megabytes = max(1, -(-total // _MB))
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(megabytes)
-        self.bar.update_absolute(min(megabytes, done // _MB), megabytes)
+        shown = megabytes if done >= total else min(megabytes - 1, done // _MB)  # full only once complete
+        self.bar.update_absolute(shown, megabytes)
 
 
 def _target_folder(known: KnownFile) -> str:

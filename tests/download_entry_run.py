@@ -13,7 +13,11 @@ Actions (one JSON object on the last line of stdout):
 * ``resolve KIND VALUE``: the path ``resolve_base_model`` / ``resolve_fidesr_weights`` gives (KIND ``base`` or
   ``weights``), fetching a download entry;
 * ``load BASE WEIGHTS``: run the loader; the family it loaded and the progress the bar got;
-* ``load-interrupted BASE WEIGHTS``: the same with ComfyUI's Cancel pressed before it starts.
+* ``load-interrupted BASE WEIGHTS [BYTES]``: the same with ComfyUI's Cancel pressed before it starts, or
+  once BYTES of a download are staged (``.fidesr-download/*.part`` in any model folder).
+
+``EXTRA_MODEL_PATHS`` (JSON ``{folder: [path, ...]}``) adds model folder paths before the pack is imported, as
+ComfyUI does for ``extra_model_paths.yaml``.
 
 A node error or ComfyUI's interrupt is reported as ``{"error": message}`` or ``{"interrupted": true}``.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +38,10 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> dict:
     models_dir, action, *values = argv
     stub = install_comfy_stubs(Path(models_dir))
+    folder_paths = sys.modules["folder_paths"]
+    for folder, paths in json.loads(os.environ.get("EXTRA_MODEL_PATHS", "{}")).items():
+        for path in paths:
+            folder_paths.add_model_folder_path(folder, path)
     pack = import_pack(PACK_ROOT)
     loader = node_classes(pack)["FiDeSRModelLoader"]
     folders = importlib.import_module(f"{pack.__name__}.nodes.model_folders")
@@ -42,7 +51,10 @@ def main(argv: list[str]) -> dict:
         return {"base_model": folders.base_model_choices(), "fidesr_weights": folders.fidesr_weight_choices()}
     if action == "validate":
         return {"valid": loader.validate_inputs(base_model=values[0], fidesr_weights=values[1])}
-    stub.interrupt_requested = action == "load-interrupted"
+    if action == "load-interrupted" and len(values) > 2:
+        _press_cancel_once_staged(stub, int(values[2]))
+    else:
+        stub.interrupt_requested = action == "load-interrupted"
     try:
         if action == "resolve":
             resolve = folders.resolve_base_model if values[0] == "base" else folders.resolve_fidesr_weights
@@ -54,6 +66,19 @@ def main(argv: list[str]) -> dict:
         return {"interrupted": True, "progress": stub.progress}
     (handle,) = output.result
     return {"family": handle.family_name, "text": output.ui.as_dict()["text"][0], "progress": stub.progress}
+
+
+def _press_cancel_once_staged(stub, staged_bytes: int) -> None:
+    """ComfyUI's interrupt flag turns on once ``staged_bytes`` of a download are in a part file."""
+    model_management = sys.modules["comfy.model_management"]
+
+    def interrupted() -> bool:
+        parts = stub.models_dir.glob("**/.fidesr-download/*.part")
+        if sum(part.stat().st_size for part in parts) >= staged_bytes:
+            stub.interrupt_requested = True
+        return stub.interrupt_requested
+
+    model_management.processing_interrupted = interrupted
 
 
 if __name__ == "__main__":

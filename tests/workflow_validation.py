@@ -17,6 +17,9 @@ does for V1 and V3 nodes), ComfyUI's core nodes come from a recorded fixture.
 * links join an output to an input of the same type, and the nodes' own link
   bookkeeping agrees with the ``links`` table;
 * required inputs without a widget are connected.
+
+``api_prompt`` turns a valid UI-format workflow into the API format the frontend sends to ``POST /prompt``
+(``{id: {class_type, inputs}}``, a link as ``[origin id, output slot]``), for running it with stand-ins.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "load_core_definitions",
     "widget_slots",
     "validate_workflow",
+    "api_prompt",
 ]
 
 # Frontend-only nodes: saved in workflows, never sent to the server.
@@ -275,3 +279,21 @@ def validate_workflow(
         problems += _check_node_sockets(node, definition, links)
     problems += _check_links(nodes, links)
     return problems
+
+
+def api_prompt(workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """``{node id: {"class_type", "inputs"}}`` of the nodes that run (not notes, not bypassed or muted ones)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt: dict[int, dict[str, Any]] = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODE_TYPES or node.get("mode", 0) in (2, 4):
+            continue
+        slots = widget_slots(definitions[node["type"]])
+        values = node.get("widgets_values", [])
+        inputs = {name: value for (name, role, _), value in zip(slots, values, strict=False) if role == "value"}
+        for socket in node.get("inputs", []):
+            link = links.get(socket.get("link"))
+            if link is not None:
+                inputs[socket["name"]] = [link[1], link[2]]
+        prompt[node["id"]] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
