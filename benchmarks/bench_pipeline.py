@@ -89,8 +89,8 @@ class StageTimer:
 
 def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
     from fidesr_core.app.image_io import save_png_atomic
+    from fidesr_core.latent_steps import finish_image
     from fidesr_core.networks.model import FiDeSRModel
-    from fidesr_core.pipeline import finish_image
     from fidesr_core.steps.injection import inject_frequencies, spatial_gate
     from fidesr_core.steps.preprocess import prepare_lq
     from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run for a session that has a GPU machine (see benchmarks/README.md), about 8 minutes:
 # install from this repository, the CUDA tests, per-stage ms and peak VRAM for 128->512 (fp16, bf16)
-# and 1024->4096 (fp16), and eager vs CUDA graph vs torch.compile on the fixed 512 path.
+# and 1024->4096 (fp16), eager vs CUDA graph vs torch.compile on the fixed 512 path, and the ComfyUI
+# nodes' time per image and weights moved per run.
 # Every part runs on its own with a time limit, inside one overall deadline, and writes its output
 # to $OUT (or ./gpu_results by hand): one failing or slow part does not lose the others.
 set -uo pipefail
@@ -37,6 +38,8 @@ part bench_small 120 python3 benchmarks/bench_pipeline.py --device cuda --cases 
   --paths ours --repeats 10
 part bench_huge 150 python3 benchmarks/bench_pipeline.py --device cuda --cases huge --precisions fp16 --paths ours
 part compile_512 150 python3 benchmarks/gpu_compile.py --precision fp16 --variants eager,cudagraph,compile
-# >>> ComfyUI node benchmark: the separate script (another part of the project) is called on this line <<<
-[ -f benchmarks/bench_comfyui_nodes.py ] && part comfyui_nodes 90 python3 benchmarks/bench_comfyui_nodes.py
+# the nodes as ComfyUI's executor calls them: ms per 128->512 image and weights moved per run
+# (ComfyUI's real memory manager when COMFYUI_PATH names a checkout, else the tests' stand-ins)
+part comfyui_nodes 90 python3 benchmarks/comfy_node_bench.py --device cuda --model full --precision fp16 \
+  ${COMFYUI_PATH:+--comfyui "$COMFYUI_PATH"}
 echo "results in $out"

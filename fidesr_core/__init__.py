@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "WeightsFileError": "errors",
     "ImageInputError": "errors",
     "SettingsError": "errors",
+    "StepOrderError": "errors",
     "Cancelled": "errors",
     # models and files
     "SCALING_FACTOR": "networks.model",
@@ -78,10 +79,19 @@ _EXPORTS: dict[str, str] = {
     "butterworth_highpass": "steps.frequency",
     "apply_color_fix": "steps.color_fix",
     "run_tiled": "steps.latent_tiling",
-    # the whole pipeline
+    # the whole pipeline, and its steps on a latent state
     "UpscaleSettings": "pipeline",
     "upscale": "pipeline",
-    "finish_image": "pipeline",
+    "finish_image": "latent_steps",
+    "encode_step": "latent_steps",
+    "residual_step": "latent_steps",
+    "refine_step": "latent_steps",
+    "injection_step": "latent_steps",
+    "decode_step": "latent_steps",
+    "LatentState": "latent_state",
+    "StepRunner": "step_runner",
+    "StepCall": "step_runner",
+    "Attempt": "step_runner",
 }
 
 __all__ = sorted(_EXPORTS)

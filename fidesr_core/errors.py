@@ -14,6 +14,7 @@ __all__ = [
     "WeightsFileError",
     "ImageInputError",
     "SettingsError",
+    "StepOrderError",
     "Cancelled",
 ]
 
@@ -40,6 +41,10 @@ class ImageInputError(FiDeSRError):
 
 class SettingsError(FiDeSRError, ValueError):
     """A setting is out of range or of the wrong kind."""
+
+
+class StepOrderError(FiDeSRError):
+    """A step was asked to run on a latent it cannot take: wrong order, or a latent changed in between."""
 
 
 class Cancelled(FiDeSRError):

@@ -1,10 +1,8 @@
-"""The whole upscale as one call, composed of the public step functions, for FiDeSR, PiSA-SR and OSEDiff.
+"""The whole upscale in one call: its settings, and the chain of the steps in ``latent_steps``.
 
-    prepare_lq -> encode_image -> predict_residual -> refine_residual
-    -> LF/HF injection -> decode_latent -> colour fix -> resize to output
-
-Each step is public so the ComfyUI nodes and the trainer reuse the same code; the model's
-recipe says what differs per family (docs/algorithm.md §9).
+FiDeSR, PiSA-SR and OSEDiff run the same chain; the model's recipe says what differs per
+family (docs/algorithm.md §9).  The ComfyUI nodes run the same steps one per node, so both
+give bit-identical results.
 """
 
 from __future__ import annotations
@@ -15,15 +13,17 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import SettingsError
+from .latent_steps import decode_step, encode_step, injection_step, refine_step, residual_step
 from .networks.model import OneStepRestorer
 from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
-from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
-from .steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from .steps.preprocess import PROCESS_SIZE, prepare_lq, resize_image, resize_to_output
-from .steps.restoration import predict_residual, refine_residual, restored_latent
-from .steps.vae_codec import LATENT_MODES, LatentMode, decode_latent, encode_image
+from .step_runner import StepRunner
+from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod
+from .steps.injection import HighFrequencySettings, LowFrequencySettings
+from .steps.preprocess import PROCESS_SIZE
+from .steps.vae_codec import LATENT_MODES, LatentMode
+from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
 
-__all__ = ["STAGES", "UpscaleSettings", "upscale", "finish_image"]
+__all__ = ["STAGES", "UpscaleSettings", "upscale"]
 
 STAGES: tuple[str, ...] = ("encode", "unet", "lrrb", "lfim", "decode")
 
@@ -49,6 +49,7 @@ class UpscaleSettings:
     high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
     pixel_strength: float | None = None
     semantic_strength: float | None = None
+    vae_memory_mb: int = MAP_MEMORY_MB  # whole-image VAE maps kept in RAM; the rest go to temporary files (TMPDIR)
 
     def __post_init__(self) -> None:
         # Each message starts with the field's name: the CLI swaps it for the flag's.
@@ -75,11 +76,15 @@ class UpscaleSettings:
                 value = getattr(values, item.name)
                 if isinstance(value, float | int) and not isinstance(value, bool):
                     _check_number(f"{branch}.{item.name}", value, None, None)
-
         for name in ("pixel_strength", "semantic_strength"):
             value = getattr(self, name)
             if value is not None:
                 _check_number(name, value, -10.0, 10.0)  # None: PiSA-SR's default mode
+        _check_integer("vae_memory_mb", self.vae_memory_mb, 0, 1 << 30, "an integer >= 0 (MiB; 0 = every map in files)")
+
+    def vae_budget(self) -> MemoryBudget:
+        """The tiled VAE's memory budget these settings ask for."""
+        return MemoryBudget(map_bytes=self.vae_memory_mb << 20)
 
 
 def _check_number(name: str, value: object, low: float | None, high: float | None) -> None:
@@ -102,14 +107,6 @@ def _stage(stage_progress: StageProgressCallback | None, stage: str) -> Progress
     return lambda done, total: stage_progress(stage, done, total)
 
 
-def finish_image(
-    decoded: torch.Tensor, upscaled_lq: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
-) -> torch.Tensor:
-    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize."""
-    reference = resize_image((upscaled_lq.float().to(decoded.device) + 1.0).mul_(0.5), tuple(decoded.shape[-2:]))
-    return resize_to_output(apply_color_fix(decoded, reference, color_fix), output_size)
-
-
 @torch.no_grad()
 def upscale(
     model: OneStepRestorer,
@@ -119,6 +116,7 @@ def upscale(
     prompt_embedding: torch.Tensor | None = None,
     stage_progress: StageProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    runner: StepRunner | None = None,
 ) -> torch.Tensor:
     """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU.
 
@@ -126,43 +124,51 @@ def upscale(
     family's released prompt, or the prompt it was loaded with).
     """
     settings = settings or UpscaleSettings()
-    # Resize on the model's device: on a GPU the CPU resize would cost more than the U-Net.
-    prepared = prepare_lq(image.to(model.device), upscale_by=settings.upscale_by, process_size=settings.process_size)
-    z_lq = encode_image(
+    injects = bool(settings.low.strength or settings.high.strength)
+    state = encode_step(
         model,
-        prepared.pixels,
+        image,
+        upscale_by=settings.upscale_by,
         latent_mode=settings.latent_mode,
         seed=settings.seed,
         tile_size=settings.encode_tile_size,
+        process_size=settings.process_size,
+        with_gate=injects,
+        vae_budget=settings.vae_budget(),
+        runner=runner,
         progress=_stage(stage_progress, "encode"),
         should_cancel=should_cancel,
     )
-    residual = predict_residual(
+    state = residual_step(
         model,
-        z_lq,
+        state,
         prompt_embedding=prompt_embedding,
         tile_size=settings.tile_size,
         tile_overlap=settings.tile_overlap,
         pixel_strength=settings.pixel_strength,
         semantic_strength=settings.semantic_strength,
+        runner=runner,
         progress=_stage(stage_progress, "unet"),
         should_cancel=should_cancel,
     )
     check_cancelled(should_cancel)
-    refined = refine_residual(model, z_lq, residual)
+    state = refine_step(model, state, runner=runner)
     if stage_progress:
         stage_progress("lrrb", 1, 1)
-    latent = restored_latent(z_lq, refined)
-    if settings.low.strength or settings.high.strength:
-        gate = spatial_gate(prepared.pixels.to(latent.device), tuple(latent.shape[-2:]))
-        latent = inject_frequencies(latent, z_lq, gate, settings.low, settings.high)
+    # A strength of 0 adds exactly nothing; leaving the branch out only saves its work.
+    for branch in (settings.low, settings.high):
+        if branch.strength:
+            state = injection_step(state, branch, runner=runner)
     if stage_progress:
         stage_progress("lfim", 1, 1)
-    decoded = decode_latent(
+    decoded = decode_step(
         model,
-        latent,
+        state,
+        color_fix=settings.color_fix,
         tile_size=settings.decode_tile_size,
+        vae_budget=settings.vae_budget(),
+        runner=runner,
         progress=_stage(stage_progress, "decode"),
         should_cancel=should_cancel,
     )
-    return finish_image(decoded, prepared.pixels, prepared.output_size, settings.color_fix).cpu()
+    return decoded.cpu()

@@ -3,53 +3,49 @@
 from __future__ import annotations
 
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.steps.color_fix import apply_color_fix
 from ..fidesr_core.steps.preprocess import resize_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
-from .inputs import CATEGORY
+from .inputs import CATEGORY, image_output
 
 __all__ = ["FiDeSRColorFix", "COLOR_FIX_NODE_METHODS"]
 
+COLOR_FIX_NODE = "FiDeSR Color Fix"
 COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
 
 
-class FiDeSRColorFix:
-    DISPLAY_NAME = "FiDeSR Color Fix"
-    DESCRIPTION = (
-        "Corrects the colours of an image towards a reference (e.g. the low-quality input), which is resized to the "
-        "image first: adain matches each channel's mean and std; wavelet keeps the image's detail and takes the "
-        "reference's low frequencies."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("The colour-corrected image.",)
-    FUNCTION = "fix"
+class FiDeSRColorFix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FiDeSRColorFix",
+            display_name=COLOR_FIX_NODE,
+            category=CATEGORY,
+            description="Corrects the colours of an image towards a reference (e.g. the low-quality input), which is "
+            "resized to the image first: adain matches each channel's mean and std; wavelet keeps the image's detail "
+            "and takes the reference's low frequencies.",
+            inputs=[
+                io.Image.Input("image", tooltip="The image whose colours are corrected."),
+                io.Image.Input(
+                    "reference", tooltip="The image with the right colours; resized (bicubic) to the image's size."
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=list(COLOR_FIX_NODE_METHODS),
+                    default="adain",
+                    tooltip="adain: match each channel's mean and std. wavelet: the image's high frequencies plus "
+                    "the reference's low frequencies.",
+                ),
+            ],
+            outputs=[image_output("The colour-corrected image.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "image": ("IMAGE", {"tooltip": "The image whose colours are corrected."}),
-                "reference": (
-                    "IMAGE",
-                    {"tooltip": "The image with the right colours; resized (bicubic) to the image's size."},
-                ),
-                "method": (
-                    list(COLOR_FIX_NODE_METHODS),
-                    {
-                        "default": "adain",
-                        "tooltip": "adain: match each channel's mean and std. wavelet: the image's high frequencies "
-                        "plus the reference's low frequencies.",
-                    },
-                ),
-            }
-        }
-
-    def fix(self, image: torch.Tensor, reference: torch.Tensor, method: str = "adain") -> tuple[torch.Tensor]:
-        node = self.DISPLAY_NAME
+    def execute(cls, image: torch.Tensor, reference: torch.Tensor, method: str = "adain") -> io.NodeOutput:
+        node = COLOR_FIX_NODE
         if method not in COLOR_FIX_NODE_METHODS:
             raise node_error(node, f"method {method!r} is not one of {', '.join(COLOR_FIX_NODE_METHODS)}")
         target = image_to_engine(image, node, "image")
@@ -64,4 +60,4 @@ class FiDeSRColorFix:
         with engine_errors(node):
             resized = resize_image(source, tuple(target.shape[-2:]))
             fixed = apply_color_fix(target, resized, method)
-        return (image_from_engine(fixed),)
+        return io.NodeOutput(image_from_engine(fixed))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..fidesr_core.errors import FiDeSRError
+from ..fidesr_core.errors import FiDeSRError, ModelFileError
 
 __all__ = ["FiDeSRNodeError", "node_error", "engine_errors"]
 
@@ -29,9 +29,15 @@ def node_error(node: str, message: str) -> FiDeSRNodeError:
 
 
 @contextmanager
-def engine_errors(node: str) -> Iterator[None]:
-    """Re-raise engine errors as ``FiDeSRNodeError`` naming ``node`` (the original is chained)."""
+def engine_errors(node: str, *, sources: str | None = None) -> Iterator[None]:
+    """Re-raise engine errors as ``FiDeSRNodeError`` naming ``node`` (the original is chained).
+
+    ``sources``: where the right files come from, added to the message of a model-file error.
+    """
     try:
         yield
     except FiDeSRError as error:
-        raise node_error(node, str(error)) from error
+        message = str(error)
+        if sources and isinstance(error, ModelFileError):
+            message = f"{message.rstrip('.')}. Where the files come from: {sources}"
+        raise node_error(node, message) from error

@@ -1,40 +1,40 @@
 """FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4).
 
-Each node adds its branch's delta to ``samples``.  Both deltas are computed
-from the state (the restored latent ``z = z_L − r̃``, ``z_L`` and the upscaled
-LQ image), never from ``samples``, so the two nodes commute and each can be
-used alone.  Strengths are effective strengths: LF 0.1 + HF 0.1 equals the
-released script's ``--lf_scale 0.2 --hf_scale 0.2``.
+Each node adds its branch's delta to the latent.  Both deltas are computed
+from the state (the restored latent ``z = z_L − r̃``, ``z_L`` and the spatial
+gate the encode step computed once), never from ``samples``, so the two nodes
+commute and each can be used alone.  They run on ComfyUI's torch device.
+Strengths are effective strengths: LF 0.1 + HF 0.1 equals the released
+script's ``--lf_scale 0.2 --hf_scale 0.2``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..fidesr_core.steps.frequency import FILTER_GEOMETRIES
-from ..fidesr_core.steps.injection import (
-    HighFrequencySettings,
-    LowFrequencySettings,
-    high_frequency_delta,
-    low_frequency_delta,
-    spatial_gate,
-)
-from .errors import engine_errors
-from .inputs import CATEGORY
-from .latent_state import HF_NODE, LF_NODE, REFINE_NODE, RESIDUAL_NODE, make_latent, read_state, require_residual
-from .runtime import check_interrupted
+from comfy_api.v0_0_2 import io
 
-__all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject", "low_frequency_step", "high_frequency_step"]
+from ..fidesr_core.latent_steps import injection_step
+from ..fidesr_core.steps.frequency import FILTER_GEOMETRIES
+from ..fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
+from .errors import engine_errors
+from .inputs import CATEGORY, latent_output
+from .latent_io import HF_NODE, LF_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent
+from .runtime import ComfyStepRunner
+
+__all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject"]
 
 _CONNECT_TO = f"{REFINE_NODE} (or {RESIDUAL_NODE})"
+GAMMA_TOOLTIP = "Exponent applied to the spatial mask; larger values confine the injection to fewer places."
 
 
-def _float(default: float, low: float, high: float, step: float, tooltip: str) -> tuple[str, dict]:
-    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tooltip})
+def _float(name: str, default: float, low: float, high: float, step: float, tooltip: str) -> io.Input:
+    return io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
 
 
-def _strength_input(branch: str) -> tuple[str, dict]:
+def _strength_input(branch: str) -> io.Input:
     return _float(
+        "strength",
         0.1,
         0.0,
         2.0,
@@ -44,93 +44,73 @@ def _strength_input(branch: str) -> tuple[str, dict]:
     )
 
 
-def _order_input(what: str) -> tuple[str, dict]:
-    return ("INT", {"default": 2, "min": 1, "max": 8, "tooltip": f"Butterworth order of the {what} (steepness)."})
+def _order_input(what: str) -> io.Input:
+    return io.Int.Input("order", default=2, min=1, max=8, tooltip=f"Butterworth order of the {what} (steepness).")
 
 
-FILTER_INPUT = (
-    list(FILTER_GEOMETRIES),
-    {
-        "default": "official",
-        "tooltip": "official reproduces the released code's Butterworth filter (orientation-selective; the weights "
+def _filter_input() -> io.Input:
+    return io.Combo.Input(
+        "filter",
+        options=list(FILTER_GEOMETRIES),
+        default="official",
+        tooltip="official reproduces the released code's Butterworth filter (orientation-selective; the weights "
         "were tuned with it); radial is the rotation-symmetric filter.",
-    },
-)
-CHANNEL_TAU_INPUT = _float(
-    0.8,
-    0.0,
-    1.0,
-    0.01,
-    "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency ones.",
-)
-CHANNEL_SHARPNESS_INPUT = _float(10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid).")
-GAMMA_TOOLTIP = "Exponent applied to the spatial mask; larger values confine the injection to fewer places."
-
-
-def _latent_input(what: str) -> tuple[str, dict]:
-    return ("LATENT", {"tooltip": f"The output of {REFINE_NODE} (or of another injection node); {what}"})
-
-
-def _injection_step(latent: Any, settings: LowFrequencySettings | HighFrequencySettings, *, node: str) -> dict:
-    """``samples`` plus the branch's delta, computed from the state's restored latent (never from ``samples``)."""
-    state = read_state(latent, node, connect_to=_CONNECT_TO)
-    require_residual(state, node)
-    check_interrupted()
-    with engine_errors(node):
-        z = state.restored()
-        gate = spatial_gate(state.upscaled_lq, tuple(z.shape[-2:]))
-        if isinstance(settings, LowFrequencySettings):
-            delta, branch = low_frequency_delta(z, state.z_lq, gate, settings), "lf"
-        else:
-            delta, branch = high_frequency_delta(z, state.z_lq, gate, settings), "hf"
-    samples = latent["samples"] + state.to_samples(delta)
-    return make_latent(samples, state.with_injection(branch), base=latent)
-
-
-def low_frequency_step(latent: Any, settings_kwargs: dict[str, Any], *, node: str) -> dict[str, Any]:
-    """samples + s_lf · M · M_ch · LPF(z)."""
-    with engine_errors(node):
-        settings = LowFrequencySettings(**settings_kwargs)
-    return _injection_step(latent, settings, node=node)
-
-
-def high_frequency_step(latent: Any, settings_kwargs: dict[str, Any], *, node: str) -> dict[str, Any]:
-    """samples + s_hf · M_sp^γ · (1 − M_ch) · (HPF(z) − HPF(z_L))."""
-    with engine_errors(node):
-        settings = HighFrequencySettings(**settings_kwargs)
-    return _injection_step(latent, settings, node=node)
-
-
-class FiDeSRLowFrequencyInject:
-    DISPLAY_NAME = LF_NODE
-    DESCRIPTION = (
-        "Training-free low-frequency injection: strengthens the restored latent's structure (its low-pass) where "
-        "the input has little detail and the residual was large, in latent channels that carry low frequencies. "
-        "Commutes with the HF injection."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The latent plus the LF delta.",)
-    FUNCTION = "inject"
+
+
+def _channel_tau_input() -> io.Input:
+    return _float(
+        "channel_tau",
+        0.8,
+        0.0,
+        1.0,
+        0.01,
+        "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency ones.",
+    )
+
+
+def _channel_sharpness_input() -> io.Input:
+    return _float("channel_sharpness", 10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid).")
+
+
+def _latent_input(what: str) -> io.Input:
+    return io.Latent.Input("latent", tooltip=f"The output of {REFINE_NODE} (or of another injection node); {what}")
+
+
+def _inject(latent: Any, settings_type: type, settings: dict[str, Any], node: str) -> io.NodeOutput:
+    """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
+    state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
+    with engine_errors(node):
+        state = injection_step(state, settings_type(**settings), runner=ComfyStepRunner(None, node), names=NODE_NAMES)
+    return io.NodeOutput(latent_of_state(state, base=latent))
+
+
+class FiDeSRLowFrequencyInject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FiDeSRLowFrequencyInject",
+            display_name=LF_NODE,
+            category=CATEGORY,
+            description="Training-free low-frequency injection: strengthens the restored latent's structure (its "
+            "low-pass) where the input has little detail and the residual was large, in latent channels that carry "
+            "low frequencies. Commutes with the HF injection.",
+            inputs=[
+                _latent_input("its FiDeSR state supplies z_L, the residual and the detail map."),
+                _strength_input("low-frequency"),
+                _float("cutoff", 0.10, 0.01, 1.0, 0.01, "Low-pass cutoff as a fraction of the highest frequency."),
+                _order_input("low-pass"),
+                _channel_tau_input(),
+                _channel_sharpness_input(),
+                _float("gamma", 1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
+                _filter_input(),
+            ],
+            outputs=[latent_output("The latent plus the LF delta.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "latent": _latent_input("its FiDeSR state supplies z_L, the residual and the detail map."),
-                "strength": _strength_input("low-frequency"),
-                "cutoff": _float(0.10, 0.01, 1.0, 0.01, "Low-pass cutoff as a fraction of the highest frequency."),
-                "order": _order_input("low-pass"),
-                "channel_tau": CHANNEL_TAU_INPUT,
-                "channel_sharpness": CHANNEL_SHARPNESS_INPUT,
-                "gamma": _float(1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
-                "filter": FILTER_INPUT,
-            }
-        }
-
-    def inject(
-        self,
+    def execute(
+        cls,
         latent: dict[str, Any],
         strength: float = 0.1,
         cutoff: float = 0.10,
@@ -139,7 +119,7 @@ class FiDeSRLowFrequencyInject:
         channel_sharpness: float = 10.0,
         gamma: float = 1.2,
         filter: str = "official",  # noqa: A002 - the user-facing input name
-    ) -> tuple[dict[str, Any]]:
+    ) -> io.NodeOutput:
         settings = {
             "strength": strength,
             "cutoff": cutoff,
@@ -149,42 +129,43 @@ class FiDeSRLowFrequencyInject:
             "gamma": gamma,
             "filter": filter,
         }
-        return (low_frequency_step(latent, settings, node=self.DISPLAY_NAME),)
+        return _inject(latent, LowFrequencySettings, settings, LF_NODE)
 
 
-class FiDeSRHighFrequencyInject:
-    DISPLAY_NAME = HF_NODE
-    DESCRIPTION = (
-        "Training-free high-frequency injection: adds the detail the restored latent gained over the LQ latent "
-        "(high-pass difference) where the input has detail, in latent channels that carry high frequencies. "
-        "Commutes with the LF injection."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The latent plus the HF delta.",)
-    FUNCTION = "inject"
+class FiDeSRHighFrequencyInject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FiDeSRHighFrequencyInject",
+            display_name=HF_NODE,
+            category=CATEGORY,
+            description="Training-free high-frequency injection: adds the detail the restored latent gained over the "
+            "LQ latent (high-pass difference) where the input has detail, in latent channels that carry high "
+            "frequencies. Commutes with the LF injection.",
+            inputs=[
+                _latent_input("its FiDeSR state supplies z_L, the restored latent and the detail map."),
+                _strength_input("high-frequency"),
+                _float("cutoff", 0.32, 0.01, 1.0, 0.01, "High-pass cutoff as a fraction of the highest frequency."),
+                _order_input("high-pass"),
+                _float("gamma", 1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
+                _float(
+                    "channel_cutoff",
+                    0.10,
+                    0.01,
+                    1.0,
+                    0.01,
+                    "Low-pass cutoff used to measure each channel's low-frequency share.",
+                ),
+                _channel_tau_input(),
+                _channel_sharpness_input(),
+                _filter_input(),
+            ],
+            outputs=[latent_output("The latent plus the HF delta.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "latent": _latent_input("its FiDeSR state supplies z_L, the restored latent and the detail map."),
-                "strength": _strength_input("high-frequency"),
-                "cutoff": _float(0.32, 0.01, 1.0, 0.01, "High-pass cutoff as a fraction of the highest frequency."),
-                "order": _order_input("high-pass"),
-                "gamma": _float(1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
-                "channel_cutoff": _float(
-                    0.10, 0.01, 1.0, 0.01, "Low-pass cutoff used to measure each channel's low-frequency share."
-                ),
-                "channel_tau": CHANNEL_TAU_INPUT,
-                "channel_sharpness": CHANNEL_SHARPNESS_INPUT,
-                "filter": FILTER_INPUT,
-            }
-        }
-
-    def inject(
-        self,
+    def execute(
+        cls,
         latent: dict[str, Any],
         strength: float = 0.1,
         cutoff: float = 0.32,
@@ -194,7 +175,7 @@ class FiDeSRHighFrequencyInject:
         channel_tau: float = 0.8,
         channel_sharpness: float = 10.0,
         filter: str = "official",  # noqa: A002 - the user-facing input name
-    ) -> tuple[dict[str, Any]]:
+    ) -> io.NodeOutput:
         settings = {
             "strength": strength,
             "cutoff": cutoff,
@@ -205,4 +186,4 @@ class FiDeSRHighFrequencyInject:
             "channel_sharpness": channel_sharpness,
             "filter": filter,
         }
-        return (high_frequency_step(latent, settings, node=self.DISPLAY_NAME),)
+        return _inject(latent, HighFrequencySettings, settings, HF_NODE)

@@ -1,6 +1,12 @@
-"""Input declarations shared by several FiDeSR nodes (names, defaults and tooltips are user-facing API)."""
+"""Inputs shared by several FiDeSR nodes (names, defaults and tooltips are user-facing API).
+
+Each is a function because ComfyUI builds a node's schema afresh whenever it
+describes the node.
+"""
 
 from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.steps.color_fix import COLOR_FIX_METHODS
 from ..fidesr_core.steps.vae_codec import LATENT_MODES
@@ -8,80 +14,148 @@ from .model_handle import FIDESR_MODEL
 
 __all__ = [
     "CATEGORY",
-    "MODEL_INPUT",
-    "LQ_IMAGE_INPUT",
-    "UPSCALE_BY_INPUT",
-    "LATENT_MODE_INPUT",
-    "SEED_INPUT",
-    "COLOR_FIX_INPUT",
-    "TILE_SIZE_INPUT",
-    "TILE_OVERLAP_INPUT",
-    "POSITIVE_INPUT",
+    "MAX_SEED",
+    "FiDeSRModelType",
+    "model_input",
+    "lq_image_input",
+    "upscale_by_input",
+    "latent_mode_input",
+    "seed_input",
+    "color_fix_input",
+    "tile_size_input",
+    "tile_overlap_input",
+    "positive_input",
+    "pixel_strength_input",
+    "semantic_strength_input",
+    "image_output",
+    "latent_output",
 ]
 
 CATEGORY = "image/upscaling/FiDeSR"
-LQ_IMAGE_INPUT = ("IMAGE", {"tooltip": "The low-quality image(s) to restore and upscale."})
-MODEL_INPUT = (FIDESR_MODEL, {"tooltip": "The FiDeSR model from Load FiDeSR Model."})
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+FiDeSRModelType = io.Custom(FIDESR_MODEL)
 
-UPSCALE_BY_INPUT = (
-    "FLOAT",
-    {
-        "default": 4.0,
-        "min": 1.0,
-        "max": 16.0,
-        "step": 0.01,
-        "tooltip": "Output size = upscale_by × input size. FiDeSR was trained for 4×. Images whose short side would "
+
+def model_input() -> io.Input:
+    return FiDeSRModelType.Input(
+        "model", tooltip="The model from Load FiDeSR Model (FiDeSR, PiSA-SR or OSEDiff weights)."
+    )
+
+
+def lq_image_input() -> io.Input:
+    return io.Image.Input("image", tooltip="The low-quality image(s) to restore and upscale.")
+
+
+def upscale_by_input() -> io.Input:
+    return io.Float.Input(
+        "upscale_by",
+        default=4.0,
+        min=1.0,
+        max=16.0,
+        step=0.01,
+        tooltip="Output size = upscale_by × input size. FiDeSR was trained for 4×. Images whose short side would "
         "end below 512 px are enlarged first and the result is resized back to exactly this factor.",
-    },
-)
-LATENT_MODE_INPUT = (
-    list(LATENT_MODES),
-    {
-        "default": "sample",
-        "tooltip": "sample draws the VAE latent using the seed (the authors sample, unseeded); mode takes the "
+    )
+
+
+def latent_mode_input() -> io.Input:
+    return io.Combo.Input(
+        "latent_mode",
+        options=list(LATENT_MODES),
+        default="sample",
+        tooltip="sample draws the VAE latent using the seed (the authors sample, unseeded); mode takes the "
         "posterior mean, which needs no seed.",
-    },
-)
-SEED_INPUT = (
-    "INT",
-    {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of the VAE latent sample (latent_mode = sample)."},
-)
-COLOR_FIX_INPUT = (
-    list(COLOR_FIX_METHODS),
-    {
-        "default": "adain",
-        "tooltip": "Colour correction towards the upscaled input: adain matches each channel's mean and std (the "
+    )
+
+
+def seed_input() -> io.Input:
+    return io.Int.Input(
+        "seed", default=0, min=0, max=MAX_SEED, tooltip="Seed of the VAE latent sample (latent_mode = sample)."
+    )
+
+
+def color_fix_input() -> io.Input:
+    return io.Combo.Input(
+        "color_fix",
+        options=list(COLOR_FIX_METHODS),
+        default="adain",
+        tooltip="Colour correction towards the upscaled input: adain matches each channel's mean and std (the "
         "authors' default); wavelet keeps the result's detail and takes the input's low frequencies; none is off.",
-    },
-)
-TILE_SIZE_INPUT = (
-    "INT",
-    {
-        "default": 96,
-        "min": 0,
-        "max": 1024,
-        "step": 8,
-        "tooltip": "U-Net tile in latent pixels, 8 image pixels each (the authors use 96). Latents larger than one "
-        "tile are processed in overlapping tiles blended with a Gaussian; 0 never tiles. Halved once automatically "
+    )
+
+
+def tile_size_input() -> io.Input:
+    return io.Int.Input(
+        "tile_size",
+        default=96,
+        min=0,
+        max=1024,
+        step=8,
+        tooltip="U-Net tile in latent pixels, 8 image pixels each (the authors use 96). Latents larger than one "
+        "tile are processed in overlapping tiles blended with a Gaussian; 0 never tiles. Halved automatically "
         "when memory runs out.",
-    },
-)
-TILE_OVERLAP_INPUT = (
-    "INT",
-    {
-        "default": 32,
-        "min": 0,
-        "max": 512,
-        "step": 8,
-        "tooltip": "Overlap of neighbouring U-Net tiles in latent pixels (the authors use 32); must be smaller "
+    )
+
+
+def tile_overlap_input() -> io.Input:
+    return io.Int.Input(
+        "tile_overlap",
+        default=32,
+        min=0,
+        max=512,
+        step=8,
+        tooltip="Overlap of neighbouring U-Net tiles in latent pixels (the authors use 32); must be smaller "
         "than tile_size.",
-    },
+    )
+
+
+def positive_input() -> io.Input:
+    return io.Conditioning.Input(
+        "positive",
+        optional=True,
+        tooltip="Optional prompt for the U-Net, e.g. CLIP Text Encode with the CLIP of Load Checkpoint "
+        "(SD 2.1). Without it each model gets the prompt its authors ran it with: the empty prompt for FiDeSR "
+        "and PiSA-SR, ', ,' for OSEDiff (its script encodes '<tags>, <prompt>,'; to keep that form, write "
+        "', your words,').",
+    )
+
+
+_STRENGTH_NOTE = (
+    " 1 and 1 is PiSA-SR's default mode (one U-Net pass); other values run its adjustable mode (two passes). "
+    "FiDeSR and OSEDiff have a single LoRA set and ignore both strengths."
 )
-POSITIVE_INPUT = (
-    "CONDITIONING",
-    {
-        "tooltip": "Optional prompt for the U-Net, e.g. CLIP Text Encode with the CLIP of Load Checkpoint "
-        "(SD 2.1). Without it the U-Net gets the empty prompt, as the authors ran it."
-    },
-)
+
+
+def pixel_strength_input() -> io.Input:
+    return io.Float.Input(
+        "pixel_strength",
+        default=1.0,
+        min=0.0,
+        max=3.0,
+        step=0.05,
+        optional=True,
+        tooltip="PiSA-SR: weight of its pixel-level LoRA set (fidelity: lower noise and artefacts, closer to the "
+        "input)." + _STRENGTH_NOTE,
+    )
+
+
+def semantic_strength_input() -> io.Input:
+    return io.Float.Input(
+        "semantic_strength",
+        default=1.0,
+        min=0.0,
+        max=3.0,
+        step=0.05,
+        optional=True,
+        tooltip="PiSA-SR: weight of its semantic-level LoRA set (generated detail and texture on top of the pixel "
+        "set; 0 leaves the pixel set alone)." + _STRENGTH_NOTE,
+    )
+
+
+# Outputs keep ComfyUI's generated ids: ComfyUI 0.3.x wants ids unique across inputs and outputs.
+def image_output(tooltip: str) -> io.Output:
+    return io.Image.Output(display_name="image", tooltip=tooltip)
+
+
+def latent_output(tooltip: str) -> io.Output:
+    return io.Latent.Output(display_name="latent", tooltip=tooltip)

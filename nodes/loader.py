@@ -1,10 +1,16 @@
-"""Load FiDeSR Model: SD 2.1-base plus the FiDeSR weights, as one ``FIDESR_MODEL``.
+"""Load FiDeSR Model: SD 2.1-base plus FiDeSR, PiSA-SR or OSEDiff weights, as one ``FIDESR_MODEL``.
+
+The family is told from the weights file (``load_restorer_weights``); the node shows it as
+its text output and in ComfyUI's log.  A download entry in either list fetches the released
+file first (``model_downloads``); ``validate_inputs`` accepts those entries and the files
+present, and names the folders searched for anything else.
 
 ``precision = auto`` follows ComfyUI's own choice of U-Net dtype for its torch
 device (``model_management.unet_dtype``), so ``--cpu``, ``--force-fp16``,
 ``--fp32-unet``, ``--bf16-unet`` and MPS behave as they do for ComfyUI's
-models.  The model is assembled on ComfyUI's offload device and only moves to
-the torch device while a node runs.  ComfyUI caches node outputs, so the same
+models.  The model is assembled on ComfyUI's offload device; its networks go
+to ComfyUI's memory manager (see ``model_handle``), which loads each onto the
+torch device when a node needs it.  ComfyUI caches node outputs, so the same
 inputs never load twice.
 """
 
@@ -14,14 +20,27 @@ import logging
 
 import comfy.model_management as model_management
 import torch
+from comfy_api.v0_0_2 import io, ui
 
 from ..fidesr_core.precision import PRECISIONS, dtype_name
 from .errors import engine_errors, node_error
-from .inputs import CATEGORY
-from .model_folders import base_model_choices, fidesr_weight_choices, resolve_base_model, resolve_fidesr_weights
-from .model_handle import FIDESR_MODEL, FiDeSRModelHandle
+from .inputs import CATEGORY, FiDeSRModelType
+from .model_downloads import folder_list
+from .model_folders import (
+    BASE_SOURCES,
+    FIDESR_FOLDER,
+    WEIGHTS_SOURCES,
+    base_model_choices,
+    fidesr_weight_choices,
+    is_known_choice,
+    resolve_base_model,
+    resolve_fidesr_weights,
+)
+from .model_handle import FiDeSRModelHandle
 
-__all__ = ["FiDeSRModelLoader", "auto_precision"]
+__all__ = ["LOADER_NODE", "FiDeSRModelLoader", "auto_precision", "loader_choices"]
+
+LOADER_NODE = "Load FiDeSR Model"
 
 logger = logging.getLogger("FiDeSR")
 
@@ -37,48 +56,84 @@ def auto_precision(device: torch.device) -> str:
     return dtype_name(dtype)
 
 
-class FiDeSRModelLoader:
-    DISPLAY_NAME = "Load FiDeSR Model"
-    DESCRIPTION = (
-        "Loads Stable Diffusion 2.1-base and the FiDeSR weights (LoRA merged into the U-Net, plus the LRRB) as one "
-        "FiDeSR model. Put fidesr.pkl in models/fidesr/, and SD 2.1-base as a diffusers folder in models/diffusers/ "
-        "or as v2-1_512-ema-pruned.safetensors in models/checkpoints/."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (FIDESR_MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The FiDeSR model: connect it to the other FiDeSR nodes.",)
-    FUNCTION = "load"
+def loader_choices() -> dict[str, list[str]]:
+    """The loader's lists, read afresh each time ComfyUI describes the node (new files show up on refresh)."""
+    return {
+        "base_model": base_model_choices(),
+        "fidesr_weights": fidesr_weight_choices(),
+        "precision": list(PRECISIONS),
+    }
+
+
+class FiDeSRModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = loader_choices()
+        return io.Schema(
+            node_id="FiDeSRModelLoader",
+            display_name=LOADER_NODE,
+            category=CATEGORY,
+            description="Loads Stable Diffusion 2.1-base and the weights of one of three one-step restorers on it, "
+            "told from the file: FiDeSR (fidesr.pkl; LoRA U-Net plus LRRB), PiSA-SR (pisa_sr.pkl; pixel and "
+            "semantic LoRA sets) or OSEDiff (osediff.pkl; U-Net and VAE-encoder LoRA). The family it found is "
+            "shown on the node after it runs and in ComfyUI's log. Put the weights in models/fidesr/, and SD "
+            "2.1-base as v2-1_512-ema-pruned.safetensors in models/checkpoints/ or as a diffusers folder in "
+            "models/diffusers/. While those folders lack them, the lists offer the released files as "
+            "'(download from ...)' entries: choosing one fetches the file on the next run (nothing is fetched "
+            "otherwise).",
+            inputs=[
+                io.Combo.Input(
+                    "base_model",
+                    options=choices["base_model"],
+                    tooltip="Stable Diffusion 2.1-base (512 px): diffusers/<folder> from models/diffusers, "
+                    "or checkpoints/<file> from models/checkpoints (v2-1_512-ema-pruned.safetensors). While no "
+                    "checkpoint has that name, the '(download from ...)' entry fetches it into models/checkpoints "
+                    "when the workflow runs.",
+                ),
+                io.Combo.Input(
+                    "fidesr_weights",
+                    options=choices["fidesr_weights"],
+                    tooltip="Weights from models/fidesr: FiDeSR's fidesr.pkl, PiSA-SR's pisa_sr.pkl, OSEDiff's "
+                    "osediff.pkl, or a .safetensors copy of any (the family is told from the file). While the "
+                    "folder is empty, the '(download from jmjin2/FiDeSR)' entry fetches fidesr.pkl when the "
+                    "workflow runs.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=choices["precision"],
+                    default="auto",
+                    tooltip="Compute precision of the U-Net and VAE. auto follows ComfyUI's choice for the "
+                    "device (fp16 on most GPUs and MPS, fp32 with --cpu; honours --force-fp16, --fp32-unet, "
+                    "--bf16-unet).",
+                ),
+            ],
+            outputs=[
+                FiDeSRModelType.Output(
+                    display_name="model",
+                    tooltip="The restorer (FiDeSR, PiSA-SR or OSEDiff): connect it to the other FiDeSR nodes.",
+                )
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "base_model": (
-                    base_model_choices(),
-                    {
-                        "tooltip": "Stable Diffusion 2.1-base (512 px): diffusers/<folder> from models/diffusers, "
-                        "or checkpoints/<file> from models/checkpoints (v2-1_512-ema-pruned.safetensors)."
-                    },
-                ),
-                "fidesr_weights": (
-                    fidesr_weight_choices(),
-                    {"tooltip": "FiDeSR weights from models/fidesr: the authors' fidesr.pkl or a .safetensors copy."},
-                ),
-                "precision": (
-                    list(PRECISIONS),
-                    {
-                        "default": "auto",
-                        "tooltip": "Compute precision of the U-Net and VAE. auto follows ComfyUI's choice for the "
-                        "device (fp16 on most GPUs and MPS, fp32 with --cpu; honours --force-fp16, --fp32-unet, "
-                        "--bf16-unet).",
-                    },
-                ),
-            }
-        }
+    def validate_inputs(cls, base_model: str, fidesr_weights: str) -> bool | str:
+        """ComfyUI's list check for the two file inputs, plus download entries listed earlier (their file may be here now)."""
+        if not is_known_choice(fidesr_weights, fidesr_weight_choices()):
+            return (
+                f"fidesr_weights {fidesr_weights!r} is not in the fidesr model folders ({folder_list(FIDESR_FOLDER)}); "
+                f"put it there ({WEIGHTS_SOURCES}) and refresh (R)"
+            )
+        if not is_known_choice(base_model, base_model_choices()):
+            return (
+                f"base_model {base_model!r} is not in the checkpoints ({folder_list('checkpoints')}) or diffusers "
+                f"({folder_list('diffusers')}) model folders; put Stable Diffusion 2.1-base there ({BASE_SOURCES}) "
+                "and refresh (R)"
+            )
+        return True
 
-    def load(self, base_model: str, fidesr_weights: str, precision: str = "auto") -> tuple[FiDeSRModelHandle]:
-        node = self.DISPLAY_NAME
+    @classmethod
+    def execute(cls, base_model: str, fidesr_weights: str, precision: str = "auto") -> io.NodeOutput:
+        node = LOADER_NODE
         if precision not in PRECISIONS:
             raise node_error(node, f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         base_path = resolve_base_model(base_model, node)
@@ -88,21 +143,20 @@ class FiDeSRModelLoader:
         chosen = auto_precision(load_device) if precision == "auto" else precision
         # diffusers and transformers take seconds to import: pay for them when a model is loaded,
         # not at every ComfyUI start.
-        from ..fidesr_core.loading.assemble import assemble_fidesr_model
         from ..fidesr_core.loading.base_model import load_base_model
-        from ..fidesr_core.loading.weights import load_fidesr_weights
+        from ..fidesr_core.loading.family_weights import load_restorer_weights
+        from ..fidesr_core.loading.restorer import assemble_restorer
 
-        with engine_errors(node):
-            weights = load_fidesr_weights(weights_path)
+        with engine_errors(node, sources=WEIGHTS_SOURCES):
+            weights = load_restorer_weights(weights_path)
             weights.metadata.setdefault("path", weights_path)
+        with engine_errors(node, sources=BASE_SOURCES):
             base = load_base_model(base_path)
-            model = assemble_fidesr_model(base, weights, precision=chosen, device=offload_device)
-        logger.info("FiDeSR: loaded %s + %s in %s, runs on %s", base_model, fidesr_weights, chosen, load_device)
-        handle = FiDeSRModelHandle(
-            model=model,
-            load_device=load_device,
-            offload_device=offload_device,
-            base_name=base_model,
-            weights_name=fidesr_weights,
-        )
-        return (handle,)
+        with engine_errors(node):
+            model = assemble_restorer(
+                base, weights, tokenizer_source=base_path, precision=chosen, device=offload_device
+            )
+        handle = FiDeSRModelHandle.wrap(model, base_name=base_model, weights_name=fidesr_weights)
+        summary = f"{handle.family_name}: {fidesr_weights} on {base_model}, {chosen}, runs on {load_device}"
+        logger.info("FiDeSR pack loaded %s", summary)
+        return io.NodeOutput(handle, ui=ui.PreviewText(summary))

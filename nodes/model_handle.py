@@ -1,45 +1,141 @@
 """``FIDESR_MODEL``: what the loader hands to the other nodes.
 
-A handle wraps the engine's ``FiDeSRModel`` together with the devices ComfyUI
-chose for it when it was loaded: it rests on ``offload_device`` and runs on
-``load_device`` (see ``runtime.model_on_device``).
+A handle wraps the engine's ``OneStepRestorer`` (FiDeSR, PiSA-SR or OSEDiff)
+and one ComfyUI ``ModelPatcher`` per network (U-Net, VAE, and FiDeSR's LRRB),
+so ComfyUI's memory manager places each of them like its own models: a
+network is loaded onto the torch device when a node needs it
+(``model_management.load_models_gpu``), stays there between nodes and prompts
+while memory allows, is evicted when another model needs the room, and is
+released by "Unload models".  The text encoder is not part of it: the
+family's prompt embedding was computed when the model was assembled.
+
+The U-Net's layers are given ComfyUI's castable layer classes
+(``comfy.ops.disable_weight_init``), which behave exactly like torch's until
+the memory manager loads the U-Net only partly (``--lowvram``, or a small GPU);
+then they fetch the weights left on the offload device layer by layer.  The
+VAE and the LRRB are loaded whole: the tiled VAE reads its layers' weights
+directly, and the LRRB is small.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.ops
 import torch
 
-from ..fidesr_core.networks.model import FiDeSRModel
+from ..fidesr_core.networks.families import FamilyRecipe
+from ..fidesr_core.networks.model import OneStepRestorer
 from .errors import node_error
 
-__all__ = ["FIDESR_MODEL", "FiDeSRModelHandle", "require_handle"]
+__all__ = [
+    "FIDESR_MODEL",
+    "FiDeSRModelHandle",
+    "make_castable",
+    "network_patcher",
+    "require_handle",
+]
 
 FIDESR_MODEL = "FIDESR_MODEL"  # the custom ComfyUI socket type
+
+# torch layer class -> the name of ComfyUI's castable class that replaces it
+_CASTABLE_LAYERS = {
+    torch.nn.Linear: "Linear",
+    torch.nn.Conv2d: "Conv2d",
+    torch.nn.GroupNorm: "GroupNorm",
+    torch.nn.LayerNorm: "LayerNorm",
+}
+
+
+class FiDeSRNetwork(torch.nn.Module):
+    """One network as the memory manager holds it.
+
+    ``ModelPatcher`` records the device on the module it manages; diffusers
+    modules do not allow that attribute, so the network sits one level down.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+
+class FiDeSRUNet(FiDeSRNetwork):
+    """The LoRA-merged U-Net (named in ComfyUI's log when it is loaded)."""
+
+
+class FiDeSRVAE(FiDeSRNetwork):
+    """The SD 2.1 VAE."""
+
+
+class FiDeSRLRRB(FiDeSRNetwork):
+    """The Latent Residual Refinement Block."""
+
+
+def make_castable(network: torch.nn.Module) -> bool:
+    """Give the layers ComfyUI's castable classes; True when every weight is in such a layer."""
+    ops = comfy.ops.disable_weight_init
+    for module in network.modules():
+        name = _CASTABLE_LAYERS.get(type(module))
+        if name is not None:
+            module.__class__ = getattr(ops, name)
+    castable = {id(p) for m in network.modules() if hasattr(m, "comfy_cast_weights") for p in m.parameters(False)}
+    return all(id(parameter) in castable for parameter in network.parameters())
+
+
+def network_patcher(
+    container: FiDeSRNetwork, load_device: torch.device, offload_device: torch.device
+) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(container, load_device=load_device, offload_device=offload_device)
 
 
 @dataclass(eq=False)
 class FiDeSRModelHandle:
-    model: FiDeSRModel
-    load_device: torch.device
-    offload_device: torch.device
+    model: OneStepRestorer
+    patchers: dict[str, comfy.model_patcher.ModelPatcher]  # "unet", "vae", and "lrrb" when the model has one
+    partial_load: dict[str, bool]  # whether the memory manager may load a network only partly
     base_name: str
     weights_name: str
-    # How many node steps are running on load_device right now; nested steps (FiDeSR Upscale
-    # runs several) leave the model where it is.
-    active_users: int = field(default=0, repr=False)
+
+    @classmethod
+    def wrap(cls, model: OneStepRestorer, *, base_name: str, weights_name: str) -> FiDeSRModelHandle:
+        """Patchers on ComfyUI's devices for ``model``'s networks (which rest on the offload device)."""
+        unet_device, vae_device = model_management.get_torch_device(), model_management.vae_device()
+        patchers = {
+            "unet": network_patcher(FiDeSRUNet(model.unet), unet_device, model_management.unet_offload_device()),
+            "vae": network_patcher(FiDeSRVAE(model.vae), vae_device, model_management.vae_offload_device()),
+        }
+        partial = {"unet": make_castable(model.unet), "vae": False}
+        if model.lrrb is not None:
+            lrrb = FiDeSRLRRB(model.lrrb)
+            patchers["lrrb"] = network_patcher(lrrb, unet_device, model_management.unet_offload_device())
+            partial["lrrb"] = False
+        return cls(model=model, patchers=patchers, partial_load=partial, base_name=base_name, weights_name=weights_name)
+
+    @property
+    def recipe(self) -> FamilyRecipe:
+        return self.model.recipe
+
+    @property
+    def family_name(self) -> str:
+        """The family's name: FiDeSR, PiSA-SR or OSEDiff."""
+        return self.model.recipe.name
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
     @property
+    def load_device(self) -> torch.device:
+        return self.patchers["unet"].load_device
+
+    @property
     def cross_attention_dim(self) -> int:
         return int(self.model.unet.config.cross_attention_dim)
 
     def __str__(self) -> str:
-        return f"FiDeSR({self.base_name} + {self.weights_name}, {self.dtype}, runs on {self.load_device})"
+        return f"{self.family_name}({self.base_name} + {self.weights_name}, {self.dtype}, runs on {self.load_device})"
 
 
 def require_handle(value: object, node: str) -> FiDeSRModelHandle:

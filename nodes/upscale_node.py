@@ -1,9 +1,9 @@
-"""FiDeSR Upscale: the whole method in one node.
+"""FiDeSR Upscale: the whole method in one node, a thin call of the engine's ``upscale``.
 
-It runs exactly the steps of the composable nodes (Encode → One-Step U-Net →
-LRRB Refine → LF → HF → Decode), with their defaults for everything it does
-not expose, so it gives the same result as that chain.  The model stays on
-the torch device for the whole run.
+The engine runs the same steps the composable nodes run (Encode → One-Step
+U-Net → LRRB Refine → LF → HF → Decode), with their defaults for everything
+this node does not expose, so it gives the chain's result bit for bit, for
+FiDeSR, PiSA-SR and OSEDiff alike.
 """
 
 from __future__ import annotations
@@ -11,78 +11,92 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.pipeline import UpscaleSettings
-from .codec_nodes import decode_step, encode_step
-from .frequency_nodes import high_frequency_step, low_frequency_step
+from ..fidesr_core.pipeline import UpscaleSettings, upscale
+from ..fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
+from .errors import engine_errors, node_error
+from .images import image_from_engine, image_to_engine
 from .inputs import (
     CATEGORY,
-    COLOR_FIX_INPUT,
-    LATENT_MODE_INPUT,
-    LQ_IMAGE_INPUT,
-    MODEL_INPUT,
-    POSITIVE_INPUT,
-    SEED_INPUT,
-    TILE_OVERLAP_INPUT,
-    TILE_SIZE_INPUT,
-    UPSCALE_BY_INPUT,
+    color_fix_input,
+    image_output,
+    latent_mode_input,
+    lq_image_input,
+    model_input,
+    pixel_strength_input,
+    positive_input,
+    seed_input,
+    semantic_strength_input,
+    tile_overlap_input,
+    tile_size_input,
+    upscale_by_input,
 )
 from .model_handle import FiDeSRModelHandle, require_handle
-from .restoration_nodes import refine_step, residual_step
-from .runtime import model_on_device
+from .restoration_nodes import prompt_embedding_from_conditioning
+from .runtime import ComfyStepRunner, TileProgress, interrupt_check
 
 __all__ = ["FiDeSRUpscale"]
 
+UPSCALE_NODE = "FiDeSR Upscale"
 _ENGINE_DEFAULTS = UpscaleSettings()
 
 
-def _strength_input(branch: str, default: float) -> tuple[str, dict]:
-    return (
-        "FLOAT",
-        {
-            "default": default,
-            "min": 0.0,
-            "max": 2.0,
-            "step": 0.01,
-            "tooltip": f"Effective strength of the training-free {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 "
-            "equals the authors' script defaults.",
-        },
+def _strength_input(name: str, branch: str, default: float) -> io.Input:
+    return io.Float.Input(
+        name,
+        default=default,
+        min=0.0,
+        max=2.0,
+        step=0.01,
+        tooltip=f"Effective strength of the training-free {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 "
+        "equals the authors' script defaults.",
     )
 
 
-class FiDeSRUpscale:
-    DISPLAY_NAME = "FiDeSR Upscale"
-    DESCRIPTION = (
-        "FiDeSR in one node: restores and upscales the image with one diffusion step (LoRA U-Net residual, LRRB "
-        "refinement), training-free LF/HF frequency injection and colour correction. Same result as the chain of "
-        "FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and VAE Decode."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("The restored, upscaled image.",)
-    FUNCTION = "upscale"
+class _StageBars:
+    """One ComfyUI progress bar per stage of the engine's ``upscale``."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, TileProgress] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.bars.setdefault(stage, TileProgress())(done, total)
+
+
+class FiDeSRUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FiDeSRUpscale",
+            display_name=UPSCALE_NODE,
+            category=CATEGORY,
+            description="One-step super-resolution in one node, with the model from Load FiDeSR Model: FiDeSR (LoRA "
+            "U-Net residual, LRRB refinement), PiSA-SR (pixel and semantic LoRA sets, adjustable strengths) or "
+            "OSEDiff (one DDPM step), then training-free LF/HF frequency injection and colour correction. Same "
+            "result as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and "
+            "VAE Decode.",
+            inputs=[
+                model_input(),
+                lq_image_input(),
+                upscale_by_input(),
+                _strength_input("lf_strength", "low-frequency (structure)", _ENGINE_DEFAULTS.low.strength),
+                _strength_input("hf_strength", "high-frequency (detail)", _ENGINE_DEFAULTS.high.strength),
+                color_fix_input(),
+                latent_mode_input(),
+                seed_input(),
+                tile_size_input(),
+                tile_overlap_input(),
+                positive_input(),
+                pixel_strength_input(),
+                semantic_strength_input(),
+            ],
+            outputs=[image_output("The restored, upscaled image.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": MODEL_INPUT,
-                "image": LQ_IMAGE_INPUT,
-                "upscale_by": UPSCALE_BY_INPUT,
-                "lf_strength": _strength_input("low-frequency (structure)", _ENGINE_DEFAULTS.low.strength),
-                "hf_strength": _strength_input("high-frequency (detail)", _ENGINE_DEFAULTS.high.strength),
-                "color_fix": COLOR_FIX_INPUT,
-                "latent_mode": LATENT_MODE_INPUT,
-                "seed": SEED_INPUT,
-                "tile_size": TILE_SIZE_INPUT,
-                "tile_overlap": TILE_OVERLAP_INPUT,
-            },
-            "optional": {"positive": POSITIVE_INPUT},
-        }
-
-    def upscale(
-        self,
+    def execute(
+        cls,
         model: FiDeSRModelHandle,
         image: torch.Tensor,
         upscale_by: float = 4.0,
@@ -94,29 +108,35 @@ class FiDeSRUpscale:
         tile_size: int = 96,
         tile_overlap: int = 32,
         positive: Any = None,
-    ) -> tuple[torch.Tensor]:
-        node = self.DISPLAY_NAME
+        pixel_strength: float = 1.0,
+        semantic_strength: float = 1.0,
+    ) -> io.NodeOutput:
+        node = UPSCALE_NODE
         handle = require_handle(model, node)
-        with model_on_device(handle, working_bytes=0):
-            latent = encode_step(
-                handle,
-                image,
+        pixels = image_to_engine(image, node)
+        embedding = prompt_embedding_from_conditioning(positive, handle, pixels.shape[0], node)
+        if tile_size > 0 and not 0 <= tile_overlap < tile_size:
+            raise node_error(node, f"tile_overlap {tile_overlap} must be smaller than tile_size {tile_size}")
+        with engine_errors(node):
+            settings = UpscaleSettings(
                 upscale_by=upscale_by,
                 latent_mode=latent_mode,
                 seed=seed,
-                tile_size=_ENGINE_DEFAULTS.encode_tile_size,
-                node=node,
+                color_fix=color_fix,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+                low=LowFrequencySettings(strength=lf_strength),
+                high=HighFrequencySettings(strength=hf_strength),
+                pixel_strength=pixel_strength,
+                semantic_strength=semantic_strength,
             )
-            latent = residual_step(
-                handle, latent, tile_size=tile_size, tile_overlap=tile_overlap, positive=positive, node=node
+            result = upscale(
+                handle.model,
+                pixels,
+                settings,
+                prompt_embedding=embedding,
+                stage_progress=_StageBars(),
+                should_cancel=interrupt_check,
+                runner=ComfyStepRunner(handle, node),
             )
-            latent = refine_step(handle, latent, node=node)
-            # A strength of 0 adds exactly nothing; skipping the branch only saves its detail map.
-            if lf_strength != 0:
-                latent = low_frequency_step(latent, {"strength": lf_strength}, node=node)
-            if hf_strength != 0:
-                latent = high_frequency_step(latent, {"strength": hf_strength}, node=node)
-            result = decode_step(
-                handle, latent, color_fix=color_fix, tile_size=_ENGINE_DEFAULTS.decode_tile_size, node=node
-            )
-        return (result,)
+        return io.NodeOutput(image_from_engine(result))

@@ -1,9 +1,13 @@
 """Minimal stand-ins for the ComfyUI modules the nodes import, for tests without ComfyUI.
 
 ``install_comfy_stubs(models_dir)`` puts ``comfy``, ``comfy.model_management``,
-``comfy.utils`` and ``folder_paths`` into ``sys.modules`` (only the names the
-pack uses, behaving like ComfyUI 0.8 on a ``--cpu`` run) and returns a
-``ComfyStub`` that records what the nodes asked for.  ``import_pack`` imports
+``comfy.model_patcher``, ``comfy.ops``, ``comfy.utils``, ``folder_paths`` and the
+V3 node API (``comfy_api.v0_0_2``, see ``comfy_api_stub``) into ``sys.modules``
+(only the names the pack uses, behaving like ComfyUI 0.8 on a ``--cpu`` run)
+and returns a ``ComfyStub`` that records what the nodes asked for.  The memory
+manager keeps a list of loaded patchers as ComfyUI's does: a patcher asked for
+again stays loaded, ``unload_all_models`` (what "Unload models" calls) empties
+it.  ``import_pack`` imports
 the repository the way ComfyUI imports a custom-node folder: by file path,
 under a module name made from that path.  ``remove_from_sys_modules`` undoes
 both, so other test files never see fake ComfyUI modules.
@@ -11,6 +15,7 @@ both, so other test files never see fake ComfyUI modules.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sys
@@ -20,10 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from comfy_api_stub import build_comfy_api_modules
 
-__all__ = ["ComfyStub", "InterruptProcessingException", "install_comfy_stubs", "import_pack", "remove_from_sys_modules"]
+__all__ = [
+    "ComfyStub",
+    "InterruptProcessingException",
+    "install_comfy_stubs",
+    "import_pack",
+    "node_classes",
+    "remove_from_sys_modules",
+]
 
-STUB_MODULES = ("comfy", "comfy.model_management", "comfy.utils", "folder_paths")
+STUB_MODULES = (
+    "comfy",
+    "comfy.model_management",
+    "comfy.model_patcher",
+    "comfy.ops",
+    "comfy.utils",
+    "folder_paths",
+    "comfy_api",
+    "comfy_api.v0_0_2",
+)
 
 
 class InterruptProcessingException(Exception):
@@ -35,11 +57,17 @@ class ComfyStub:
     models_dir: Path
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    intermediate_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    free_memory_bytes: int = 16 * 1024**3  # what get_free_memory reports
     unet_dtype: torch.dtype = torch.float32  # what ComfyUI picks with --cpu
     interrupt_requested: bool = False
     interrupt_after_checks: int | None = None  # raise at the N-th check (None: only when requested)
     interrupt_checks: int = 0
     free_memory_calls: list[tuple[int, torch.device]] = field(default_factory=list)
+    # Every load_models_gpu call: (patchers, memory_required, force_full_load).
+    load_requests: list[tuple[tuple[Any, ...], int, bool]] = field(default_factory=list)
+    loads: list[Any] = field(default_factory=list)  # patchers that had to be loaded (were not resident)
+    loaded: list[Any] = field(default_factory=list)  # resident patchers, most recently used first
     soft_empty_cache_calls: int = 0
     progress: list[tuple[int, int]] = field(default_factory=list)
     progress_bars: int = 0
@@ -47,6 +75,8 @@ class ComfyStub:
 
     def reset_records(self) -> None:
         self.free_memory_calls.clear()
+        self.load_requests.clear()
+        self.loads.clear()
         self.progress.clear()
         self.progress_bars = 0
         self.soft_empty_cache_calls = 0
@@ -78,12 +108,67 @@ def _model_management(stub: ComfyStub) -> types.ModuleType:
     def unet_dtype(device: Any = None, model_params: int = 0, supported_dtypes: Any = None, weight_dtype: Any = None):
         return stub.unet_dtype
 
+    def load_models_gpu(
+        models: list,
+        memory_required: float = 0,
+        force_patch_weights: bool = False,
+        minimum_memory_required=None,
+        force_full_load: bool = False,
+    ) -> None:
+        stub.load_requests.append((tuple(models), int(memory_required), force_full_load))
+        for patcher in models:
+            if patcher in stub.loaded:
+                stub.loaded.remove(patcher)
+            else:
+                patcher.model.to(patcher.load_device)
+                stub.loads.append(patcher)
+            stub.loaded.insert(0, patcher)
+
+    def unload_all_models() -> None:
+        for patcher in stub.loaded:
+            patcher.model.to(patcher.offload_device)
+        stub.loaded.clear()
+
     module.get_torch_device = lambda: stub.torch_device
     module.unet_offload_device = lambda: stub.offload_device
+    module.vae_device = lambda: stub.torch_device
+    module.vae_offload_device = lambda: stub.offload_device
+    module.intermediate_device = lambda: stub.intermediate_device
+    module.get_free_memory = lambda dev=None, torch_free_too=False: stub.free_memory_bytes
+    module.load_models_gpu = load_models_gpu
+    module.unload_all_models = unload_all_models
+    module.current_loaded_models = stub.loaded
     module.free_memory = free_memory
     module.soft_empty_cache = soft_empty_cache
     module.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    module.processing_interrupted = lambda: stub.interrupt_requested
     module.unet_dtype = unet_dtype
+    return module
+
+
+def _model_patcher() -> types.ModuleType:
+    module = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size: int = 0, weight_inplace_update: bool = False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.size = size or sum(tensor.nbytes for tensor in model.state_dict().values())
+
+        def model_size(self) -> int:
+            return self.size
+
+    module.ModelPatcher = ModelPatcher
+    return module
+
+
+def _ops() -> types.ModuleType:
+    """``comfy.ops.disable_weight_init``: torch's layers with ComfyUI's cast flag, which is off here."""
+    module = types.ModuleType("comfy.ops")
+    layers = {}
+    for layer in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
+        attributes = {"comfy_cast_weights": False, "weight_function": [], "bias_function": []}
+        layers[layer.__name__] = type(layer.__name__, (layer,), attributes)
+    module.disable_weight_init = type("disable_weight_init", (), layers)
     return module
 
 
@@ -180,11 +265,14 @@ def install_comfy_stubs(models_dir: Path) -> ComfyStub:
     modules = {
         "comfy": comfy,
         "comfy.model_management": _model_management(stub),
+        "comfy.model_patcher": _model_patcher(),
+        "comfy.ops": _ops(),
         "comfy.utils": _utils(stub),
         "folder_paths": _folder_paths(stub),
+        **build_comfy_api_modules(),
     }
-    comfy.model_management = modules["comfy.model_management"]
-    comfy.utils = modules["comfy.utils"]
+    for name in ("model_management", "model_patcher", "ops", "utils"):
+        setattr(comfy, name, modules[f"comfy.{name}"])
     for name, module in modules.items():
         module.__comfy_stub__ = True
         sys.modules[name] = module
@@ -209,6 +297,12 @@ def import_pack(pack_root: Path) -> types.ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def node_classes(pack: types.ModuleType) -> dict[str, type]:
+    """node id -> node class, asked of the pack's ``comfy_entrypoint`` as ComfyUI asks it."""
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {node.GET_SCHEMA().node_id: node for node in asyncio.run(extension.get_node_list())}
 
 
 def remove_from_sys_modules(pack_root: Path) -> None:

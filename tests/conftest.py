@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from base_model_fixtures import guard_network
-from comfy_stub import import_pack, install_comfy_stubs, remove_from_sys_modules
+from comfy_stub import import_pack, install_comfy_stubs, node_classes, remove_from_sys_modules
 from node_helpers import PACK_ROOT, chain
 
 from fidesr_core.loading.assemble import assemble_fidesr_model
@@ -63,7 +63,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
         def module(relative: str) -> ModuleType:
             return importlib.import_module(f"{pack.__name__}.{relative}")
 
-        yield SimpleNamespace(stub=stub, pack=pack, module=module, models_dir=models_dir)
+        yield SimpleNamespace(stub=stub, pack=pack, nodes=node_classes(pack), module=module, models_dir=models_dir)
     finally:
         torch.set_num_threads(threads)
         remove_from_sys_modules(PACK_ROOT)
@@ -85,13 +85,7 @@ def handle(comfy):
     weights = tiny.tiny_fidesr_weights(base, seed=2)
     model = loading.assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
     model_handle = comfy.module("nodes.model_handle")
-    return model_handle.FiDeSRModelHandle(
-        model=model,
-        load_device=torch.device("cpu"),
-        offload_device=torch.device("cpu"),
-        base_name="tiny",
-        weights_name="tiny",
-    )
+    return model_handle.FiDeSRModelHandle.wrap(model, base_name="tiny", weights_name="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-__all__ = ["PACK_ROOT", "chain", "error_of", "run_node"]
+__all__ = ["PACK_ROOT", "chain", "error_of", "loader_lists", "run_node"]
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_node(comfy, node_id: str, **inputs: Any) -> tuple:
-    """Call a node as ComfyUI's executor does: a fresh instance, its FUNCTION, under inference mode."""
-    node_class = comfy.pack.NODE_CLASS_MAPPINGS[node_id]
+    """Call a node as ComfyUI's executor calls a V3 node: its ``execute`` classmethod, under inference mode."""
     with torch.inference_mode():
-        return getattr(node_class(), node_class.FUNCTION)(**inputs)
+        return comfy.nodes[node_id].execute(**inputs).result
 
 
 def chain(comfy, handle, image: torch.Tensor, *, injections: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -46,3 +45,9 @@ def error_of(comfy, node_id: str, **inputs: Any) -> str:
     with pytest.raises(errors.FiDeSRNodeError) as caught:
         run_node(comfy, node_id, **inputs)
     return str(caught.value)
+
+
+def loader_lists(comfy) -> dict[str, list[str]]:
+    """The choices of Load FiDeSR Model's combos, as ComfyUI's ``/object_info`` lists them now."""
+    required = comfy.nodes["FiDeSRModelLoader"].GET_NODE_INFO_V1()["input"]["required"]
+    return {name: spec[1]["options"] for name, spec in required.items()}

@@ -91,6 +91,7 @@ def _upscale(base: Path, weights: Path, *inputs: object, output: Path) -> list[o
         ("--lf-strength", "nan"),
         ("--hf-strength", "inf"),
         ("--max-image-pixels", "-1"),
+        ("--vae-memory", "-1"),
     ],
 )
 def test_bad_settings_exit_2_in_one_line_naming_the_flag_before_the_model_loads(

@@ -37,6 +37,8 @@ NAN, INF = float("nan"), float("inf")
         ({"encode_tile_size": -5}, "encode_tile_size"),
         ({"decode_tile_size": -1}, "decode_tile_size"),
         ({"process_size": 4}, "process_size"),
+        ({"vae_memory_mb": -1}, "vae_memory_mb"),
+        ({"vae_memory_mb": 1.5}, "vae_memory_mb"),
         ({"low": LowFrequencySettings(strength=NAN)}, "low.strength"),
         ({"high": HighFrequencySettings(strength=-INF)}, "high.strength"),
         ({"high": HighFrequencySettings(channel_tau=NAN)}, "high.channel_tau"),

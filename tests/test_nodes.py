@@ -1,9 +1,11 @@
 """The ComfyUI nodes, run through the entry point ComfyUI calls, on tiny random models.
 
 ComfyUI is not installed in CI: ``comfy_stub`` stands in for the few ComfyUI
-modules the nodes import, and the pack is imported as ComfyUI imports it (by
-file path, under a module name made from the path).  This file checks the import and the
-node definitions (the published API); the other ``test_nodes_*.py`` files run the nodes.
+modules the nodes import (``comfy_api_stub`` for the V3 node API), and the pack
+is imported as ComfyUI imports it (by file path, under a module name made from
+the path).  This file checks the import and the node definitions (the published
+API, as ``GET /object_info`` serves it); the other ``test_nodes_*.py`` files run
+the nodes.
 Shared fixtures: ``conftest.py``; helpers: ``node_helpers.py``.
 """
 
@@ -41,7 +43,7 @@ EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]
     "FiDeSRResidual": (
         "FiDeSR One-Step U-Net",
         {"model": None, "latent": None, "tile_size": 96, "tile_overlap": 32},
-        ["positive"],
+        ["positive", "pixel_strength", "semantic_strength"],
         ("LATENT",),
     ),
     "FiDeSRRefine": ("FiDeSR LRRB Refine", {"model": None, "latent": None}, [], ("LATENT",)),
@@ -96,7 +98,7 @@ EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]
             "tile_size": 96,
             "tile_overlap": 32,
         },
-        ["positive"],
+        ["positive", "pixel_strength", "semantic_strength"],
         ("IMAGE",),
     ),
     "FiDeSRColorFix": (
@@ -116,6 +118,8 @@ EXPECTED_COMBOS = {
     ("FiDeSRHighFrequencyInject", "filter"): ["official", "radial"],
     ("FiDeSRColorFix", "method"): ["adain", "wavelet"],
 }
+# Optional widgets (appended after the first release, so saved workflows and prompts without them load): defaults.
+OPTIONAL_DEFAULTS = {"pixel_strength": 1.0, "semantic_strength": 1.0}
 SOCKET_TYPES = {
     "model": "FIDESR_MODEL",
     "image": "IMAGE",
@@ -128,11 +132,26 @@ SOCKET_TYPES = {
 # ----------------------------------------------------------------------------- import and definitions
 
 
+def _info(comfy, node_id: str) -> dict[str, Any]:
+    return comfy.nodes[node_id].GET_NODE_INFO_V1()
+
+
+def _combo_options(spec: list | tuple) -> list | None:
+    """A combo's choices in either layout: V1 ``[choices, {...}]`` or V3 ``["COMBO", {"options": ...}]``."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    return spec[1]["options"] if spec[0] == "COMBO" else None
+
+
 def test_pack_imports_by_file_path_under_a_mangled_name(comfy) -> None:
     pack = comfy.pack
     assert pack.__name__ == str(PACK_ROOT).replace(".", "_x_")
-    assert set(pack.NODE_CLASS_MAPPINGS) == set(EXPECTED_NODES)
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {node_id: spec[0] for node_id, spec in EXPECTED_NODES.items()}
+    # V3: ComfyUI asks comfy_entrypoint for the nodes, and would ignore it next to NODE_CLASS_MAPPINGS.
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
+    assert set(comfy.nodes) == set(EXPECTED_NODES)
+    assert {node_id: _info(comfy, node_id)["display_name"] for node_id in comfy.nodes} == {
+        node_id: spec[0] for node_id, spec in EXPECTED_NODES.items()
+    }
     # The engine the nodes use is the pack's own copy, reached by relative imports.
     engine = comfy.module("fidesr_core.pipeline")
     assert engine.__name__ == f"{pack.__name__}.fidesr_core.pipeline"
@@ -141,9 +160,10 @@ def test_pack_imports_by_file_path_under_a_mangled_name(comfy) -> None:
 def test_loading_the_pack_does_not_import_the_model_libraries(tmp_path: Path) -> None:
     """ComfyUI imports every pack at start-up; diffusers/transformers/peft cost seconds and wait for a model load."""
     script = (
-        "import sys; from pathlib import Path; from comfy_stub import import_pack, install_comfy_stubs\n"
+        "import sys; from pathlib import Path\n"
+        "from comfy_stub import import_pack, install_comfy_stubs, node_classes\n"
         f"install_comfy_stubs(Path({str(tmp_path)!r})); pack = import_pack(Path({str(PACK_ROOT)!r}))\n"
-        "assert len(pack.NODE_CLASS_MAPPINGS) == 9\n"
+        "assert len(node_classes(pack)) == 9\n"
         "print(sorted(name for name in ('diffusers', 'transformers', 'peft') if name in sys.modules))"
     )
     tests_folder = str(Path(__file__).parent)
@@ -183,40 +203,42 @@ def test_every_import_inside_the_pack_is_relative() -> None:
 
 @pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
 def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
-    node_class = comfy.pack.NODE_CLASS_MAPPINGS[node_id]
+    info = _info(comfy, node_id)
     _, required, optional, outputs = EXPECTED_NODES[node_id]
-    inputs = node_class.INPUT_TYPES()
+    inputs = info["input"]
     assert set(inputs) <= {"required", "optional"}
     assert list(inputs["required"]) == list(required)
     assert list(inputs.get("optional", {})) == optional
-    assert tuple(node_class.RETURN_TYPES) == outputs
-    assert node_class.CATEGORY == CATEGORY
-    assert isinstance(node_class.DESCRIPTION, str) and len(node_class.DESCRIPTION) > 40
-    assert len(node_class.OUTPUT_TOOLTIPS) == len(outputs)
+    assert info["input_order"] == {section: list(values) for section, values in inputs.items()}
+    assert tuple(info["output"]) == outputs
+    assert info["category"] == CATEGORY and info["name"] == node_id
+    assert isinstance(info["description"], str) and len(info["description"]) > 40
+    assert len(info["output_tooltips"]) == len(outputs) and all(info["output_tooltips"])
+    assert info["output_name"] == [output.lower().replace("fidesr_", "") for output in outputs]
     for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
         options = spec[1]
         assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
         if name in SOCKET_TYPES:
             assert spec[0] == SOCKET_TYPES[name]
         elif required.get(name) is not None:
-            assert options.get("default", spec[0][0] if isinstance(spec[0], list) else None) == required[name]
+            assert options.get("default") == required[name]
+        elif name in optional:
+            assert options.get("default") == OPTIONAL_DEFAULTS[name], f"{node_id}.{name}"
         if (node_id, name) in EXPECTED_COMBOS:
-            assert spec[0] == EXPECTED_COMBOS[(node_id, name)]
+            assert _combo_options(spec) == EXPECTED_COMBOS[(node_id, name)]
         if spec[0] in ("INT", "FLOAT"):
             assert options["min"] <= options["default"] <= options["max"]
-    function = getattr(node_class, node_class.FUNCTION)
-    parameters = list(inspect.signature(function).parameters)
-    assert parameters == ["self", *required, *optional]
-    json.dumps(inputs)  # /object_info must be able to serialise it
+    parameters = list(inspect.signature(comfy.nodes[node_id].execute).parameters)
+    assert parameters == [*required, *optional]
+    json.dumps(info)  # /object_info must be able to serialise it
 
 
 def test_node_defaults_are_the_engines_defaults(comfy) -> None:
     injection = comfy.module("fidesr_core.steps.injection")
     pipeline = comfy.module("fidesr_core.pipeline")
-    mappings = comfy.pack.NODE_CLASS_MAPPINGS
 
     def defaults(node_id: str) -> dict[str, Any]:
-        required = mappings[node_id].INPUT_TYPES()["required"]
+        required = _info(comfy, node_id)["input"]["required"]
         return {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
 
     low, high, settings = (
@@ -238,3 +260,12 @@ def test_node_defaults_are_the_engines_defaults(comfy) -> None:
         settings.seed,
         settings.color_fix,
     )
+
+
+def test_pyproject_says_which_comfyui_the_nodes_need() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    comfy = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
+    # comfy_api.v0_0_2 and the rule that input and output ids differ: both in 0.3.64, the oldest tested.
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    assert "comfy_api.v0_0_2 import" in (PACK_ROOT / "nodes" / "__init__.py").read_text()

@@ -64,3 +64,32 @@ def test_bad_values_are_reported_with_node_value_and_expectation(comfy, handle, 
     assert message.startswith("FiDeSR Color Fix: reference has a batch of 3")
     message = error_of(comfy, "FiDeSRUpscale", model="not a model", image=lq_image)
     assert message.startswith("FiDeSR Upscale: model must come from Load FiDeSR Model")
+
+
+def test_a_latent_of_other_images_with_the_same_shape_is_refused(comfy, handle, lq_images) -> None:
+    (encoded,) = run_node(comfy, "FiDeSREncode", model=handle, image=lq_images, latent_mode="mode")
+    (residual,) = run_node(comfy, "FiDeSRResidual", model=handle, latent=encoded, tile_size=0, tile_overlap=0)
+    swapped = dict(residual, samples=residual["samples"].flip(0))  # e.g. a batch node re-ordered the images
+    message = error_of(comfy, "FiDeSRRefine", model=handle, latent=swapped)
+    assert message.startswith("FiDeSR LRRB Refine: images 1, 2 of 2 are not the images the latent's FiDeSR state")
+    assert "Connect FiDeSR LRRB Refine directly to the output of FiDeSR One-Step U-Net" in message
+    (other,) = run_node(comfy, "FiDeSREncode", model=handle, image=lq_images.flip(2), latent_mode="mode")
+    replaced = dict(encoded, samples=other["samples"])  # same shape, another picture
+    message = error_of(comfy, "FiDeSRResidual", model=handle, latent=replaced, tile_size=0, tile_overlap=0)
+    assert "images 1, 2 of 2 are not the images" in message
+    one_replaced = dict(encoded, samples=torch.cat([encoded["samples"][:1], other["samples"][1:]]))
+    message = error_of(comfy, "FiDeSRResidual", model=handle, latent=one_replaced, tile_size=0, tile_overlap=0)
+    assert "image 2 of 2 is not the image the latent's FiDeSR state was made for" in message
+
+
+def test_an_edit_made_between_nodes_is_kept(comfy, handle, default_chain) -> None:
+    refined = default_chain["refined"]
+    edited = dict(refined, samples=refined["samples"] * 1.1)  # e.g. ComfyUI's LatentMultiply
+    (injected,) = run_node(comfy, "FiDeSRLowFrequencyInject", latent=edited)
+    (plain,) = run_node(comfy, "FiDeSRLowFrequencyInject", latent=refined)
+    # The LF delta comes from the state, and the edit rides along.
+    delta = plain["samples"] - refined["samples"]
+    torch.testing.assert_close(injected["samples"], edited["samples"] + delta, atol=1e-5, rtol=1e-5)
+    (image,) = run_node(comfy, "FiDeSRDecode", model=handle, latent=injected, color_fix="none", tile_size=224)
+    (unedited,) = run_node(comfy, "FiDeSRDecode", model=handle, latent=plain, color_fix="none", tile_size=224)
+    assert not torch.allclose(image, unedited)

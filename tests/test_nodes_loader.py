@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from node_helpers import PACK_ROOT, error_of, run_node
+from node_helpers import PACK_ROOT, error_of, loader_lists, run_node
 
 
 def _write_diffusers_folder(base: Any, folder: Path, config_dir: Path) -> None:
@@ -47,17 +47,20 @@ def test_loader_lists_model_files_with_stable_prefixed_names(comfy, model_files)
     checkpoints = comfy.models_dir / "checkpoints" / "sd2"
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "v2-1_512-ema-pruned.safetensors").write_bytes(b"")
-    required = comfy.pack.NODE_CLASS_MAPPINGS["FiDeSRModelLoader"].INPUT_TYPES()["required"]
-    assert required["base_model"][0] == ["diffusers/tiny-sd21", "checkpoints/sd2/v2-1_512-ema-pruned.safetensors"]
-    assert required["fidesr_weights"][0] == ["corrupt.pkl", "fidesr-tiny.pkl", "tiny.safetensors"]  # no .txt
+    lists = loader_lists(comfy)
+    assert lists["base_model"] == ["diffusers/tiny-sd21", "checkpoints/sd2/v2-1_512-ema-pruned.safetensors"]
+    assert lists["fidesr_weights"] == ["corrupt.pkl", "fidesr-tiny.pkl", "tiny.safetensors"]  # no .txt
 
 
 def test_loader_combos_load_with_empty_model_folders(comfy, tmp_path, monkeypatch) -> None:
     names = comfy.stub.folder_names_and_paths
     for folder in ("checkpoints", "diffusers", "fidesr"):
         monkeypatch.setitem(names, folder, ([str(tmp_path / folder)], names[folder][1]))
-    required = comfy.pack.NODE_CLASS_MAPPINGS["FiDeSRModelLoader"].INPUT_TYPES()["required"]
-    assert required["base_model"][0] == [] and required["fidesr_weights"][0] == []
+    lists = loader_lists(comfy)  # only the released files, as download entries (test_nodes_downloads.py)
+    assert lists["base_model"] == [
+        "checkpoints/v2-1_512-ema-pruned.safetensors (download from Manojb/stable-diffusion-2-1-base)"
+    ]
+    assert lists["fidesr_weights"] == ["fidesr.pkl (download from jmjin2/FiDeSR)"]
 
 
 def test_extra_model_paths_are_kept_and_listed(comfy, model_files, tmp_path, monkeypatch) -> None:
@@ -80,9 +83,9 @@ def test_extra_model_paths_are_kept_and_listed(comfy, model_files, tmp_path, mon
     (extra["diffusers"] / "sd21" / "unet").mkdir(parents=True)
     (extra["diffusers"] / "sd21" / "model_index.json").write_text("{}")
     (extra["checkpoints"] / "extra.safetensors").write_bytes(b"")
-    required = comfy.pack.NODE_CLASS_MAPPINGS["FiDeSRModelLoader"].INPUT_TYPES()["required"]
-    assert "other.safetensors" in required["fidesr_weights"][0] and "fidesr-tiny.pkl" in required["fidesr_weights"][0]
-    assert {"diffusers/sd21", "diffusers/tiny-sd21", "checkpoints/extra.safetensors"} <= set(required["base_model"][0])
+    lists = loader_lists(comfy)
+    assert "other.safetensors" in lists["fidesr_weights"] and "fidesr-tiny.pkl" in lists["fidesr_weights"]
+    assert {"diffusers/sd21", "diffusers/tiny-sd21", "checkpoints/extra.safetensors"} <= set(lists["base_model"])
     assert model_folders.resolve_base_model("diffusers/sd21", "node") == str(extra["diffusers"] / "sd21")
     assert model_folders.resolve_fidesr_weights("other.safetensors", "node") == str(
         extra["fidesr"] / "other.safetensors"
@@ -100,7 +103,8 @@ def test_loader_builds_the_model_with_comfyuis_precision(comfy, model_files) -> 
     finally:
         comfy.stub.unet_dtype = torch.float32
     assert handle.dtype == torch.bfloat16 and next(handle.model.unet.parameters()).dtype == torch.bfloat16
-    assert handle.load_device == comfy.stub.torch_device and handle.offload_device == comfy.stub.offload_device
+    unet = handle.patchers["unet"]
+    assert unet.load_device == comfy.stub.torch_device and unet.offload_device == comfy.stub.offload_device
     (fp32,) = run_node(
         comfy,
         "FiDeSRModelLoader",
@@ -148,3 +152,27 @@ def test_loader_reports_bad_files_on_the_node(comfy, model_files) -> None:
         comfy, "FiDeSRModelLoader", base_model="diffusers/tiny-sd21", fidesr_weights="nope.pkl", precision="fp32"
     )
     assert message.startswith("Load FiDeSR Model: fidesr_weights 'nope.pkl' is not in the fidesr model folders")
+
+
+def test_loader_keeps_no_text_encoder_and_one_patcher_per_network(comfy, model_files) -> None:
+    import gc
+
+    from transformers import CLIPTextModel
+
+    def text_encoders() -> int:
+        gc.collect()
+        return sum(isinstance(thing, CLIPTextModel) for thing in gc.get_objects())
+
+    before = text_encoders()
+    (handle,) = run_node(
+        comfy,
+        "FiDeSRModelLoader",
+        base_model="diffusers/tiny-sd21",
+        fidesr_weights="tiny.safetensors",
+        precision="fp32",
+    )
+    assert text_encoders() == before  # the empty-prompt embedding was kept, the encoder let go
+    assert handle.model.prompt_embedding.shape[:2] == (1, 77)
+    networks = {name: patcher.model.network for name, patcher in handle.patchers.items()}
+    assert networks == {"unet": handle.model.unet, "vae": handle.model.vae, "lrrb": handle.model.lrrb}
+    assert set(comfy.module("nodes.loader").loader_choices()) == {"base_model", "fidesr_weights", "precision"}

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 from ldm_export import write_config_folder, write_ldm_checkpoint
-from node_helpers import run_node
+from node_helpers import loader_lists, run_node
 
 from fidesr_core.networks.tiny import tiny_base_model
 from fidesr_core.pipeline import UpscaleSettings, upscale
@@ -49,13 +49,13 @@ def _check_node_outputs(comfy, base_module, single_file, run_folder, lq_image) -
     write_ldm_checkpoint(tiny_base_model(seed=8), single_file)
     written = _trained_looking_weights(run_folder, seed=8)
 
-    required = comfy.pack.NODE_CLASS_MAPPINGS["FiDeSRModelLoader"].INPUT_TYPES()["required"]
-    assert "checkpoints/tiny-sd21.safetensors" in required["base_model"][0]
+    lists = loader_lists(comfy)
+    assert "checkpoints/tiny-sd21.safetensors" in lists["base_model"]
     settings = UpscaleSettings(latent_mode="mode")
     outputs = []
     for path in written:
         name = f"run-step-7/{path.name}"
-        assert name in required["fidesr_weights"][0]
+        assert name in lists["fidesr_weights"]
         (handle,) = run_node(
             comfy,
             "FiDeSRModelLoader",

@@ -26,10 +26,11 @@ from reference_impl import (
     ref_restored_latent,
 )
 
+from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
+from fidesr_core.pipeline import UpscaleSettings, upscale
 from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
 from fidesr_core.steps.preprocess import prepare_lq
 from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent

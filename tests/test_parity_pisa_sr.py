@@ -23,11 +23,12 @@ from reference_families import RefPiSASR, ref_pisa_sr_latents, ref_prompt_embedd
 from reference_image_steps import ref_prepare_lq
 from reference_impl import ref_decode_and_finish, ref_lfim
 
+from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
-from fidesr_core.pipeline import UpscaleSettings, finish_image, upscale
+from fidesr_core.pipeline import UpscaleSettings, upscale
 from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
 from fidesr_core.steps.preprocess import prepare_lq
 from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent

@@ -190,3 +190,24 @@ def test_peak_memory_stays_flat_as_the_image_grows() -> None:
     bounded_growth = peaks["bounded"][1] - peaks["bounded"][0]
     assert unbounded_growth > 10 * output_growth, peaks  # whole-image maps in memory grow with the image
     assert bounded_growth < 2 * output_growth + 2048, peaks  # within budget: only the output itself grows
+
+
+@torch.no_grad()
+def test_the_upscale_setting_sends_maps_to_files_with_the_same_result(tiny_model, monkeypatch) -> None:
+    from fidesr_core.pipeline import UpscaleSettings, upscale
+
+    made: list[int] = []
+    real_file = tiled_vae_maps.tempfile.TemporaryFile
+
+    def counting_file(*args, **kwargs):
+        made.append(1)
+        return real_file(*args, **kwargs)
+
+    monkeypatch.setattr(tiled_vae_maps.tempfile, "TemporaryFile", counting_file)
+    image = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(5))
+    tiled = {"encode_tile_size": 32, "decode_tile_size": 4, "process_size": 64, "latent_mode": "mode"}
+    in_memory = upscale(tiny_model, image, UpscaleSettings(**tiled))
+    assert made == []  # the default budget holds these maps in RAM
+    in_files = upscale(tiny_model, image, UpscaleSettings(vae_memory_mb=0, **tiled))
+    assert made, "vae_memory_mb=0 should put every whole-image map in a temporary file"
+    assert torch.equal(in_files, in_memory)

@@ -4,7 +4,8 @@ The frontend (1.27 to 1.35, as read from its source) collects ``properties.model
 whose widget values include the entry's ``name``, plus the workflow's own ``models`` list, and
 lists every entry missing from ``models/<directory>/``; it offers a download only from
 huggingface.co (or civitai.com) and only for ``.safetensors``/``.sft`` names. These tests hold the
-workflows to that, and to the sources ``fidesr_core.app.download`` knows.
+workflows to that, and to the sources ``fidesr_core.app.download`` knows (the Hub for FiDeSR and the base,
+the authors' pages for PiSA-SR and OSEDiff).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fidesr_core.app.download import FIDESR_WEIGHTS, SD21_BASE
+from fidesr_core.app.download import RELEASED_WEIGHTS, SD21_BASE, KnownFile
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 HUB = "https://huggingface.co/"
@@ -25,7 +26,12 @@ FOLDER_OF_NODE = {"FiDeSRModelLoader": {"fidesr", "checkpoints"}, "CheckpointLoa
 
 
 def _url(known, repo_id: str | None = None) -> str:
+    if not isinstance(known, KnownFile):
+        return known.page  # published outside the Hub
     return f"{HUB}{repo_id or known.sources[0]}/resolve/main/{known.name}"
+
+
+WEIGHTS_BY_NAME = {known.name: known for known in RELEASED_WEIGHTS.values()}
 
 
 def _entries(workflow: dict[str, Any]) -> list[tuple[dict[str, Any] | None, dict[str, Any]]]:
@@ -45,12 +51,12 @@ def test_every_entry_is_well_formed_and_one_the_frontend_uses(path: Path) -> Non
     workflow = json.loads(path.read_text())
     entries = _entries(workflow)
     assert entries, "no model metadata"
-    known = {_url(SD21_BASE): SD21_BASE, _url(FIDESR_WEIGHTS): FIDESR_WEIGHTS}
+    known = {_url(file): file for file in (SD21_BASE, *RELEASED_WEIGHTS.values())}
     for node, entry in entries:
         assert set(entry) >= {"name", "url", "directory"}, entry
         assert entry["url"] in known, f"{entry['url']} is not a source fidesr_core.app.download knows"
         assert entry["name"] == known[entry["url"]].name
-        assert entry["directory"] == known[entry["url"]].comfyui_folder
+        assert entry["directory"] == getattr(known[entry["url"]], "comfyui_folder", "fidesr")
         if node is not None:
             # The frontend keeps a node's entry only while one of its widgets holds that exact name.
             assert entry["name"] in node["widgets_values"], (node["type"], entry["name"])
@@ -71,12 +77,13 @@ def test_the_base_is_offered_as_a_download_for_the_checkpoints_folder_the_loader
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
-def test_the_fidesr_weights_are_listed_on_each_loader_with_where_to_get_them(path: Path) -> None:
+def test_the_weights_are_listed_on_each_loader_with_where_to_get_them(path: Path) -> None:
     workflow = json.loads(path.read_text())
     loaders = [node for node in workflow["nodes"] if node["type"] == "FiDeSRModelLoader"]
     assert loaders
     for node in loaders:
+        weights = WEIGHTS_BY_NAME[node["widgets_values"][1]]  # a released file of one of the families
         entries = node["properties"]["models"]
-        assert {"name": FIDESR_WEIGHTS.name, "url": _url(FIDESR_WEIGHTS), "directory": "fidesr"} in entries
+        assert {"name": weights.name, "url": _url(weights), "directory": "fidesr"} in entries
         # A pickle: the dialog names the file, its folder and its page, but does not fetch it itself.
-        assert not any(_downloadable(entry) for entry in entries if entry["name"] == FIDESR_WEIGHTS.name)
+        assert not any(_downloadable(entry) for entry in entries if entry["name"] == weights.name)

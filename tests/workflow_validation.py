@@ -2,19 +2,24 @@
 
 Node definitions use the layout of ComfyUI's ``GET /object_info``: the pack's
 nodes are described from their classes (``node_info``, as ComfyUI's server
-does for V1 nodes), ComfyUI's core nodes come from a recorded fixture.
+does for V1 and V3 nodes), ComfyUI's core nodes come from a recorded fixture.
 
 ``validate_workflow`` returns a list of problems (empty = valid):
 
 * every node type exists (frontend-only nodes such as Note are allowed);
 * ``widgets_values`` holds one value per widget input, in input order, plus the
-  frontend's extra value for seed controls and image-upload buttons, and every
+  frontend's extra value for seed controls and image-upload buttons (trailing
+  optional widgets may be missing: a workflow saved before they were appended
+  loads with their defaults), and every
   value fits its type, range or combo list (file lists are machine-specific, so
   file combos are checked by a caller-supplied rule instead);
 * inputs and outputs listed on the node match the definition;
 * links join an output to an input of the same type, and the nodes' own link
   bookkeeping agrees with the ``links`` table;
 * required inputs without a widget are connected.
+
+``api_prompt`` turns a valid UI-format workflow into the API format the frontend sends to ``POST /prompt``
+(``{id: {class_type, inputs}}``, a link as ``[origin id, output slot]``), for running it with stand-ins.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "load_core_definitions",
     "widget_slots",
     "validate_workflow",
+    "api_prompt",
 ]
 
 # Frontend-only nodes: saved in workflows, never sent to the server.
@@ -43,8 +49,10 @@ _SEED_NAMES = ("seed", "noise_seed")
 FileRule = Callable[[Any], bool]
 
 
-def node_info(node_id: str, node_class: type, display_name: str) -> dict[str, Any]:
-    """A V1 node class described as ``GET /object_info/<node_id>`` describes it."""
+def node_info(node_id: str, node_class: type, display_name: str = "") -> dict[str, Any]:
+    """A node class described as ``GET /object_info/<node_id>`` describes it (V3 nodes describe themselves)."""
+    if hasattr(node_class, "GET_NODE_INFO_V1"):
+        return node_class.GET_NODE_INFO_V1()
     inputs = node_class.INPUT_TYPES()
     return {
         "input": inputs,
@@ -133,11 +141,14 @@ def _check_widgets(
     values = node.get("widgets_values", [])
     if not isinstance(values, list):
         return [f"{label}: widgets_values must be a list, got {type(values).__name__}"]
-    if len(values) != len(slots):
+    optional = set(definition["input"].get("optional", {}))
+    # A workflow saved before optional widgets were appended lacks their values: the frontend keeps the defaults.
+    missing = slots[len(values) :]
+    if len(values) > len(slots) or any(name not in optional for name, _, _ in missing):
         expected = [f"{name}:{role}" for name, role, _ in slots]
         return [f"{label}: {len(values)} widgets_values but the widgets are {expected}"]
     problems = []
-    for (name, role, spec), value in zip(slots, values, strict=True):
+    for (name, role, spec), value in zip(slots, values, strict=False):
         if role == "seed_control":
             if value not in SEED_CONTROL_VALUES:
                 problems.append(f"{label}: control after generate of {name} is {value!r}")
@@ -268,3 +279,21 @@ def validate_workflow(
         problems += _check_node_sockets(node, definition, links)
     problems += _check_links(nodes, links)
     return problems
+
+
+def api_prompt(workflow: Mapping[str, Any], definitions: Mapping[str, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """``{node id: {"class_type", "inputs"}}`` of the nodes that run (not notes, not bypassed or muted ones)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt: dict[int, dict[str, Any]] = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODE_TYPES or node.get("mode", 0) in (2, 4):
+            continue
+        slots = widget_slots(definitions[node["type"]])
+        values = node.get("widgets_values", [])
+        inputs = {name: value for (name, role, _), value in zip(slots, values, strict=False) if role == "value"}
+        for socket in node.get("inputs", []):
+            link = links.get(socket.get("link"))
+            if link is not None:
+                inputs[socket["name"]] = [link[1], link[2]]
+        prompt[node["id"]] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -41,6 +41,7 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
     from ..steps.color_fix import COLOR_FIX_METHODS
     from ..steps.frequency import FILTER_GEOMETRIES
     from ..steps.vae_codec import LATENT_MODES
+    from ..tiled_vae.budget import MAP_MEMORY_MB
 
     parser = commands.add_parser("upscale", parents=common, help="super-resolve images (files and folders) to PNG")
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
@@ -71,6 +72,14 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
     parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of U-Net tiles, below --tile-size")
     parser.add_argument("--encode-tile", type=int, default=1024, help="VAE encoder tile in pixels, >= 8 (0 = off)")
     parser.add_argument("--decode-tile", type=int, default=224, help="VAE decoder tile in latent px (0 = off)")
+    parser.add_argument(
+        "--vae-memory",
+        type=int,
+        default=MAP_MEMORY_MB,
+        metavar="MB",
+        help="RAM for the tiled VAE's whole-image maps; beyond it they wait in temporary files in TMPDIR "
+        "(default %(default)s; large outputs need disk there: about 60 GB at 8192x8192)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument(

@@ -26,12 +26,17 @@ from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
 
-from ..errors import FiDeSRError, ModelFileError
+from ..errors import Cancelled, FiDeSRError, ModelFileError
+from ..progress import CancelCheck, check_cancelled
 
 __all__ = [
     "FIDESR_WEIGHTS",
     "SD21_BASE",
     "KnownFile",
+    "ReleasedFile",
+    "PISA_SR_WEIGHTS",
+    "OSEDIFF_WEIGHTS",
+    "RELEASED_WEIGHTS",
     "DownloadError",
     "ByteProgress",
     "is_repo_id",
@@ -83,6 +88,31 @@ SD21_BASE = KnownFile(
     "checkpoints",
     _check_base,
 )
+
+
+@dataclass(frozen=True)
+class ReleasedFile:
+    """A weights file the authors publish outside the Hub: we name where, and never fetch it."""
+
+    name: str  # the authors' file name
+    what: str  # for messages
+    page: str  # where to get it
+
+
+PISA_SR_WEIGHTS = ReleasedFile(
+    "pisa_sr.pkl",
+    "the PiSA-SR weights",
+    "https://drive.google.com/drive/folders/1oLetijWNd59xwJE5oU-eXylQBifxWdss",  # the link in csslc/PiSA-SR's README
+)
+OSEDIFF_WEIGHTS = ReleasedFile(
+    "osediff.pkl", "the OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/main/preset/models/osediff.pkl"
+)
+# Where each family's weights come from, for messages and the workflows' model lists (by family).
+RELEASED_WEIGHTS: dict[str, KnownFile | ReleasedFile] = {
+    "fidesr": FIDESR_WEIGHTS,
+    "pisa-sr": PISA_SR_WEIGHTS,
+    "osediff": OSEDIFF_WEIGHTS,
+}
 
 
 class DownloadError(ModelFileError):
@@ -218,16 +248,23 @@ def fetch_known_file(
     progress: ByteProgress | None = None,
     report: Report | None = None,
     endpoint: str | None = None,
+    should_cancel: CancelCheck | None = None,
 ) -> Path:
     """``folder/known.name``, fetched from the first source that gives the right file.
 
     A file already there is checked and kept (``ModelFileError`` if it is not the right one: it is
     the user's, so it is never replaced). ``progress`` gets ``(bytes so far, total)`` as they
     arrive; ``report`` gets one line per source tried; ``endpoint`` overrides ``HF_ENDPOINT``.
-    Raises ``DownloadError`` when no source worked.
+    ``should_cancel`` is asked as bytes arrive; True stops with ``Cancelled`` (the part file
+    stays staged, and the next try resumes it). Raises ``DownloadError`` when no source worked.
     """
     report = report or (lambda line: None)
-    progress = progress or (lambda done, total: None)
+    report_bytes = progress or (lambda done, total: None)
+
+    def progress(done: int, total: int | None) -> None:
+        check_cancelled(should_cancel)
+        report_bytes(done, total)
+
     folder = Path(folder)
     target = folder / known.name
     if target.exists():
@@ -251,7 +288,7 @@ def fetch_known_file(
     for repo_id in sources:
         try:
             staged, size = _fetch_from(repo_id, known, staging, progress, endpoint)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             raise  # the part file stays staged: the next run resumes it
         except Exception as error:  # the Hub and the network raise many kinds; all mean "not from this source"
             attempt(f"{known.name} from {repo_id}: not fetched ({_why(error)})")

@@ -32,6 +32,7 @@ _FLAG_OF_FIELD = {
     "tile_overlap": "--tile-overlap",
     "encode_tile_size": "--encode-tile",
     "decode_tile_size": "--decode-tile",
+    "vae_memory_mb": "--vae-memory",
     "low.strength": "--lf-strength",
     "high.strength": "--hf-strength",
     "pixel_strength": "--pixel-strength",
@@ -57,6 +58,7 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
             high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
             pixel_strength=args.pixel_strength,
             semantic_strength=args.semantic_strength,
+            vae_memory_mb=args.vae_memory,
         )
     except SettingsError as error:
         field, _, rest = str(error).partition(" must ")

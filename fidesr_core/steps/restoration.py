@@ -45,10 +45,11 @@ def _pisa_sr_unet(
 
     ``λ_pix·ε_pix + λ_sem·(ε_both − ε_pix) = (λ_pix − λ_sem)·ε_pix + λ_sem·ε_both``: one call when
     ``λ_pix = λ_sem`` (a multiple of ``ε_both``) or ``λ_sem = 0`` (of ``ε_pix``), two otherwise.
+    Both at 1 is exactly ``ε_both``: the default mode's call itself.
     """
-    if pixel is None and semantic is None:
-        return call
     pixel, semantic = 1.0 if pixel is None else pixel, 1.0 if semantic is None else semantic
+    if pixel == 1.0 and semantic == 1.0:
+        return call
 
     def pixel_only(tile: torch.Tensor) -> torch.Tensor:
         with adapters_switched_on(model.unet):
@@ -85,14 +86,18 @@ def predict_residual(
     semantic_strength: float | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """The residual ``r`` (``z = z_L − r``) ``[B, 4, h, w]`` float32, the U-Net tiled over the latent when large.
 
     ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's own (its family's
     released prompt).  ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode
     (``λ_pix``, ``λ_sem``; one of them alone leaves the other at 1); both None is its default
-    mode.  The other families have a single LoRA set and ignore them.
+    mode.  The other families have a single LoRA set and ignore them.  ``device``: where to
+    compute (default: where the U-Net's weights are; a memory manager that keeps part of the
+    weights elsewhere names it).
     """
+    device = device or next(model.unet.parameters()).device
     embedding = model.prompt_embedding if prompt_embedding is None else prompt_embedding
     expected_dim = model.unet.config.cross_attention_dim
     if embedding.shape[-1] != expected_dim:
@@ -103,18 +108,18 @@ def predict_residual(
     pixel = _checked_strength("pixel_strength", pixel_strength)
     semantic = _checked_strength("semantic_strength", semantic_strength)
     recipe = model.recipe
-    embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=model.device, dtype=model.dtype)
-    timestep = torch.tensor(recipe.timestep, device=model.device)
+    embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=device, dtype=model.dtype)
+    timestep = torch.tensor(recipe.timestep, device=device)
 
     def unet_tile(tile: torch.Tensor) -> torch.Tensor:
-        tile = tile.to(device=model.device, dtype=model.dtype)
+        tile = tile.to(device=device, dtype=model.dtype)
         return model.unet(tile, timestep, encoder_hidden_states=embedding).sample
 
     if model.pixel_only_adapters:
         unet_tile = _pisa_sr_unet(model, unet_tile, pixel, semantic)
     elif pixel is not None or semantic is not None:
         logger.debug("%s has one LoRA set: pixel/semantic strengths do not apply", recipe.name)
-    z_lq = z_lq.float().to(model.device)
+    z_lq = z_lq.float().to(device)
     output = run_tiled(
         unet_tile,
         z_lq,
@@ -133,16 +138,19 @@ def predict_residual(
 
 
 @torch.no_grad()
-def refine_residual(model: OneStepRestorer, z_lq: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def refine_residual(
+    model: OneStepRestorer, z_lq: torch.Tensor, residual: torch.Tensor, *, device: torch.device | None = None
+) -> torch.Tensor:
     """``r̃ = r + LRRB(cat[z_L, r])`` on the whole (stitched) latent, float32; ``r`` unchanged without an LRRB.
 
     The released code runs the LRRB per U-Net tile; running it once on the
     stitched residual makes tiled and untiled results agree (identical when
-    no tiling happens).  PiSA-SR and OSEDiff have no LRRB.
+    no tiling happens).  PiSA-SR and OSEDiff have no LRRB.  ``device``: where
+    to compute (default: the LRRB's).
     """
     if model.lrrb is None:
         return residual.float()
-    device = next(model.lrrb.parameters()).device
+    device = device or next(model.lrrb.parameters()).device
     z_lq, residual = z_lq.float().to(device), residual.float().to(device)
     # in strips of latent rows: the same numbers, without 192-channel maps of the whole latent
     correction = by_row_strips(model.lrrb, torch.cat([z_lq, residual], dim=1), halo=LRRB_HALO, elements=1 << 18)

@@ -10,8 +10,9 @@ import torch
 from ..errors import SettingsError
 from ..networks.model import OneStepRestorer
 from ..progress import CancelCheck, ProgressCallback
+from ..tiled_vae.budget import MemoryBudget
 
-__all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise"]
+__all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise", "vae_device"]
 
 LatentMode = Literal["sample", "mode"]
 LATENT_MODES: tuple[str, ...] = ("sample", "mode")
@@ -25,6 +26,11 @@ def latent_noise(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def vae_device(model: OneStepRestorer) -> torch.device:
+    """Where the VAE's weights are (its compute device unless a caller says otherwise)."""
+    return next(model.vae.parameters()).device
+
+
 def encode_image(
     model: OneStepRestorer,
     pixels: torch.Tensor,
@@ -34,25 +40,30 @@ def encode_image(
     tile_size: int = 1024,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    device: torch.device | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """``z_L = SF · latent`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] -> ``[B, 4, H/8, W/8]`` float32.
 
     ``"sample"`` draws from the posterior with noise seeded by ``seed`` (the
-    released code samples unseeded); ``"mode"`` takes its mean.
+    released code samples unseeded); ``"mode"`` takes its mean.  Every image of
+    a batch gets the noise it would get alone, so a batch (or a part of one)
+    gives each image the result of encoding it by itself.  ``device``: where to
+    compute (default: where the VAE's weights are); ``budget``: the tiled VAE's memory (default: its own).
     """
     if latent_mode not in LATENT_MODES:
         raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
     from ..tiled_vae.codec import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
 
-    vae_input = pixels.to(device=model.device, dtype=model.dtype)
+    vae_input = pixels.to(device=device or vae_device(model), dtype=model.dtype)
     moments = encode_moments(
-        model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel
+        model.vae, vae_input, tile_size=tile_size, progress=progress, should_cancel=should_cancel, budget=budget
     ).float()
     mean, log_variance = moments.chunk(2, dim=1)
     latent = mean
     if latent_mode == "sample":
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
-        latent = mean + std * latent_noise(mean.shape, seed).to(mean.device)
+        latent = mean + std * latent_noise((1, *mean.shape[1:]), seed).to(mean.device)
     return latent * model.scaling_factor
 
 
@@ -63,17 +74,21 @@ def decode_latent(
     tile_size: int = 224,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    device: torch.device | None = None,
+    budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
     """Scaled latent ``[B, 4, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1], float32.
 
     A half-precision decode that overflows is redone in float32 (with a warning).
+    ``device``: where to compute (default: where the VAE's weights are).
     """
     from ..tiled_vae.codec import decode_latents  # see encode_image
 
+    device = device or vae_device(model)
     unscaled = latent.float() / model.scaling_factor
     decoded = decode_latents(
         model.vae,
-        unscaled.to(device=model.device, dtype=model.dtype),
+        unscaled.to(device=device, dtype=model.dtype),
         tile_size=tile_size,
         progress=progress,
         should_cancel=should_cancel,
@@ -83,7 +98,7 @@ def decode_latent(
         model.vae.float()
         try:
             decoded = decode_latents(
-                model.vae, unscaled.to(model.device), tile_size=tile_size, should_cancel=should_cancel
+                model.vae, unscaled.to(device), tile_size=tile_size, should_cancel=should_cancel, budget=budget
             )
         finally:
             model.vae.to(model.dtype)

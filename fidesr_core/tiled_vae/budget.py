@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from ..errors import SettingsError
 
-__all__ = ["MemoryBudget"]
+__all__ = ["MAP_MEMORY_MB", "MemoryBudget"]
 
 _MIB = 1 << 20
+MAP_MEMORY_MB = 512  # whole-image maps in RAM: 4096² output needs ~2 GB beyond the weights with it
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class MemoryBudget:
     """
 
     tile_bytes: int = 64 * _MIB
-    map_bytes: int = 512 * _MIB
+    map_bytes: int = MAP_MEMORY_MB * _MIB
     stock_bytes: int = 256 * _MIB
     spill_folder: str | None = None
 

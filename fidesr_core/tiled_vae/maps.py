@@ -72,7 +72,7 @@ class FileMap(WholeMap):
             where = folder or tempfile.gettempdir()
             raise SettingsError(
                 f"tiled VAE: cannot make a {self.nbytes / 2**30:.1f} GiB temporary file for a whole-image map "
-                f"in {where} ({error}); free disk space there, set TMPDIR, or raise the memory budget"
+                f"in {where} ({error}); free disk space there, set TMPDIR, or raise the tiled VAE's map memory (vae_memory_mb, --vae-memory)"
             ) from error
         self.fd = self.file.fileno()
 
@@ -103,7 +103,8 @@ class FileMap(WholeMap):
             except OSError as error:
                 raise SettingsError(
                     f"tiled VAE: writing a whole-image map to its temporary file failed ({error}); "
-                    "free disk space in the temporary folder (TMPDIR) or raise the memory budget"
+                    "free disk space in the temporary folder (TMPDIR) or raise the tiled VAE's map memory "
+                    "(vae_memory_mb, --vae-memory)"
                 ) from error
             if written != size:
                 raise OSError(f"tiled VAE: short write to a temporary map file at byte {offset}")
