@@ -32,7 +32,6 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..atomic_write import write_atomic
 from ..errors import ModelFileError, SettingsError, WeightsFileError
 from ..networks.families import (
     FAMILY_NAMES,
@@ -47,8 +46,6 @@ from ..networks.families import (
 from ..networks.lora import RELEASED_LORA_ALPHA
 from ..networks.model import FiDeSRWeights
 from .checkpoint_files import (
-    PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
     Container,
     OpenedCheckpoint,
     container_by_content,
@@ -60,6 +57,7 @@ from .file_rules import ModelFamily
 from .identify import identify_checkpoint
 from .safe_torch_load import load_tensors_only
 from .weights import load_fidesr_weights, save_fidesr_weights
+from .weights_writing import compact_cpu_copy, weights_format_of, write_weights_file
 
 __all__ = [
     "PISA_SR_FORMAT_MARKER",
@@ -338,21 +336,6 @@ def load_restorer_weights(path: str | os.PathLike) -> RestorerWeights:
 # --------------------------------------------------------------------------- writing
 
 
-def _format_from_extension(path: Path) -> Literal["pkl", "safetensors"]:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        return "pkl"
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    raise SettingsError(
-        f"{path}: cannot tell the weights format from the extension {suffix or '(none)'!r}; use .pkl or .safetensors"
-    )
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-
-
 def _set_payload(lora_set: LoraSet, layout: _SetLayout, path: Path) -> dict[str, object]:
     if lora_set.alpha != RELEASED_LORA_ALPHA:
         raise SettingsError(
@@ -367,16 +350,18 @@ def _set_payload(lora_set: LoraSet, layout: _SetLayout, path: Path) -> dict[str,
 def _pkl_payload(weights: PiSASRWeights | OSEDiffWeights, path: Path) -> dict[str, object]:
     if isinstance(weights, PiSASRWeights):
         payload = _set_payload(weights.pixel, _PIXEL, path) | _set_payload(weights.semantic, _SEMANTIC, path)
-        payload["state_dict_unet"] = {k: _plain(v) for k, v in (weights.pixel.state | weights.semantic.state).items()}
+        payload["state_dict_unet"] = {
+            k: compact_cpu_copy(v) for k, v in (weights.pixel.state | weights.semantic.state).items()
+        }
         return payload
     payload = _set_payload(weights.unet_lora, _OSEDIFF_UNET, path) | _set_payload(weights.vae_lora, _OSEDIFF_VAE, path)
     # peft wraps conv_in when it carries a LoRA, and the released trainer saves the wrapper's names.
     wrapped = "conv_in" in weights.unet_lora.target_modules.get("default_encoder", [])
     conv_in_prefix = "conv_in.base_layer." if wrapped else "conv_in."
-    unet_state = {k: _plain(v) for k, v in weights.unet_lora.state.items()}
-    unet_state |= {conv_in_prefix + k: _plain(v) for k, v in weights.conv_in_state.items()}
+    unet_state = {k: compact_cpu_copy(v) for k, v in weights.unet_lora.state.items()}
+    unet_state |= {conv_in_prefix + k: compact_cpu_copy(v) for k, v in weights.conv_in_state.items()}
     payload["state_dict_unet"] = unet_state
-    payload["state_dict_vae"] = {k: _plain(v) for k, v in weights.vae_lora.state.items()}
+    payload["state_dict_vae"] = {k: compact_cpu_copy(v) for k, v in weights.vae_lora.state.items()}
     return payload
 
 
@@ -399,9 +384,9 @@ def _safetensors_payload(weights: PiSASRWeights | OSEDiffWeights, path: Path) ->
         metadata[_META + layout.alpha_key] = repr(float(lora_set.alpha))
         for adapter, key in layout.list_keys.items():
             metadata[_META + key] = json.dumps(list(lora_set.target_modules[adapter]))
-        tensors |= {layout.prefix + k: _plain(v) for k, v in lora_set.state.items()}
+        tensors |= {layout.prefix + k: compact_cpu_copy(v) for k, v in lora_set.state.items()}
     if not pisa:
-        tensors |= {_CONV_IN + k: _plain(v) for k, v in weights.conv_in_state.items()}
+        tensors |= {_CONV_IN + k: compact_cpu_copy(v) for k, v in weights.conv_in_state.items()}
     return tensors, metadata
 
 
@@ -416,22 +401,15 @@ def save_restorer_weights(
         save_fidesr_weights(weights, path, file_format=file_format)
         return
     path = Path(path).expanduser()
-    chosen = file_format or _format_from_extension(path)
-    if chosen not in ("pkl", "safetensors"):
-        raise SettingsError(f"weights file format {chosen!r} is not one of 'pkl', 'safetensors'")
+    chosen = file_format or weights_format_of(path)
     _validate(weights, f"weights to be written to {path}")
-    if chosen == "pkl":
-        payload = _pkl_payload(weights, path)
-        write_atomic(path, lambda temp: torch.save(payload, temp))
-    else:
-        tensors, metadata = _safetensors_payload(weights, path)
-        write_atomic(path, lambda temp: safetensors.torch.save_file(tensors, temp, metadata=metadata))
+    write_weights_file(path, chosen, lambda: _pkl_payload(weights, path), lambda: _safetensors_payload(weights, path))
 
 
 def convert_restorer_weights(source: str | os.PathLike, destination: str | os.PathLike) -> RestorerWeights:
     """Read ``source`` (any family) and write it to ``destination`` in the format of its extension."""
     destination = Path(destination).expanduser()
-    destination_format = _format_from_extension(destination)
+    destination_format = weights_format_of(destination)
     weights = load_restorer_weights(source)
     if destination_format == "safetensors":
         weights.metadata.setdefault("converted_from", Path(source).name)

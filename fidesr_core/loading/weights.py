@@ -29,16 +29,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import safetensors.torch
 import torch
 
-from ..atomic_write import write_atomic
 from ..errors import ModelFileError, SettingsError, WeightsFileError
 from ..networks.lora import ADAPTER_NAMES, RELEASED_LORA_ALPHA
 from ..networks.model import FiDeSRWeights
 from .checkpoint_files import (
-    PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
     Container,
     OpenedCheckpoint,
     container_by_content,
@@ -50,6 +46,7 @@ from .file_rules import ModelFamily
 from .identify import identify_checkpoint, identify_model_file
 from .safe_torch_load import load_tensors_only
 from .weights_validation import validate_fidesr_weights
+from .weights_writing import compact_cpu_copy, weights_format_of, write_weights_file
 
 __all__ = [
     "SAFETENSORS_FORMAT_MARKER",
@@ -235,22 +232,6 @@ def load_fidesr_weights(path: str | os.PathLike) -> FiDeSRWeights:
 # --------------------------------------------------------------------------- writing
 
 
-def _format_from_extension(path: Path) -> Literal["pkl", "safetensors"]:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        return "pkl"
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    raise SettingsError(
-        f"{path}: cannot tell the weights format from the extension {suffix or '(none)'!r}; use .pkl or .safetensors"
-    )
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A compact CPU copy in the same dtype (views of larger storages would be written whole)."""
-    return tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-
-
 def _pkl_payload(weights: FiDeSRWeights, path: Path) -> dict[str, object]:
     if weights.lora_alpha != RELEASED_LORA_ALPHA:
         raise SettingsError(
@@ -259,8 +240,8 @@ def _pkl_payload(weights: FiDeSRWeights, path: Path) -> dict[str, object]:
         )
     payload: dict[str, object] = {key: list(weights.target_modules[a]) for a, key in _LIST_KEY_OF.items()}
     payload["lora_rank_unet"] = int(weights.lora_rank)
-    payload["state_dict_unet"] = {key: _plain(value) for key, value in weights.unet_lora_state.items()}
-    payload["lrrb_state_dict"] = {key: _plain(value) for key, value in weights.lrrb_state.items()}
+    payload["state_dict_unet"] = {key: compact_cpu_copy(value) for key, value in weights.unet_lora_state.items()}
+    payload["lrrb_state_dict"] = {key: compact_cpu_copy(value) for key, value in weights.lrrb_state.items()}
     return payload
 
 
@@ -268,8 +249,8 @@ def _safetensors_payload(weights: FiDeSRWeights, path: Path) -> tuple[dict[str, 
     reserved = sorted(key for key in weights.metadata if not isinstance(key, str) or key.startswith(_META))
     if reserved:
         raise SettingsError(f"{path}: metadata key {reserved[0]!r} is reserved for the file format ({_META}*)")
-    tensors = {_LORA_PREFIX + key: _plain(value) for key, value in weights.unet_lora_state.items()}
-    tensors |= {_LRRB_PREFIX + key: _plain(value) for key, value in weights.lrrb_state.items()}
+    tensors = {_LORA_PREFIX + key: compact_cpu_copy(value) for key, value in weights.unet_lora_state.items()}
+    tensors |= {_LRRB_PREFIX + key: compact_cpu_copy(value) for key, value in weights.lrrb_state.items()}
     metadata = {str(key): str(value) for key, value in weights.metadata.items()}
     metadata[_META + "format"] = SAFETENSORS_FORMAT_MARKER
     metadata[_META + "format_version"] = str(SAFETENSORS_FORMAT_VERSION)
@@ -289,16 +270,9 @@ def save_fidesr_weights(
     A ``.pkl`` is exactly the authors' layout (metadata is dropped); invalid weights are refused.
     """
     path = Path(path).expanduser()
-    chosen = file_format or _format_from_extension(path)
-    if chosen not in ("pkl", "safetensors"):
-        raise SettingsError(f"weights file format {chosen!r} is not one of 'pkl', 'safetensors'")
+    chosen = file_format or weights_format_of(path)
     validate_fidesr_weights(weights, source=f"weights to be written to {path}")
-    if chosen == "pkl":
-        payload = _pkl_payload(weights, path)
-        write_atomic(path, lambda temp: torch.save(payload, temp))
-    else:
-        tensors, metadata = _safetensors_payload(weights, path)
-        write_atomic(path, lambda temp: safetensors.torch.save_file(tensors, temp, metadata=metadata))
+    write_weights_file(path, chosen, lambda: _pkl_payload(weights, path), lambda: _safetensors_payload(weights, path))
 
 
 def convert_fidesr_weights(source: str | os.PathLike, destination: str | os.PathLike) -> FiDeSRWeights:
@@ -307,7 +281,7 @@ def convert_fidesr_weights(source: str | os.PathLike, destination: str | os.Path
     Going to safetensors records ``converted_from`` (the source file name) unless metadata already has it.
     """
     destination = Path(destination).expanduser()
-    destination_format = _format_from_extension(destination)
+    destination_format = weights_format_of(destination)
     weights = load_fidesr_weights(source)
     if destination_format == "safetensors":
         weights.metadata.setdefault("converted_from", Path(source).name)
