@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from peak_memory_probe import run_probe
 from torch import nn
 
 from fidesr_core.errors import BaseModelError, Cancelled, ImageInputError, SettingsError
@@ -21,8 +18,6 @@ from fidesr_core.tiled_vae.group_norm import GroupStats
 from fidesr_core.tiled_vae.program import decoder_program, encoder_program
 from fidesr_core.tiled_vae.runner import run_program
 from fidesr_core.tiled_vae.steps import Box, Conv
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -305,49 +300,22 @@ def test_conv_regions_are_exact(kernel: int, stride: int, padding: int, extra_pa
             assert torch.allclose(out, full[..., box.top : box.bottom, box.left : box.right], atol=1e-6)
 
 
-_MEMORY_PROBE = textwrap.dedent(
-    """
-    import ctypes, json
-    import torch
-    from diffusers import AutoencoderKL
+_MEMORY_PROBE = """
     from fidesr_core.tiled_vae.codec import decode_latents
 
-    try:  # glibc: give every block over 64 KiB back to the system when freed, so RSS follows live memory
-        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    except (AttributeError, OSError):
-        pass
-
-    def status_kib(key):
-        with open("/proc/self/status") as status:
-            return int(status.read().split(key + ":")[1].split()[0])
-
-    def peak_growth_kib(tile_size):
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = status_kib("VmRSS")
-        decode_latents(vae, latents, tile_size=tile_size)
-        return status_kib("VmHWM") - before
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-    ).eval()
     latents = torch.randn(1, 4, 48, 48)  # 384 x 384 output; one 32-channel map at full size is 18 MiB
+
+    def decode(tile_size):
+        return peak_growth_kib(lambda: decode_latents(vae, latents, tile_size=tile_size))
+
     with torch.no_grad():
-        peak_growth_kib(16), peak_growth_kib(0)  # warm-up: one-off allocations (kernels, caches) happen here
-        print(json.dumps({"tiled_kib": peak_growth_kib(16), "untiled_kib": peak_growth_kib(0)}))
-    """
-)
+        decode(16), decode(0)  # warm-up: one-off allocations (kernels, caches) happen here
+        print(json.dumps({"tiled_kib": decode(16), "untiled_kib": decode(0)}))
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_tiled_decode_needs_less_peak_memory() -> None:
-    # A fresh process, so that memory other tests freed (but the allocator kept) cannot hide the growth.
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
-    )
-    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    peaks = run_probe(_MEMORY_PROBE, timeout=300)
     assert peaks["untiled_kib"] > 50 * 1024, peaks  # the measurement sees the untiled decode's full-size maps
     assert peaks["tiled_kib"] < 0.7 * peaks["untiled_kib"], peaks

@@ -3,15 +3,13 @@ within theirs, and peak memory that stays flat as the image grows."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from peak_memory_probe import run_probe
 
 from fidesr_core.errors import SettingsError
 from fidesr_core.networks.tiny import TINY_VAE_CONFIG
@@ -22,7 +20,6 @@ from fidesr_core.tiled_vae.maps import MapStore
 from fidesr_core.tiled_vae.program import decoder_program
 from fidesr_core.tiled_vae.runner import run_program_in
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _ALL_IN_FILES = MemoryBudget(map_bytes=0)
 
 
@@ -134,57 +131,29 @@ def test_an_unusable_spill_folder_is_named(vae: AutoencoderKL, tmp_path: Path) -
         decode_latents(vae, _latents(1, 8, 8), tile_size=4, budget=MemoryBudget(map_bytes=0, spill_folder=str(missing)))
 
 
-_FLAT_PEAK_PROBE = textwrap.dedent(
-    """
-    import ctypes, json
-    import torch
-    from diffusers import AutoencoderKL
+_FLAT_PEAK_PROBE = """
     from fidesr_core.tiled_vae.budget import MemoryBudget
     from fidesr_core.tiled_vae.codec import decode_latents
 
-    try:  # glibc: give every block over 64 KiB back to the system when freed, so RSS follows live memory
-        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    except (AttributeError, OSError):
-        pass
+    def decode(latents, budget):
+        return peak_growth_kib(lambda: decode_latents(vae, latents, tile_size=8, budget=budget))
 
-    def status_kib(key):
-        with open("/proc/self/status") as status:
-            return int(status.read().split(key + ":")[1].split()[0])
-
-    def peak_growth_kib(latents, budget, tile):
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = status_kib("VmRSS")
-        decode_latents(vae, latents, tile_size=tile, budget=budget)
-        return status_kib("VmHWM") - before
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-    ).eval()
     bounded = MemoryBudget(tile_bytes=2 << 20, map_bytes=4 << 20)
     unbounded = MemoryBudget(tile_bytes=1 << 40, map_bytes=1 << 40)
     small, large = torch.randn(1, 4, 24, 24), torch.randn(1, 4, 48, 48)  # 192² and 384² outputs
     with torch.no_grad():
-        peak_growth_kib(small, bounded, 8), peak_growth_kib(small, unbounded, 8)  # warm-up
+        decode(small, bounded), decode(small, unbounded)  # warm-up
         print(json.dumps({
-            "bounded": [peak_growth_kib(x, bounded, 8) for x in (small, large)],
-            "unbounded": [peak_growth_kib(x, unbounded, 8) for x in (small, large)],
+            "bounded": [decode(x, bounded) for x in (small, large)],
+            "unbounded": [decode(x, unbounded) for x in (small, large)],
             "output_growth_kib": 3 * 4 * (384 * 384 - 192 * 192) // 1024,
         }))
-    """
-)
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_peak_memory_stays_flat_as_the_image_grows() -> None:
-    # A fresh process, so that memory other tests freed (but the allocator kept) cannot hide the growth.
-    result = subprocess.run(
-        [sys.executable, "-c", _FLAT_PEAK_PROBE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=True
-    )
-    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    peaks = run_probe(_FLAT_PEAK_PROBE, timeout=600)
     output_growth = peaks["output_growth_kib"]
     unbounded_growth = peaks["unbounded"][1] - peaks["unbounded"][0]
     bounded_growth = peaks["bounded"][1] - peaks["bounded"][0]
