@@ -1,7 +1,9 @@
 """Fixtures shared by the test files.
 
 For every test: ``tiny`` (a tiny random SD 2-shaped base model), ``tiny_model`` (a tiny FiDeSR
-model assembled from one), ``no_network`` (sockets and Hub downloads cut off and recorded).
+model assembled from one), ``no_network`` (sockets and Hub downloads cut off and recorded),
+``one_thread`` / ``one_thread_per_module`` (torch on one CPU thread: exactness tests fix the
+thread count, and tiny tensors run far faster on one thread than on contended ones).
 Built once per session; tests read them and never change them (assembly consumes a base: tests
 that assemble build their own).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -40,6 +43,28 @@ def tiny_model() -> FiDeSRModel:
     """A tiny FiDeSR model, fp32 on the CPU (base seed 1, weights seed 2)."""
     base = tiny_base_model(seed=1)
     return assemble_fidesr_model(base, tiny_fidesr_weights(base, seed=2), precision="fp32", device="cpu")
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module() -> Iterator[None]:
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -137,15 +137,6 @@ def test_safetensors_base_is_told_by_its_layout_whatever_the_header_length(
 # --------------------------------------------------------------------------- doctor
 
 
-@pytest.fixture
-def one_thread():
-    """doctor's self-check runs tiny networks: on a busy machine, waiting threads make them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_doctor_loads_the_base_before_calling_it_usable(tiny: BaseModel, tmp_path: Path) -> None:
     """A tiny SD 2-shaped file identifies as SD 2.x but does not fit the bundled SD 2.1-base configs."""

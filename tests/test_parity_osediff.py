@@ -43,12 +43,7 @@ PROMPT = "a red brick wall, sharp"
 OFF = {"low": LowFrequencySettings(strength=0.0), "high": HighFrequencySettings(strength=0.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # exactness tests fix the thread count
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # exactness and tiny-tensor speed (see conftest)
 
 
 @dataclass

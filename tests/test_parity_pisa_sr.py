@@ -38,12 +38,7 @@ LQ_SIZE = (32, 48)  # pre-scaled to 128x192, processed at 512x768: latent 64x96
 TILE, OVERLAP = 72, 24  # latent short side 64 < 72 while 64·96 > 72²: tiled, per-axis clamp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # exactness tests fix the thread count
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # exactness and tiny-tensor speed (see conftest)
 
 
 @dataclass

@@ -19,14 +19,8 @@ from fidesr_core.tiled_vae.program import decoder_program, encoder_program
 from fidesr_core.tiled_vae.runner import run_program
 from fidesr_core.tiled_vae.steps import Box, Conv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: one thread is faster and immune to other processes competing for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny: one thread is faster and immune to other processes competing for the cores.
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _vae(*, attention: bool = True, seed: int = 0, **overrides) -> AutoencoderKL:

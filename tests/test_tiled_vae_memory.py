@@ -23,12 +23,7 @@ from fidesr_core.tiled_vae.runner import run_program_in
 _ALL_IN_FILES = MemoryBudget(map_bytes=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

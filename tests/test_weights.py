@@ -170,15 +170,6 @@ def test_loaded_tensors_do_not_depend_on_the_file(authors: dict, tmp_path: Path,
     assert _same_tensors(weights.lrrb_state, dict(authors["lrrb_state_dict"]))
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors only: on a busy machine, waiting threads make each tiny op ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_safetensors_is_told_by_its_layout_whatever_the_header_length(authors: dict, tmp_path: Path) -> None:
     """The header length's low byte is the file's first byte: 0x80 (the pickle marker) must not make it a pickle."""
