@@ -63,7 +63,7 @@ def main() -> None:
 
     from fidesr_core.loading.restorer import NEGATED_SUFFIX
     from fidesr_core.networks.lora import load_lora_state, negated_lora_state
-    from fidesr_core.steps.restoration import predict_residual
+    from fidesr_core.ops.restoration import predict_residual
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIG_DIR / "unet"))).eval()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .errors import StepOrderError
 from .networks.families import FamilyRecipe
-from .steps.restoration import restored_latent
+from .ops.restoration import restored_latent
 
 __all__ = [
     "ENCODE",

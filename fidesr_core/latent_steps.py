@@ -22,14 +22,14 @@ import torch
 from .errors import SettingsError
 from .latent_state import DECODE, ENCODE, HIGH_FREQUENCY, LOW_FREQUENCY, REFINE, RESIDUAL, STEP_NAMES, LatentState
 from .networks.model import OneStepRestorer
+from .ops.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
+from .ops.injection import HighFrequencySettings, LowFrequencySettings, high_frequency_delta, low_frequency_delta
+from .ops.injection import spatial_gate as compute_spatial_gate
+from .ops.preprocess import PROCESS_SIZE, prepare_lq, processing_size, resize_image, resize_to_output
+from .ops.restoration import predict_residual, refine_residual
+from .ops.vae_codec import LatentMode, decode_latent, encode_image, vae_device
 from .progress import CancelCheck, ProgressCallback
 from .step_runner import Attempt, StepCall, StepRunner, run_in_chunks, working_memory_bytes
-from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
-from .steps.injection import HighFrequencySettings, LowFrequencySettings, high_frequency_delta, low_frequency_delta
-from .steps.injection import spatial_gate as compute_spatial_gate
-from .steps.preprocess import PROCESS_SIZE, prepare_lq, processing_size, resize_image, resize_to_output
-from .steps.restoration import predict_residual, refine_residual
-from .steps.vae_codec import LatentMode, decode_latent, encode_image, vae_device
 from .tiled_vae.budget import MemoryBudget
 
 __all__ = [

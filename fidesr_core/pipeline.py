@@ -15,12 +15,12 @@ import torch
 from .errors import SettingsError
 from .latent_steps import decode_step, encode_step, injection_step, refine_step, residual_step
 from .networks.model import OneStepRestorer
+from .ops.color_fix import COLOR_FIX_METHODS, ColorFixMethod
+from .ops.injection import HighFrequencySettings, LowFrequencySettings
+from .ops.preprocess import PROCESS_SIZE
+from .ops.vae_codec import LATENT_MODES, LatentMode
 from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
 from .step_runner import StepRunner
-from .steps.color_fix import COLOR_FIX_METHODS, ColorFixMethod
-from .steps.injection import HighFrequencySettings, LowFrequencySettings
-from .steps.preprocess import PROCESS_SIZE
-from .steps.vae_codec import LATENT_MODES, LatentMode
 from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
 
 __all__ = ["STAGES", "UpscaleSettings", "upscale"]

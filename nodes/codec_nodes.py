@@ -16,8 +16,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.latent_steps import decode_step, encode_step
-from ..fidesr_core.steps.color_fix import COLOR_FIX_METHODS
-from ..fidesr_core.steps.vae_codec import LATENT_MODES
+from ..fidesr_core.ops.color_fix import COLOR_FIX_METHODS
+from ..fidesr_core.ops.vae_codec import LATENT_MODES
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.steps.color_fix import apply_color_fix
-from ..fidesr_core.steps.preprocess import resize_image
+from ..fidesr_core.ops.color_fix import apply_color_fix
+from ..fidesr_core.ops.preprocess import resize_image
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import CATEGORY, image_output

@@ -15,8 +15,8 @@ from typing import Any
 from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.latent_steps import injection_step
-from ..fidesr_core.steps.frequency import FILTER_GEOMETRIES
-from ..fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
+from ..fidesr_core.ops.frequency import FILTER_GEOMETRIES
+from ..fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
 from .errors import engine_errors
 from .inputs import CATEGORY, latent_output
 from .latent_io import HF_NODE, LF_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
 from ..fidesr_core.pipeline import UpscaleSettings, upscale
-from ..fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
 from .errors import engine_errors, node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import (

@@ -133,7 +133,7 @@ report["same_after_unload"] = torch.equal(outputs["after_unload"][0], outputs["o
 # ---------------------------------------------------------------- a partial load (what --lowvram does on a GPU)
 model_management.unload_all_models()
 unet = handle.patchers["unet"]
-restoration = sys.modules[f"{pack.__name__}.fidesr_core.steps.restoration"]
+restoration = sys.modules[f"{pack.__name__}.fidesr_core.ops.restoration"]
 z_lq = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
 with torch.inference_mode():
     full = restoration.predict_residual(handle.model, z_lq, tile_size=0)

@@ -20,11 +20,11 @@ from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.text_embedding import empty_prompt_token_ids
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
+from fidesr_core.ops.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
+from fidesr_core.ops.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
+from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.ops.vae_codec import decode_latent, encode_image, latent_noise
 from fidesr_core.pipeline import STAGES, UpscaleSettings, upscale
-from fidesr_core.steps.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
-from fidesr_core.steps.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
-from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
-from fidesr_core.steps.vae_codec import decode_latent, encode_image, latent_noise
 
 # ------------------------------------------------------------------ colour fix
 

@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from fidesr_core.errors import Cancelled, SettingsError
-from fidesr_core.pipeline import UpscaleSettings
-from fidesr_core.steps.detail_map import detail_map, exact_quantile, percentile_normalize
-from fidesr_core.steps.frequency import (
+from fidesr_core.ops.detail_map import detail_map, exact_quantile, percentile_normalize
+from fidesr_core.ops.frequency import (
     butterworth_highpass,
     butterworth_lowpass,
     butterworth_lowpass_mask,
     frequency_radius,
 )
-from fidesr_core.steps.injection import (
+from fidesr_core.ops.injection import (
     HighFrequencySettings,
     LowFrequencySettings,
     channel_gate,
@@ -30,7 +29,8 @@ from fidesr_core.steps.injection import (
     residual_magnitude_map,
     spatial_gate,
 )
-from fidesr_core.steps.latent_tiling import gaussian_tile_weight, needs_tiling, run_tiled, tile_starts
+from fidesr_core.ops.latent_tiling import gaussian_tile_weight, needs_tiling, run_tiled, tile_starts
+from fidesr_core.pipeline import UpscaleSettings
 
 # ------------------------------------------------------------------- latent tiling
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fidesr_core.errors import ImageInputError, SettingsError
+from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
+from fidesr_core.ops.preprocess import MAX_PROCESSING_PIXELS, prepare_lq, processing_size
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
-from fidesr_core.steps.preprocess import MAX_PROCESSING_PIXELS, prepare_lq, processing_size
 
 NAN, INF = float("nan"), float("inf")
 

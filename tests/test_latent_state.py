@@ -17,9 +17,9 @@ from fidesr_core.latent_steps import decode_step, encode_step, injection_step, r
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_pisa_sr_weights
+from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
 from fidesr_core.pipeline import UpscaleSettings, upscale
 from fidesr_core.step_runner import Attempt, StepRunner
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings
 
 SMALL = 64  # processing size: 16 px inputs become 64 px, 8 x 8 latents (the tiny U-Net is slow at 64 x 64)
 

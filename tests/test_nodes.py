@@ -234,7 +234,7 @@ def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
 
 
 def test_node_defaults_are_the_engines_defaults(comfy) -> None:
-    injection = comfy.module("fidesr_core.steps.injection")
+    injection = comfy.module("fidesr_core.ops.injection")
     pipeline = comfy.module("fidesr_core.pipeline")
 
     def defaults(node_id: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def test_latent_is_a_comfyui_latent_of_unscaled_vae_latents(comfy, handle, lq_im
     samples = latent["samples"]
     assert samples.shape == (1, 4, 64, 64) and samples.dtype == torch.float32 and samples.device.type == "cpu"
     # What ComfyUI's VAEEncode would give: the plain VAE posterior mode of the network input.
-    preprocess = comfy.module("fidesr_core.steps.preprocess")
+    preprocess = comfy.module("fidesr_core.ops.preprocess")
     pixels = preprocess.prepare_lq(lq_image.permute(0, 3, 1, 2), upscale_by=4.0).pixels
     with torch.inference_mode():
         mode = handle.model.vae.encode(pixels).latent_dist.mode()
@@ -62,7 +62,7 @@ def test_each_step_outputs_its_documented_latent(comfy, handle, default_chain) -
     torch.testing.assert_close(default_chain["encoded"]["samples"] * sf, z_lq)
     torch.testing.assert_close(default_chain["residual"]["samples"] * sf, z_lq - r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(default_chain["refined"]["samples"] * sf, z_lq - r_tilde, atol=1e-5, rtol=1e-5)
-    restoration = comfy.module("fidesr_core.steps.restoration")
+    restoration = comfy.module("fidesr_core.ops.restoration")
     with torch.inference_mode():
         expected_refined = restoration.refine_residual(handle.model, z_lq, r)
     torch.testing.assert_close(r_tilde, expected_refined)
@@ -77,7 +77,7 @@ def test_injections_commute_and_add_their_engine_deltas(comfy, handle, default_c
     (lf_first,) = run_node(comfy, "FiDeSRLowFrequencyInject", latent=refined, strength=0.3)
     (both_other_order,) = run_node(comfy, "FiDeSRHighFrequencyInject", latent=lf_first, strength=0.2)
     assert torch.equal(both["samples"], both_other_order["samples"])  # the state sums the deltas in one order
-    injection = comfy.module("fidesr_core.steps.injection")
+    injection = comfy.module("fidesr_core.ops.injection")
     state = refined["fidesr"]
     z = state.z_lq - state.refined_residual
     gate = injection.spatial_gate(state.upscaled_lq, tuple(z.shape[-2:]))
@@ -107,8 +107,8 @@ def test_color_fix_node_resizes_the_reference_and_broadcasts_it(comfy, lq_image,
     image = torch.cat([default_chain["image"], default_chain["image"].flip(1)])  # a batch of 2
     (fixed,) = run_node(comfy, "FiDeSRColorFix", image=image, reference=lq_image, method="adain")
     assert fixed.shape == image.shape
-    color_fix = comfy.module("fidesr_core.steps.color_fix")
-    preprocess = comfy.module("fidesr_core.steps.preprocess")
+    color_fix = comfy.module("fidesr_core.ops.color_fix")
+    preprocess = comfy.module("fidesr_core.ops.preprocess")
     reference = preprocess.resize_image(lq_image.permute(0, 3, 1, 2), (128, 128)).expand(2, -1, -1, -1)
     expected = color_fix.apply_color_fix(image.permute(0, 3, 1, 2), reference, "adain").permute(0, 2, 3, 1)
     torch.testing.assert_close(fixed, expected)

@@ -30,11 +30,11 @@ from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
+from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.ops.preprocess import prepare_lq
+from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.ops.vae_codec import decode_latent, encode_image
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from fidesr_core.steps.preprocess import prepare_lq
-from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
-from fidesr_core.steps.vae_codec import decode_latent, encode_image
 
 LQ_SIZE = (32, 48)  # pre-scaled to 128x192 by the min-side rule, processed at 512x768, output 128x192
 

@@ -25,9 +25,9 @@ from reference_image_steps import (
     ref_wavelet,
 )
 
-from fidesr_core.steps.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
-from fidesr_core.steps.latent_tiling import gaussian_tile_weight, run_tiled, tile_starts
-from fidesr_core.steps.preprocess import prepare_lq, processing_size, resize_image
+from fidesr_core.ops.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
+from fidesr_core.ops.latent_tiling import gaussian_tile_weight, run_tiled, tile_starts
+from fidesr_core.ops.preprocess import prepare_lq, processing_size, resize_image
 
 # ------------------------------------------------------------------- latent tiling
 

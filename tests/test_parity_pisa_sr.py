@@ -28,11 +28,11 @@ from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
+from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.ops.preprocess import prepare_lq
+from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
+from fidesr_core.ops.vae_codec import decode_latent, encode_image
 from fidesr_core.pipeline import UpscaleSettings, upscale
-from fidesr_core.steps.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
-from fidesr_core.steps.preprocess import prepare_lq
-from fidesr_core.steps.restoration import predict_residual, refine_residual, restored_latent
-from fidesr_core.steps.vae_codec import decode_latent, encode_image
 
 LQ_SIZE = (32, 48)  # pre-scaled to 128x192, processed at 512x768: latent 64x96
 TILE, OVERLAP = 72, 24  # latent short side 64 < 72 while 64·96 > 72²: tiled, per-axis clamp

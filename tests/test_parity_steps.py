@@ -29,7 +29,7 @@ from reference_impl import (
 )
 
 from fidesr_core.networks.lrrb import LRRB
-from fidesr_core.steps.detail_map import (
+from fidesr_core.ops.detail_map import (
     box_blur3,
     detail_map,
     exact_quantile,
@@ -39,8 +39,8 @@ from fidesr_core.steps.detail_map import (
     percentile_normalize,
     sobel_magnitude,
 )
-from fidesr_core.steps.frequency import butterworth_highpass, butterworth_lowpass, butterworth_lowpass_mask
-from fidesr_core.steps.injection import (
+from fidesr_core.ops.frequency import butterworth_highpass, butterworth_lowpass, butterworth_lowpass_mask
+from fidesr_core.ops.injection import (
     HighFrequencySettings,
     LowFrequencySettings,
     channel_gate,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fidesr_core.networks.lrrb import LRRB
-from fidesr_core.steps import detail_map as detail_map_module
-from fidesr_core.steps.detail_map import box_blur3, detail_map
-from fidesr_core.steps.restoration import LRRB_HALO
-from fidesr_core.steps.row_strips import by_row_strips
+from fidesr_core.ops import detail_map as detail_map_module
+from fidesr_core.ops.detail_map import box_blur3, detail_map
+from fidesr_core.ops.restoration import LRRB_HALO
+from fidesr_core.ops.row_strips import by_row_strips
 
 
 def _three_blurs(x: torch.Tensor) -> torch.Tensor:

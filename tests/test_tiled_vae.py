@@ -15,9 +15,9 @@ from fidesr_core.networks.tiny import TINY_VAE_CONFIG
 from fidesr_core.tiled_vae import program as tiled_vae_program
 from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 from fidesr_core.tiled_vae.group_norm import GroupStats
+from fidesr_core.tiled_vae.layers import Box, Conv
 from fidesr_core.tiled_vae.program import decoder_program, encoder_program
 from fidesr_core.tiled_vae.runner import run_program
-from fidesr_core.tiled_vae.steps import Box, Conv
 
 # These tensors are tiny: one thread is faster and immune to other processes competing for the cores.
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -183,7 +183,7 @@ def _run_workflow(comfy, workflow: dict[str, Any], definitions, image: torch.Ten
 def _engine_upscale(comfy, models, weights: str, image: torch.Tensor, *, injection: bool, prompt=None):
     """The same image through ``fidesr_core.upscale`` with the model assembled from the files."""
     pipeline = comfy.module("fidesr_core.pipeline")
-    injection_module = comfy.module("fidesr_core.steps.injection")
+    injection_module = comfy.module("fidesr_core.ops.injection")
     restorer = comfy.module("fidesr_core.loading.restorer")
     model = restorer.load_restorer(models.base_path, models.folder / weights, precision="fp32", device="cpu")
     strength = 0.1 if injection else 0.0

@@ -38,7 +38,7 @@ from fidesr_core.networks.lora import (
 from fidesr_core.networks.lrrb import LRRB
 from fidesr_core.networks.model import SCALING_FACTOR, BaseModel, FiDeSRWeights
 from fidesr_core.networks.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
-from fidesr_core.steps.restoration import RESIDUAL_TIMESTEP
+from fidesr_core.ops.restoration import RESIDUAL_TIMESTEP
 
 from .csd import frozen_unet
 

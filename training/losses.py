@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidesr_core.errors import SettingsError
-from fidesr_core.steps.detail_map import box_blur3, detail_map, percentile_normalize
+from fidesr_core.ops.detail_map import box_blur3, detail_map, percentile_normalize
 
 from .csd import ClassifierScoreDistillation, NoisePredictor
 

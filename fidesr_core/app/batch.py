@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from ..errors import FiDeSRError, ImageInputError
 from ..networks.model import OneStepRestorer
+from ..ops.preprocess import processing_size, resize_image
 from ..pipeline import UpscaleSettings, upscale
-from ..steps.preprocess import processing_size, resize_image
 from .image_io import IMAGE_EXTENSIONS, image_files_in, is_complete_png, load_image, save_png_atomic
 
 __all__ = ["BatchResult", "plan_outputs", "pending", "describe_failure", "upscale_file", "upscale_files"]

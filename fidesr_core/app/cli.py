@@ -37,10 +37,10 @@ def _verbose_flag() -> argparse.ArgumentParser:
 
 
 def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
+    from ..ops.color_fix import COLOR_FIX_METHODS
+    from ..ops.frequency import FILTER_GEOMETRIES
+    from ..ops.vae_codec import LATENT_MODES
     from ..precision import PRECISIONS
-    from ..steps.color_fix import COLOR_FIX_METHODS
-    from ..steps.frequency import FILTER_GEOMETRIES
-    from ..steps.vae_codec import LATENT_MODES
     from ..tiled_vae.budget import MAP_MEMORY_MB
 
     parser = commands.add_parser("upscale", parents=common, help="super-resolve images (files and folders) to PNG")

@@ -42,7 +42,7 @@ _FLAG_OF_FIELD = {
 
 def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
     """The settings, or a ``SettingsError`` that names the flag."""
-    from ..steps.injection import HighFrequencySettings, LowFrequencySettings
+    from ..ops.injection import HighFrequencySettings, LowFrequencySettings
 
     try:
         return UpscaleSettings(

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import SettingsError
 from .budget import MemoryBudget
-from .steps import Box
+from .layers import Box
 
 __all__ = ["MapStore", "WholeMap", "TensorMap", "FileMap"]
 

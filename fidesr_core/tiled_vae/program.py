@@ -12,7 +12,7 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlo
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from .steps import Activation, Add, Conv, MidBlockAttention, Norm, Save, Step, Upsample, unsupported
+from .layers import Activation, Add, Conv, MidBlockAttention, Norm, Save, Step, Upsample, unsupported
 
 __all__ = ["ATTENTION_CONTEXT", "Program", "encoder_program", "decoder_program"]
 

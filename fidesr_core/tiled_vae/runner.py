@@ -16,9 +16,9 @@ import torch
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 from .budget import MemoryBudget
 from .group_norm import GroupStats
+from .layers import Add, Box, Conv, Layer, MidBlockAttention, Norm, Save, Step
 from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
-from .steps import Add, Box, Conv, Layer, MidBlockAttention, Norm, Save, Step
 
 __all__ = ["map_sizes", "map_channels", "run_program", "run_program_in"]
 

@@ -1,3 +1,0 @@
-"""The numerical steps of one upscale, each a plain function on tensors: pre-processing, VAE codec,
-restoration, latent tiling, frequency injection, detail map, colour fix.
-"""
