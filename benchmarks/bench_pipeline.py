@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_probe import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
-from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings  # noqa: E402
+from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings  # noqa: E402
 
 # LQ sizes: 128->512 untiled, 256x384->1024x1536 tiled, 1024->4096 (run it with --paths ours: the reference's
 # untiled VAE would need tens of GB there)
@@ -89,12 +89,12 @@ class StageTimer:
 
 def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
     from fidesr_core.app.image_io import save_png_atomic
-    from fidesr_core.latent_steps import finish_image
     from fidesr_core.networks.model import FiDeSRModel
     from fidesr_core.ops.injection import inject_frequencies, spatial_gate
     from fidesr_core.ops.preprocess import prepare_lq
     from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
     from fidesr_core.ops.vae_codec import decode_latent, encode_image
+    from fidesr_core.pipeline import finish_image
 
     unet, vae, lrrb, embedding = networks
     model = FiDeSRModel(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)

@@ -14,7 +14,7 @@ __all__ = [
     "WeightsFileError",
     "ImageInputError",
     "SettingsError",
-    "StepOrderError",
+    "OutOfMemory",
     "Cancelled",
 ]
 
@@ -40,11 +40,15 @@ class ImageInputError(FiDeSRError):
 
 
 class SettingsError(FiDeSRError, ValueError):
-    """A setting is out of range or of the wrong kind."""
+    """A setting is out of range or of the wrong kind; ``setting`` names the field when it is one of the settings'."""
+
+    def __init__(self, problem: str, *, setting: str | None = None) -> None:
+        super().__init__(f"{setting} {problem}" if setting else problem)
+        self.setting, self.problem = setting, problem  # e.g. "tile_size", "must be ..., got ..."
 
 
-class StepOrderError(FiDeSRError):
-    """A step was asked to run on a latent it cannot take: wrong order, or a latent changed in between."""
+class OutOfMemory(FiDeSRError):
+    """A stage ran out of memory even with one image at a time and its smallest tile."""
 
 
 class Cancelled(FiDeSRError):

@@ -1,110 +1,81 @@
-"""The whole upscale in one call: its settings, and the chain of the steps in ``latent_steps``.
+"""The whole upscale, top to bottom (docs/algorithm.md §2):
 
-FiDeSR, PiSA-SR and OSEDiff run the same chain; the model's recipe says what differs per
-family (docs/algorithm.md §9).  The ComfyUI nodes run the same steps one per node, so both
-give bit-identical results.
+    preprocess → encode → residual → (LRRB) refine → LF / HF injection → decode → colour fix
+
+Each stage is a function from the ``Latents`` before it to the ``Latents`` after it; ``upscale``
+chains them, and the ComfyUI nodes run the same functions one per node, so both give
+bit-identical results.  FiDeSR, PiSA-SR and OSEDiff run the same flow: the model's recipe says
+what differs per family (docs/algorithm.md §9), and the refine stage passes the latents through
+when the model has no LRRB.  Every stage runs through ``runtime.run_stage`` (device, images at
+a time, tile, out-of-memory retries) and processes each image as it would be processed alone.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .errors import SettingsError
-from .latent_steps import decode_step, encode_step, injection_step, refine_step, residual_step
 from .networks.model import OneStepRestorer
-from .ops.color_fix import COLOR_FIX_METHODS, ColorFixMethod
-from .ops.injection import HighFrequencySettings, LowFrequencySettings
-from .ops.preprocess import PROCESS_SIZE
-from .ops.vae_codec import LATENT_MODES, LatentMode
-from .progress import CancelCheck, ProgressCallback, StageProgressCallback, check_cancelled
-from .step_runner import StepRunner
-from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
+from .ops.color_fix import apply_color_fix
+from .ops.injection import high_frequency_delta, low_frequency_delta, spatial_gate
+from .ops.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
+from .ops.restoration import predict_residual, refine_residual, restored_latent
+from .ops.vae_codec import decode_latent, encode_image, vae_device
+from .runtime import Runtime, run_stage, working_memory_bytes
+from .settings import ColorFixMethod, HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
-__all__ = ["STAGES", "UpscaleSettings", "upscale"]
+__all__ = [
+    "Latents",
+    "upscale",
+    "encode_stage",
+    "residual_stage",
+    "refine_stage",
+    "injection_stage",
+    "decode_stage",
+    "finish_image",
+]
 
-STAGES: tuple[str, ...] = ("encode", "unet", "lrrb", "lfim", "decode")
+# Smallest tiles tried after running out of memory (the U-Net and VAE downsample by 8).
+MIN_ENCODE_TILE = 128  # image pixels
+MIN_LATENT_TILE = 16  # latent pixels
+_LRRB_BYTES_PER_LATENT_PIXEL = 4096  # float32 dense-block features, about 200 channels with their copies
+_INJECTION_BYTES_PER_PIXEL = 64  # image-sized detail maps and latent FFTs, float32
 
 
-@dataclass(frozen=True)
-class UpscaleSettings:
-    """Every knob of one upscale; defaults reproduce the released test scripts.
+@dataclass(frozen=True, eq=False)
+class Latents:
+    """What the stages hand on (float32); each stage returns a new one.
 
-    ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode (``λ_pix``, ``λ_sem``);
-    both None is its default mode.  FiDeSR and OSEDiff have one LoRA set and ignore them.
+    The current latent is always recomputed from its parts in one fixed order (``latent``), so
+    the stages run in one call or one per node give bit-identical latents, and the two
+    injections commute exactly.
     """
 
-    upscale_by: float = 4.0
-    latent_mode: LatentMode = "sample"
-    seed: int = 0
-    color_fix: ColorFixMethod = "adain"
-    tile_size: int = 96  # latent px for the U-Net; 0 = never tile
-    tile_overlap: int = 32
-    encode_tile_size: int = 1024  # image px
-    decode_tile_size: int = 224  # latent px
-    process_size: int = PROCESS_SIZE  # short side the upscaled image is brought up to (the released script's)
-    low: LowFrequencySettings = field(default_factory=LowFrequencySettings)
-    high: HighFrequencySettings = field(default_factory=HighFrequencySettings)
-    pixel_strength: float | None = None
-    semantic_strength: float | None = None
-    vae_memory_mb: int = MAP_MEMORY_MB  # whole-image VAE maps kept in RAM; the rest go to temporary files (TMPDIR)
+    z_lq: torch.Tensor  # [B, 4, h, w] the LQ latent z_L, scaled
+    reference: torch.Tensor  # [B, 3, 8h, 8w] the upscaled LQ in [-1, 1]: colour-fix reference, gate source
+    output_size: tuple[int, int]  # (height, width) of the final image
+    gate: torch.Tensor | None = None  # [B, 1, h, w] the spatial gate M_sp, computed once
+    residual: torch.Tensor | None = None  # r, or r̃ = r + Δr after the refine stage
+    lf_delta: torch.Tensor | None = None  # what the LF injection added
+    hf_delta: torch.Tensor | None = None  # what the HF injection added
 
-    def __post_init__(self) -> None:
-        # Each message starts with the field's name: the CLI swaps it for the flag's.
-        _check_number("upscale_by", self.upscale_by, 1.0, 16.0)
-        if self.latent_mode not in LATENT_MODES:
-            raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
-        _check_integer("seed", self.seed, 0, 2**64 - 1)  # what torch.Generator.manual_seed takes (and ComfyUI gives)
-        if self.color_fix not in COLOR_FIX_METHODS:
-            raise SettingsError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {self.color_fix!r}")
-        _check_integer("tile_size", self.tile_size, 0, None, "0 (never tile) or a positive number of latent pixels")
-        _check_integer("tile_overlap", self.tile_overlap, 0, None)
-        if self.tile_size and self.tile_overlap >= self.tile_size:
-            raise SettingsError(
-                f"tile_overlap must be smaller than tile_size ({self.tile_size}), got {self.tile_overlap}"
-            )
-        for name, minimum, unit in (("encode_tile_size", 8, "pixels"), ("decode_tile_size", 1, "latent pixels")):
-            value = getattr(self, name)
-            _check_integer(name, value, 0, None, f"0 (never tile) or at least {minimum} {unit}")
-            if 0 < value < minimum:
-                raise SettingsError(f"{name} must be 0 (never tile) or at least {minimum} {unit}, got {value}")
-        _check_integer("process_size", self.process_size, 8, 8192)
-        for branch, values in (("low", self.low), ("high", self.high)):
-            for item in fields(values):
-                value = getattr(values, item.name)
-                if isinstance(value, float | int) and not isinstance(value, bool):
-                    _check_number(f"{branch}.{item.name}", value, None, None)
-        for name in ("pixel_strength", "semantic_strength"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value, -10.0, 10.0)  # None: PiSA-SR's default mode
-        _check_integer("vae_memory_mb", self.vae_memory_mb, 0, 1 << 30, "an integer >= 0 (MiB; 0 = every map in files)")
+    def restored(self) -> torch.Tensor:
+        """``z = z_L − r̃`` (``z_L`` before the residual stage): what the injections start from."""
+        return self.z_lq if self.residual is None else restored_latent(self.z_lq, self.residual)
 
-    def vae_budget(self) -> MemoryBudget:
-        """The tiled VAE's memory budget these settings ask for."""
-        return MemoryBudget(map_bytes=self.vae_memory_mb << 20)
+    def latent(self) -> torch.Tensor:
+        """The current scaled latent: ``z`` plus the LF delta, then the HF delta."""
+        latent = self.restored().float()
+        for delta in (self.lf_delta, self.hf_delta):
+            if delta is not None:
+                latent = latent + delta
+        return latent
 
-
-def _check_number(name: str, value: object, low: float | None, high: float | None) -> None:
-    """A finite real number, within ``[low, high]`` when bounds are given."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SettingsError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and high is not None and not low <= value <= high:
-        raise SettingsError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
-
-
-def _check_integer(name: str, value: object, low: int, high: int | None, wanted: str | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        wanted = wanted or (f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}")
-        raise SettingsError(f"{name} must be {wanted}, got {value!r}")
-
-
-def _stage(stage_progress: StageProgressCallback | None, stage: str) -> ProgressCallback | None:
-    if stage_progress is None:
-        return None
-    return lambda done, total: stage_progress(stage, done, total)
+    def to(self, device: torch.device | str) -> Latents:
+        """Every tensor on ``device`` (where the latents rest between stages)."""
+        tensors = {item.name: getattr(self, item.name) for item in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
 
 @torch.no_grad()
@@ -114,61 +85,264 @@ def upscale(
     settings: UpscaleSettings | None = None,
     *,
     prompt_embedding: torch.Tensor | None = None,
-    stage_progress: StageProgressCallback | None = None,
-    should_cancel: CancelCheck | None = None,
-    runner: StepRunner | None = None,
+    runtime: Runtime | None = None,
 ) -> torch.Tensor:
     """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU.
 
-    ``prompt_embedding`` (``[1 or B, 77, dim]``) replaces the model's own prompt embedding (its
-    family's released prompt, or the prompt it was loaded with).
+    ``prompt_embedding`` (``[1 or B, 77, dim]``) replaces the model's own (its family's released
+    prompt, or the prompt it was loaded with).  ``runtime``: progress, cancellation and memory.
     """
     settings = settings or UpscaleSettings()
-    injects = bool(settings.low.strength or settings.high.strength)
-    state = encode_step(
-        model,
-        image,
-        upscale_by=settings.upscale_by,
-        latent_mode=settings.latent_mode,
-        seed=settings.seed,
-        tile_size=settings.encode_tile_size,
-        process_size=settings.process_size,
-        with_gate=injects,
-        vae_budget=settings.vae_budget(),
-        runner=runner,
-        progress=_stage(stage_progress, "encode"),
-        should_cancel=should_cancel,
+    runtime = runtime or Runtime()
+    injects = bool(settings.lf.strength or settings.hf.strength)
+    latents = encode_stage(model, image, settings, runtime, with_gate=injects)
+    latents = residual_stage(model, latents, settings, runtime, prompt_embedding=prompt_embedding)
+    latents = refine_stage(model, latents, runtime)
+    for branch in (settings.lf, settings.hf):
+        if branch.strength:  # a strength of 0 adds exactly nothing: leaving the branch out only saves its work
+            latents = injection_stage(latents, branch, runtime)
+    return decode_stage(model, latents, settings, runtime).cpu()
+
+
+def _latent_working_bytes(height: int, width: int, dtype: torch.dtype):
+    """One image's working memory of a network run over an ``height × width`` latent in tiles of latent pixels."""
+
+    def working_bytes(tile: int) -> int:
+        tile_pixels = min(height, tile) * min(width, tile) if tile > 0 else height * width
+        return working_memory_bytes(64 * tile_pixels, dtype)  # a latent pixel is 8x8 image pixels
+
+    return working_bytes
+
+
+@torch.no_grad()
+def encode_stage(
+    model: OneStepRestorer,
+    image: torch.Tensor,
+    settings: UpscaleSettings,
+    runtime: Runtime | None = None,
+    *,
+    with_gate: bool = True,
+) -> Latents:
+    """``[B, 3, H, W]`` in [0, 1] -> the latents of the upscaled image (docs/algorithm.md §2.1, §2.3).
+
+    The image is upscaled where the VAE runs; ``with_gate`` also computes the injections' spatial
+    gate there, once for every later stage.
+    """
+    runtime = runtime or Runtime()
+    _, (height, width) = processing_size(
+        *image.shape[-2:], upscale_by=settings.upscale_by, process_size=settings.process_size
     )
-    state = residual_step(
-        model,
-        state,
-        prompt_embedding=prompt_embedding,
-        tile_size=settings.tile_size,
-        tile_overlap=settings.tile_overlap,
-        pixel_strength=settings.pixel_strength,
-        semantic_strength=settings.semantic_strength,
-        runner=runner,
-        progress=_stage(stage_progress, "unet"),
-        should_cancel=should_cancel,
+    output_sizes: list[tuple[int, int]] = []
+
+    def work(images: slice, tile: int, device: torch.device, progress) -> list[torch.Tensor | None]:
+        prepared = prepare_lq(
+            image[images].to(device), upscale_by=settings.upscale_by, process_size=settings.process_size
+        )
+        output_sizes.append(prepared.output_size)
+        z_lq = encode_image(
+            model,
+            prepared.pixels,
+            latent_mode=settings.latent_mode,
+            seed=settings.seed,
+            tile_size=tile,
+            progress=progress,
+            should_cancel=runtime.should_cancel,
+            device=device,
+            budget=settings.vae_budget(),
+        )
+        gate = spatial_gate(prepared.pixels, tuple(z_lq.shape[-2:])) if with_gate else None
+        return [z_lq, prepared.pixels, gate]
+
+    def working_bytes(tile: int) -> int:
+        pixels = min(height, tile) * min(width, tile) if tile > 0 else height * width
+        return working_memory_bytes(pixels, model.dtype)
+
+    z_lq, reference, gate = run_stage(
+        runtime,
+        "encode",
+        work,
+        batch=image.shape[0],
+        networks=("vae",),
+        weights_device=vae_device(model),
+        working_bytes=working_bytes,
+        tile=settings.encode_tile_size,
+        min_tile=MIN_ENCODE_TILE,
+        full_size=max(height, width),
     )
-    check_cancelled(should_cancel)
-    state = refine_step(model, state, runner=runner)
-    if stage_progress:
-        stage_progress("lrrb", 1, 1)
-    # A strength of 0 adds exactly nothing; leaving the branch out only saves its work.
-    for branch in (settings.low, settings.high):
-        if branch.strength:
-            state = injection_step(state, branch, runner=runner)
-    if stage_progress:
-        stage_progress("lfim", 1, 1)
-    decoded = decode_step(
-        model,
-        state,
-        color_fix=settings.color_fix,
-        tile_size=settings.decode_tile_size,
-        vae_budget=settings.vae_budget(),
-        runner=runner,
-        progress=_stage(stage_progress, "decode"),
-        should_cancel=should_cancel,
+    return Latents(z_lq.float(), reference.float(), output_sizes[0], None if gate is None else gate.float())
+
+
+def _overlap_for(tile: int, tile_size: int, tile_overlap: int) -> int:
+    """Keep the overlap's share of the tile when a retry shrinks the tile."""
+    if tile == tile_size:
+        return tile_overlap
+    if tile_size > 0:
+        return tile_overlap * tile // tile_size
+    return min(tile_overlap, tile // 3)
+
+
+@torch.no_grad()
+def residual_stage(
+    model: OneStepRestorer,
+    latents: Latents,
+    settings: UpscaleSettings,
+    runtime: Runtime | None = None,
+    *,
+    prompt_embedding: torch.Tensor | None = None,
+) -> Latents:
+    """The U-Net residual ``r`` of ``z_L`` (``z_L − x0`` for OSEDiff): the latent becomes ``z_L − r`` (§2.4, §9)."""
+    runtime = runtime or Runtime()
+    batch, _, height, width = latents.z_lq.shape
+
+    def work(images: slice, tile: int, device: torch.device, progress) -> list[torch.Tensor]:
+        embedding = prompt_embedding
+        if embedding is not None and embedding.shape[0] == batch and batch > 1:
+            embedding = embedding[images]
+        residual = predict_residual(
+            model,
+            latents.z_lq[images],
+            prompt_embedding=embedding,
+            tile_size=tile,
+            tile_overlap=_overlap_for(tile, settings.tile_size, settings.tile_overlap),
+            pixel_strength=settings.pixel_strength,
+            semantic_strength=settings.semantic_strength,
+            progress=progress,
+            should_cancel=runtime.should_cancel,
+            device=device,
+        )
+        return [residual]
+
+    (residual,) = run_stage(
+        runtime,
+        "residual",
+        work,
+        batch=batch,
+        networks=("unet",),
+        weights_device=model.device,
+        working_bytes=_latent_working_bytes(height, width, model.dtype),
+        tile=settings.tile_size,
+        min_tile=MIN_LATENT_TILE,
+        full_size=max(height, width),
+        tile_unit="latent pixels",
     )
-    return decoded.cpu()
+    return replace(latents, residual=residual.float().to(latents.z_lq.device))
+
+
+@torch.no_grad()
+def refine_stage(model: OneStepRestorer, latents: Latents, runtime: Runtime | None = None) -> Latents:
+    """FiDeSR's LRRB: ``r̃ = r + Δr``, the latent becomes ``z_L − r̃`` (§2.5, §3).  Unchanged without an LRRB."""
+    if model.lrrb is None:
+        return latents
+    if latents.residual is None:
+        raise ValueError("the refine stage needs the residual stage's output")
+    runtime = runtime or Runtime()
+    batch, _, height, width = latents.z_lq.shape
+
+    def work(images: slice, tile: int, device: torch.device, progress) -> list[torch.Tensor]:
+        refined = refine_residual(model, latents.z_lq[images], latents.residual[images], device=device)
+        if progress is not None:
+            progress(1, 1)
+        return [refined]
+
+    (refined,) = run_stage(
+        runtime,
+        "refine",
+        work,
+        batch=batch,
+        networks=("lrrb",),
+        weights_device=next(model.lrrb.parameters()).device,
+        working_bytes=lambda tile: height * width * _LRRB_BYTES_PER_LATENT_PIXEL,
+    )
+    return replace(latents, residual=refined.float().to(latents.z_lq.device))
+
+
+@torch.no_grad()
+def injection_stage(
+    latents: Latents, branch: LowFrequencySettings | HighFrequencySettings, runtime: Runtime | None = None
+) -> Latents:
+    """Add the LF or HF delta (by the settings' type), computed from ``z`` and ``z_L``, never from an edited
+    latent (§4); the same branch twice adds twice."""
+    runtime = runtime or Runtime()
+    low = isinstance(branch, LowFrequencySettings)
+    delta_of = low_frequency_delta if low else high_frequency_delta
+    batch, _, height, width = latents.z_lq.shape
+    restored = latents.restored()
+
+    def work(images: slice, tile: int, device: torch.device, progress) -> list[torch.Tensor | None]:
+        z_lq = latents.z_lq[images].to(device)
+        if latents.gate is not None:
+            gate = latents.gate[images].to(device)
+        else:  # latents from an encode stage that did not compute it
+            gate = spatial_gate(latents.reference[images].to(device), (height, width))
+        delta = delta_of(restored[images].to(device), z_lq, gate, branch)
+        if progress is not None:
+            progress(1, 1)
+        return [delta, gate if latents.gate is None else None]
+
+    delta, new_gate = run_stage(
+        runtime,
+        "lf" if low else "hf",
+        work,
+        batch=batch,
+        networks=(),
+        weights_device=latents.z_lq.device,
+        working_bytes=lambda tile: 64 * height * width * _INJECTION_BYTES_PER_PIXEL,
+    )
+    device = latents.z_lq.device
+    name = "lf_delta" if low else "hf_delta"
+    total, delta = getattr(latents, name), delta.to(device).float()
+    gate = latents.gate if new_gate is None else new_gate.float().to(device)
+    return replace(latents, gate=gate, **{name: delta if total is None else total + delta})
+
+
+def finish_image(
+    decoded: torch.Tensor, reference: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
+) -> torch.Tensor:
+    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize (§2.9)."""
+    reference = resize_image((reference.float().to(decoded.device) + 1.0).mul_(0.5), tuple(decoded.shape[-2:]))
+    return resize_to_output(apply_color_fix(decoded, reference, color_fix), output_size)
+
+
+@torch.no_grad()
+def decode_stage(
+    model: OneStepRestorer,
+    latents: Latents,
+    settings: UpscaleSettings,
+    runtime: Runtime | None = None,
+    *,
+    latent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The latent as an image ``[B, 3, H, W]`` in [0, 1], colour-fixed and at the output size (§2.8, §2.9).
+
+    ``latent`` (scaled, ``[B, 4, h, w]``) replaces ``latents.latent()``: a latent edited in between.
+    """
+    runtime = runtime or Runtime()
+    latent = latents.latent() if latent is None else latent
+    batch, _, height, width = latent.shape
+
+    def work(images: slice, tile: int, device: torch.device, progress) -> list[torch.Tensor]:
+        decoded = decode_latent(
+            model,
+            latent[images],
+            tile_size=tile,
+            progress=progress,
+            should_cancel=runtime.should_cancel,
+            device=device,
+            budget=settings.vae_budget(),
+        )
+        return [finish_image(decoded, latents.reference[images], latents.output_size, settings.color_fix)]
+
+    (image,) = run_stage(
+        runtime,
+        "decode",
+        work,
+        batch=batch,
+        networks=("vae",),
+        weights_device=vae_device(model),
+        working_bytes=_latent_working_bytes(height, width, model.dtype),
+        tile=settings.decode_tile_size,
+        min_tile=MIN_LATENT_TILE,
+        full_size=max(height, width),
+        tile_unit="latent pixels",
+    )
+    return image

@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 from .errors import Cancelled
 
-__all__ = ["ProgressCallback", "StageProgressCallback", "CancelCheck", "check_cancelled"]
+__all__ = ["ProgressCallback", "StageProgress", "CancelCheck", "check_cancelled"]
 
-# Called as ``progress(done, total)`` after each unit of work; it may raise to stop.
+# Called as ``progress(done, total)`` after each unit of work (a tile); it may raise to stop.
 ProgressCallback = Callable[[int, int], None]
+# Called as ``progress(stage, done, total)``; stages are named in ``runtime.STAGES``.
+StageProgress = Callable[[str, int, int], None]
 # Returns True when the caller wants the computation to stop.
 CancelCheck = Callable[[], bool]
 
@@ -17,7 +19,3 @@ CancelCheck = Callable[[], bool]
 def check_cancelled(should_cancel: CancelCheck | None) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled("stopped by the user")
-
-
-# Called as ``stage_progress(stage, done, total)``; stages are named in ``pipeline.STAGES``.
-StageProgressCallback = Callable[[str, int, int], None]

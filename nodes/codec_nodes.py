@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.latent_steps import decode_step, encode_step
-from ..fidesr_core.ops.color_fix import COLOR_FIX_METHODS
-from ..fidesr_core.ops.vae_codec import LATENT_MODES
-from .errors import engine_errors, node_error
+from ..fidesr_core.pipeline import decode_stage, encode_stage
+from ..fidesr_core.settings import UpscaleSettings
+from .chain import NODE_OF_STAGE, ChainState, latent_of_state, state_of_latent
+from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
 from .inputs import (
     CATEGORY,
@@ -31,11 +31,12 @@ from .inputs import (
     seed_input,
     upscale_by_input,
 )
-from .latent_io import DECODE_NODE, ENCODE_NODE, latent_of_state, state_of_latent
 from .model_handle import FiDeSRModelHandle, require_handle
-from .runtime import ComfyStepRunner, TileProgress, interrupt_check
+from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSREncode", "FiDeSRDecode"]
+
+ENCODE_NODE, DECODE_NODE = NODE_OF_STAGE["encode"], NODE_OF_STAGE["decode"]
 
 
 class FiDeSREncode(io.ComfyNode):
@@ -80,21 +81,13 @@ class FiDeSREncode(io.ComfyNode):
     ) -> io.NodeOutput:
         node = ENCODE_NODE
         handle = require_handle(model, node)
-        if latent_mode not in LATENT_MODES:
-            raise node_error(node, f"latent_mode {latent_mode!r} is not one of {', '.join(LATENT_MODES)}")
         pixels = image_to_engine(image, node)
         with engine_errors(node):
-            state = encode_step(
-                handle.model,
-                pixels,
-                upscale_by=upscale_by,
-                latent_mode=latent_mode,
-                seed=seed,
-                tile_size=tile_size,
-                runner=ComfyStepRunner(handle, node),
-                progress=TileProgress(),
-                should_cancel=interrupt_check,
+            settings = UpscaleSettings(
+                upscale_by=upscale_by, latent_mode=latent_mode, seed=seed, encode_tile_size=tile_size
             )
+            latents = encode_stage(handle.model, pixels, settings, ComfyRuntime(handle=handle))
+        state = ChainState.encoded(latents, handle.recipe, handle.model.scaling_factor)
         return io.NodeOutput(latent_of_state(state))
 
 
@@ -130,8 +123,6 @@ class FiDeSRDecode(io.ComfyNode):
     ) -> io.NodeOutput:
         node = DECODE_NODE
         handle = require_handle(model, node)
-        if color_fix not in COLOR_FIX_METHODS:
-            raise node_error(node, f"color_fix {color_fix!r} is not one of {', '.join(COLOR_FIX_METHODS)}")
         state = state_of_latent(
             latent,
             node,
@@ -139,13 +130,7 @@ class FiDeSRDecode(io.ComfyNode):
             "ComfyUI's VAE Decode decodes other latents",
         )
         with engine_errors(node):
-            decoded = decode_step(
-                handle.model,
-                state,
-                color_fix=color_fix,
-                tile_size=tile_size,
-                runner=ComfyStepRunner(handle, node),
-                progress=TileProgress(),
-                should_cancel=interrupt_check,
-            )
+            settings = UpscaleSettings(color_fix=color_fix, decode_tile_size=tile_size)
+            runtime = ComfyRuntime(handle=handle)
+            decoded = decode_stage(handle.model, state.latents, settings, runtime, latent=state.latent())
         return io.NodeOutput(image_from_engine(decoded))

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.ops.color_fix import apply_color_fix
 from ..fidesr_core.ops.preprocess import resize_image
-from .errors import engine_errors, node_error
+from .errors import node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import CATEGORY, image_output
 
@@ -46,8 +46,6 @@ class FiDeSRColorFix(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, reference: torch.Tensor, method: str = "adain") -> io.NodeOutput:
         node = COLOR_FIX_NODE
-        if method not in COLOR_FIX_NODE_METHODS:
-            raise node_error(node, f"method {method!r} is not one of {', '.join(COLOR_FIX_NODE_METHODS)}")
         target = image_to_engine(image, node, "image")
         source = image_to_engine(reference, node, "reference")
         if source.shape[0] not in (1, target.shape[0]):
@@ -57,7 +55,5 @@ class FiDeSRColorFix(io.ComfyNode):
                 f"{target.shape[0]} reference images",
             )
         source = source.expand(target.shape[0], -1, -1, -1)
-        with engine_errors(node):
-            resized = resize_image(source, tuple(target.shape[-2:]))
-            fixed = apply_color_fix(target, resized, method)
+        fixed = apply_color_fix(target, resize_image(source, tuple(target.shape[-2:])), method)
         return io.NodeOutput(image_from_engine(fixed))

@@ -14,17 +14,17 @@ from typing import Any
 
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.latent_steps import injection_step
-from ..fidesr_core.ops.frequency import FILTER_GEOMETRIES
-from ..fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
+from ..fidesr_core.pipeline import injection_stage
+from ..fidesr_core.settings import FILTER_GEOMETRIES, HighFrequencySettings, LowFrequencySettings
+from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors
 from .inputs import CATEGORY, latent_output
-from .latent_io import HF_NODE, LF_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent
-from .runtime import ComfyStepRunner
+from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject"]
 
-_CONNECT_TO = f"{REFINE_NODE} (or {RESIDUAL_NODE})"
+LF_NODE, HF_NODE, REFINE_NODE = NODE_OF_STAGE["lf"], NODE_OF_STAGE["hf"], NODE_OF_STAGE["refine"]
+_CONNECT_TO = f"{REFINE_NODE} (or {NODE_OF_STAGE['residual']})"
 GAMMA_TOOLTIP = "Exponent applied to the spatial mask; larger values confine the injection to fewer places."
 
 
@@ -77,12 +77,14 @@ def _latent_input(what: str) -> io.Input:
     return io.Latent.Input("latent", tooltip=f"The output of {REFINE_NODE} (or of another injection node); {what}")
 
 
-def _inject(latent: Any, settings_type: type, settings: dict[str, Any], node: str) -> io.NodeOutput:
+def _inject(latent: Any, settings_type: type, settings: dict[str, Any], stage: str) -> io.NodeOutput:
     """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
+    node = NODE_OF_STAGE[stage]
     state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
+    check_stage(state, stage, None)
     with engine_errors(node):
-        state = injection_step(state, settings_type(**settings), runner=ComfyStepRunner(None, node), names=NODE_NAMES)
-    return io.NodeOutput(latent_of_state(state, base=latent))
+        latents = injection_stage(state.latents, settings_type(**settings), ComfyRuntime())
+    return io.NodeOutput(latent_of_state(state.after(stage, latents), base=latent))
 
 
 class FiDeSRLowFrequencyInject(io.ComfyNode):
@@ -129,7 +131,7 @@ class FiDeSRLowFrequencyInject(io.ComfyNode):
             "gamma": gamma,
             "filter": filter,
         }
-        return _inject(latent, LowFrequencySettings, settings, LF_NODE)
+        return _inject(latent, LowFrequencySettings, settings, "lf")
 
 
 class FiDeSRHighFrequencyInject(io.ComfyNode):
@@ -186,4 +188,4 @@ class FiDeSRHighFrequencyInject(io.ComfyNode):
             "channel_sharpness": channel_sharpness,
             "filter": filter,
         }
-        return _inject(latent, HighFrequencySettings, settings, HF_NODE)
+        return _inject(latent, HighFrequencySettings, settings, "hf")

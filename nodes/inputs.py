@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.ops.color_fix import COLOR_FIX_METHODS
-from ..fidesr_core.ops.vae_codec import LATENT_MODES
+from ..fidesr_core.settings import COLOR_FIX_METHODS, LATENT_MODES
 from .model_handle import FIDESR_MODEL
 
 __all__ = [

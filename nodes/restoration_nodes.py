@@ -1,7 +1,7 @@
 """FiDeSR One-Step U-Net (the LoRA U-Net's one step, for every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
 
 Each loads only its own network; the step order, and that the model is of the family that
-encoded the latent, are checked by the engine.  A latent of a model without an LRRB (PiSA-SR,
+encoded the latent, are checked by ``chain``.  A latent of a model without an LRRB (PiSA-SR,
 OSEDiff) passes LRRB Refine unchanged.
 """
 
@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.latent_steps import refine_step, residual_step
+from ..fidesr_core.pipeline import refine_stage, residual_stage
+from ..fidesr_core.settings import UpscaleSettings
+from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors, node_error
 from .inputs import (
     CATEGORY,
@@ -24,11 +26,12 @@ from .inputs import (
     tile_overlap_input,
     tile_size_input,
 )
-from .latent_io import ENCODE_NODE, NODE_NAMES, REFINE_NODE, RESIDUAL_NODE, latent_of_state, state_of_latent
 from .model_handle import FiDeSRModelHandle, require_handle
-from .runtime import ComfyStepRunner, TileProgress, interrupt_check
+from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSRResidual", "FiDeSRRefine", "prompt_embedding_from_conditioning"]
+
+ENCODE_NODE, RESIDUAL_NODE, REFINE_NODE = (NODE_OF_STAGE[stage] for stage in ("encode", "residual", "refine"))
 
 
 def prompt_embedding_from_conditioning(
@@ -103,22 +106,18 @@ class FiDeSRResidual(io.ComfyNode):
         node = RESIDUAL_NODE
         handle = require_handle(model, node)
         state = state_of_latent(latent, node, connect_to=ENCODE_NODE)
-        embedding = prompt_embedding_from_conditioning(positive, handle, state.batch_size, node)
+        check_stage(state, "residual", handle.recipe)
+        embedding = prompt_embedding_from_conditioning(positive, handle, state.latents.z_lq.shape[0], node)
         with engine_errors(node):
-            state = residual_step(
-                handle.model,
-                state,
-                prompt_embedding=embedding,
+            settings = UpscaleSettings(
                 tile_size=tile_size,
                 tile_overlap=tile_overlap,
                 pixel_strength=pixel_strength,
                 semantic_strength=semantic_strength,
-                runner=ComfyStepRunner(handle, node),
-                progress=TileProgress(),
-                should_cancel=interrupt_check,
-                names=NODE_NAMES,
             )
-        return io.NodeOutput(latent_of_state(state, base=latent))
+            runtime = ComfyRuntime(handle=handle)
+            latents = residual_stage(handle.model, state.latents, settings, runtime, prompt_embedding=embedding)
+        return io.NodeOutput(latent_of_state(state.after("residual", latents), base=latent))
 
 
 class FiDeSRRefine(io.ComfyNode):
@@ -152,6 +151,8 @@ class FiDeSRRefine(io.ComfyNode):
         node = REFINE_NODE
         handle = require_handle(model, node)
         state = state_of_latent(latent, node, connect_to=RESIDUAL_NODE)
-        with engine_errors(node):
-            state = refine_step(handle.model, state, runner=ComfyStepRunner(handle, node), names=NODE_NAMES)
+        check_stage(state, "refine", handle.recipe)
+        if state.recipe.uses_lrrb:  # PiSA-SR's and OSEDiff's latents pass unchanged
+            with engine_errors(node):
+                state = state.after("refine", refine_stage(handle.model, state.latents, ComfyRuntime(handle=handle)))
         return io.NodeOutput(latent_of_state(state, base=latent))

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
-from ..fidesr_core.pipeline import UpscaleSettings, upscale
-from .errors import engine_errors, node_error
+from ..fidesr_core.pipeline import upscale
+from ..fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
+from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
 from .inputs import (
     CATEGORY,
@@ -34,7 +34,7 @@ from .inputs import (
 )
 from .model_handle import FiDeSRModelHandle, require_handle
 from .restoration_nodes import prompt_embedding_from_conditioning
-from .runtime import ComfyStepRunner, TileProgress, interrupt_check
+from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSRUpscale"]
 
@@ -54,16 +54,6 @@ def _strength_input(name: str, branch: str, default: float) -> io.Input:
     )
 
 
-class _StageBars:
-    """One ComfyUI progress bar per stage of the engine's ``upscale``."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, TileProgress] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        self.bars.setdefault(stage, TileProgress())(done, total)
-
-
 class FiDeSRUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -80,8 +70,8 @@ class FiDeSRUpscale(io.ComfyNode):
                 model_input(),
                 lq_image_input(),
                 upscale_by_input(),
-                _strength_input("lf_strength", "low-frequency (structure)", _ENGINE_DEFAULTS.low.strength),
-                _strength_input("hf_strength", "high-frequency (detail)", _ENGINE_DEFAULTS.high.strength),
+                _strength_input("lf_strength", "low-frequency (structure)", _ENGINE_DEFAULTS.lf.strength),
+                _strength_input("hf_strength", "high-frequency (detail)", _ENGINE_DEFAULTS.hf.strength),
                 color_fix_input(),
                 latent_mode_input(),
                 seed_input(),
@@ -115,8 +105,6 @@ class FiDeSRUpscale(io.ComfyNode):
         handle = require_handle(model, node)
         pixels = image_to_engine(image, node)
         embedding = prompt_embedding_from_conditioning(positive, handle, pixels.shape[0], node)
-        if tile_size > 0 and not 0 <= tile_overlap < tile_size:
-            raise node_error(node, f"tile_overlap {tile_overlap} must be smaller than tile_size {tile_size}")
         with engine_errors(node):
             settings = UpscaleSettings(
                 upscale_by=upscale_by,
@@ -125,18 +113,12 @@ class FiDeSRUpscale(io.ComfyNode):
                 color_fix=color_fix,
                 tile_size=tile_size,
                 tile_overlap=tile_overlap,
-                low=LowFrequencySettings(strength=lf_strength),
-                high=HighFrequencySettings(strength=hf_strength),
+                lf=LowFrequencySettings(strength=lf_strength),
+                hf=HighFrequencySettings(strength=hf_strength),
                 pixel_strength=pixel_strength,
                 semantic_strength=semantic_strength,
             )
             result = upscale(
-                handle.model,
-                pixels,
-                settings,
-                prompt_embedding=embedding,
-                stage_progress=_StageBars(),
-                should_cancel=interrupt_check,
-                runner=ComfyStepRunner(handle, node),
+                handle.model, pixels, settings, prompt_embedding=embedding, runtime=ComfyRuntime(handle=handle)
             )
         return io.NodeOutput(image_from_engine(result))

@@ -25,7 +25,7 @@ from fidesr_core.app.batch import plan_outputs, upscale_files
 from fidesr_core.errors import ImageInputError, WeightsFileError
 from fidesr_core.loading.weights import save_fidesr_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
-from fidesr_core.pipeline import UpscaleSettings
+from fidesr_core.settings import UpscaleSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,23 +236,31 @@ def test_only_complete_pngs_count_as_done(tiny_model, tmp_path: Path) -> None:
 def test_out_of_memory_on_one_image_is_listed_and_the_next_one_is_done(
     tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fidesr_core.app import batch
+    from fidesr_core import pipeline
 
-    real_upscale = batch.upscale
+    real_encode, calls = pipeline.encode_image, []
 
-    def runs_out_on_big(model, image, settings, **kwargs):  # fault injection: the first image exhausts memory
-        if image.shape[-1] == 16:
+    def runs_out_on_the_first(model, pixels, **kwargs):  # fault injection: the first image exhausts memory
+        calls.append(kwargs["tile_size"])
+        if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_upscale(model, image, settings, **kwargs)
+        return real_encode(model, pixels, **kwargs)
 
-    monkeypatch.setattr(batch, "upscale", runs_out_on_big)
+    monkeypatch.setattr(pipeline, "encode_image", runs_out_on_the_first)
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.fromarray(_photo(16, 16)).save(big)
     Image.fromarray(_photo(8, 8)).save(small)
     pairs = [(big, tmp_path / "out" / "big.png"), (small, tmp_path / "out" / "small.png")]
     result = upscale_files(tiny_model, pairs, UpscaleSettings(process_size=64), show_progress=False)
-    assert result.failed == [(big, "out of memory: lower --tile-size, --encode-tile or --decode-tile, or --upscale-by")]
-    assert result.written == [tmp_path / "out" / "small.png"]
+    # The engine found no smaller tile to try (64 px images, 128 px the smallest encoder tile): one line says so.
+    assert result.failed == [
+        (
+            big,
+            "the encode stage ran out of memory with tiles of 64 pixels and one image at a time; free memory, use a "
+            "lower precision, a smaller upscale factor or a smaller image",
+        )
+    ]
+    assert result.written == [tmp_path / "out" / "small.png"] and calls == [1024, 1024]
 
 
 def test_ctrl_c_still_prints_the_summary(

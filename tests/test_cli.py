@@ -23,7 +23,8 @@ from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.loading.base_model import load_base_model
 from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

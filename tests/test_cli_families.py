@@ -16,7 +16,8 @@ from fidesr_core.loading.base_model import load_base_model
 from fidesr_core.loading.family_weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_osediff_weights, tiny_pisa_sr_weights
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import torch
 
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 from fidesr_core.tiled_vae.budget import MemoryBudget
 from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 

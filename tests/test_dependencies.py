@@ -18,7 +18,8 @@ import torch
 from fidesr_core.app import cli, doctor
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 
 torch.set_num_threads(1)
 base = tiny_base_model()

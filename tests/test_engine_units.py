@@ -30,7 +30,7 @@ from fidesr_core.ops.injection import (
     spatial_gate,
 )
 from fidesr_core.ops.latent_tiling import gaussian_tile_weight, needs_tiling, run_tiled, tile_starts
-from fidesr_core.pipeline import UpscaleSettings
+from fidesr_core.settings import UpscaleSettings
 
 # ------------------------------------------------------------------- latent tiling
 
@@ -49,11 +49,7 @@ def test_tile_starts_single_tile_and_coverage() -> None:
 
 
 def test_tile_overlap_must_be_smaller_than_tile() -> None:
-    with pytest.raises(SettingsError):
-        tile_starts(200, 32, 32)
-    with pytest.raises(SettingsError):
-        run_tiled(lambda t: t, torch.zeros(1, 1, 40, 40), tile_size=16, overlap=16)
-    with pytest.raises(SettingsError):
+    with pytest.raises(SettingsError, match="^tile_overlap must be smaller than tile_size"):
         UpscaleSettings(tile_size=96, tile_overlap=96)
     UpscaleSettings(tile_size=0, tile_overlap=96)  # tiling off: overlap irrelevant
 
@@ -139,13 +135,13 @@ def test_radial_geometry_is_symmetric_and_official_is_not() -> None:
     torch.testing.assert_close(flipped, butterworth_lowpass(image, cutoff=0.3, geometry="radial").transpose(-1, -2))
 
 
-def test_filters_validate_and_return_float32() -> None:
-    with pytest.raises(SettingsError):
-        butterworth_lowpass_mask(8, 8, cutoff=0.0, order=2)
-    with pytest.raises(SettingsError):
-        butterworth_lowpass_mask(8, 8, cutoff=0.1, order=0)
-    with pytest.raises(SettingsError):
-        frequency_radius(8, 8, geometry="square")  # type: ignore[arg-type]
+def test_filter_settings_are_checked_and_filters_return_float32() -> None:
+    with pytest.raises(SettingsError, match="^lf.cutoff must be"):
+        LowFrequencySettings(cutoff=0.0)
+    with pytest.raises(SettingsError, match="^hf.order must be"):
+        HighFrequencySettings(order=0)
+    with pytest.raises(SettingsError, match="^lf.filter must be one of official, radial"):
+        LowFrequencySettings(filter="square")  # type: ignore[arg-type]
     assert butterworth_lowpass(torch.randn(1, 4, 8, 8).half(), cutoff=0.1).dtype == torch.float32
 
 

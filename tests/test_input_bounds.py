@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fidesr_core.errors import ImageInputError, SettingsError
-from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings
 from fidesr_core.ops.preprocess import MAX_PROCESSING_PIXELS, prepare_lq, processing_size
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
 NAN, INF = float("nan"), float("inf")
 
@@ -39,21 +39,27 @@ NAN, INF = float("nan"), float("inf")
         ({"process_size": 4}, "process_size"),
         ({"vae_memory_mb": -1}, "vae_memory_mb"),
         ({"vae_memory_mb": 1.5}, "vae_memory_mb"),
-        ({"low": LowFrequencySettings(strength=NAN)}, "low.strength"),
-        ({"high": HighFrequencySettings(strength=-INF)}, "high.strength"),
-        ({"high": HighFrequencySettings(channel_tau=NAN)}, "high.channel_tau"),
-        ({"low": LowFrequencySettings(gamma=INF)}, "low.gamma"),
+        ({"lf": {"strength": NAN}}, "lf.strength"),
+        ({"hf": {"strength": -INF}}, "hf.strength"),
+        ({"hf": {"channel_tau": NAN}}, "hf.channel_tau"),
+        ({"lf": {"gamma": INF}}, "lf.gamma"),
+        ({"lf": {"cutoff": 0.0}}, "lf.cutoff"),
+        ({"hf": {"channel_order": 0}}, "hf.channel_order"),
+        ({"hf": {"filter": "square"}}, "hf.filter"),
+        ({"latent_mode": "median"}, "latent_mode"),
     ],
 )
 def test_settings_are_checked_when_built_and_the_message_names_the_field(settings: dict, field: str) -> None:
+    branches = {"lf": LowFrequencySettings, "hf": HighFrequencySettings}
     with pytest.raises(SettingsError) as caught:
-        UpscaleSettings(**settings)
+        UpscaleSettings(**{k: branches[k](**v) if k in branches else v for k, v in settings.items()})
     assert str(caught.value).startswith(f"{field} must be"), str(caught.value)
+    assert caught.value.setting == field and str(caught.value) == f"{field} {caught.value.problem}"
 
 
 def test_valid_edge_settings_are_accepted() -> None:
     UpscaleSettings(upscale_by=1, seed=2**64 - 1, tile_size=0, tile_overlap=64, encode_tile_size=8, decode_tile_size=1)
-    UpscaleSettings(upscale_by=16.0, low=LowFrequencySettings(strength=0.0), high=HighFrequencySettings(strength=-0.2))
+    UpscaleSettings(upscale_by=16.0, lf=LowFrequencySettings(strength=0.0), hf=HighFrequencySettings(strength=-0.2))
 
 
 @pytest.mark.parametrize(

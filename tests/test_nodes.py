@@ -234,8 +234,7 @@ def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
 
 
 def test_node_defaults_are_the_engines_defaults(comfy) -> None:
-    injection = comfy.module("fidesr_core.ops.injection")
-    pipeline = comfy.module("fidesr_core.pipeline")
+    injection = comfy.module("fidesr_core.settings")
 
     def defaults(node_id: str) -> dict[str, Any]:
         required = _info(comfy, node_id)["input"]["required"]
@@ -244,7 +243,7 @@ def test_node_defaults_are_the_engines_defaults(comfy) -> None:
     low, high, settings = (
         injection.LowFrequencySettings(),
         injection.HighFrequencySettings(),
-        pipeline.UpscaleSettings(),
+        comfy.module("fidesr_core.settings").UpscaleSettings(),
     )
     for name, value in defaults("FiDeSRLowFrequencyInject").items():
         assert getattr(low, name) == value, name

@@ -16,7 +16,9 @@ def test_chain_equals_fidesr_upscale_and_the_engine_pipeline(comfy, handle, lq_i
     assert 0.0 <= one_node.min() and one_node.max() <= 1.0
     pipeline = comfy.module("fidesr_core.pipeline")
     with torch.inference_mode():
-        engine = pipeline.upscale(handle.model, lq_image.permute(0, 3, 1, 2), pipeline.UpscaleSettings())
+        engine = pipeline.upscale(
+            handle.model, lq_image.permute(0, 3, 1, 2), comfy.module("fidesr_core.settings").UpscaleSettings()
+        )
     # One composition: the node is a call of the engine's upscale, the chain runs its steps one by one.
     assert torch.equal(one_node, engine.permute(0, 2, 3, 1))
 
@@ -49,16 +51,15 @@ def test_latent_is_a_comfyui_latent_of_unscaled_vae_latents(comfy, handle, lq_im
     with torch.inference_mode():
         mode = handle.model.vae.encode(pixels).latent_dist.mode()
     torch.testing.assert_close(samples, mode, atol=1e-4, rtol=1e-4)
-    state = latent["fidesr"]
-    torch.testing.assert_close(state.z_lq, mode * handle.model.scaling_factor, atol=1e-4, rtol=1e-4)
-    assert state.output_size == (128, 128) and state.upscaled_lq.shape == (1, 3, 512, 512)
+    latents = latent["fidesr"].latents
+    torch.testing.assert_close(latents.z_lq, mode * handle.model.scaling_factor, atol=1e-4, rtol=1e-4)
+    assert latents.output_size == (128, 128) and latents.reference.shape == (1, 3, 512, 512)
 
 
 def test_each_step_outputs_its_documented_latent(comfy, handle, default_chain) -> None:
     sf = handle.model.scaling_factor
-    state = default_chain["refined"]["fidesr"]
-    z_lq, r, r_tilde = state.z_lq, state.residual, state.refined_residual
-    assert default_chain["residual"]["fidesr"].refined_residual is None
+    z_lq, r = default_chain["residual"]["fidesr"].latents.z_lq, default_chain["residual"]["fidesr"].latents.residual
+    r_tilde = default_chain["refined"]["fidesr"].latents.residual
     torch.testing.assert_close(default_chain["encoded"]["samples"] * sf, z_lq)
     torch.testing.assert_close(default_chain["residual"]["samples"] * sf, z_lq - r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(default_chain["refined"]["samples"] * sf, z_lq - r_tilde, atol=1e-5, rtol=1e-5)
@@ -67,7 +68,7 @@ def test_each_step_outputs_its_documented_latent(comfy, handle, default_chain) -
         expected_refined = restoration.refine_residual(handle.model, z_lq, r)
     torch.testing.assert_close(r_tilde, expected_refined)
     assert not torch.allclose(r_tilde, r)  # the tiny LRRB is not zero
-    assert default_chain["hf"]["fidesr"].steps == ("encode", "residual", "refine", "lf", "hf")
+    assert default_chain["hf"]["fidesr"].stages == ("encode", "residual", "refine", "lf", "hf")
 
 
 def test_injections_commute_and_add_their_engine_deltas(comfy, handle, default_chain) -> None:
@@ -77,16 +78,16 @@ def test_injections_commute_and_add_their_engine_deltas(comfy, handle, default_c
     (lf_first,) = run_node(comfy, "FiDeSRLowFrequencyInject", latent=refined, strength=0.3)
     (both_other_order,) = run_node(comfy, "FiDeSRHighFrequencyInject", latent=lf_first, strength=0.2)
     assert torch.equal(both["samples"], both_other_order["samples"])  # the state sums the deltas in one order
-    injection = comfy.module("fidesr_core.ops.injection")
-    state = refined["fidesr"]
-    z = state.z_lq - state.refined_residual
-    gate = injection.spatial_gate(state.upscaled_lq, tuple(z.shape[-2:]))
+    injection, settings = comfy.module("fidesr_core.ops.injection"), comfy.module("fidesr_core.settings")
+    latents = refined["fidesr"].latents
+    z = latents.z_lq - latents.residual
+    gate = injection.spatial_gate(latents.reference, tuple(z.shape[-2:]))
     expected = injection.inject_frequencies(
         z,
-        state.z_lq,
+        latents.z_lq,
         gate,
-        injection.LowFrequencySettings(strength=0.3),
-        injection.HighFrequencySettings(strength=0.2),
+        settings.LowFrequencySettings(strength=0.3),
+        settings.HighFrequencySettings(strength=0.2),
     )
     torch.testing.assert_close(both["samples"] * handle.model.scaling_factor, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(both["samples"], refined["samples"])

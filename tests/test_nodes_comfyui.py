@@ -75,10 +75,11 @@ def test_state_rests_on_comfyuis_intermediate_device(comfy, default_chain) -> No
         latent = default_chain[name]
         state = latent["fidesr"]
         assert latent["samples"] is state.samples
-        tensors = [state.z_lq, state.upscaled_lq, state.gate, state.samples]
+        tensors = [state.latents.z_lq, state.latents.reference, state.latents.gate, state.samples]
         assert all(tensor.device == comfy.stub.intermediate_device for tensor in tensors)
-    assert default_chain["encoded"]["fidesr"].gate.shape == (1, 1, 64, 64)  # computed once, by the encode step
-    assert default_chain["hf"]["fidesr"].gate is default_chain["encoded"]["fidesr"].gate
+    encoded_gate = default_chain["encoded"]["fidesr"].latents.gate
+    assert encoded_gate.shape == (1, 1, 64, 64)  # computed once, by the encode stage
+    assert default_chain["hf"]["fidesr"].latents.gate is encoded_gate
 
 
 def test_interrupt_between_tiles_raises_comfyuis_exception(comfy, handle, default_chain) -> None:
@@ -90,7 +91,7 @@ def test_interrupt_between_tiles_raises_comfyuis_exception(comfy, handle, defaul
 
 
 def test_out_of_memory_halves_the_tile_until_it_fits(comfy, handle, default_chain, monkeypatch, caplog) -> None:
-    steps = comfy.module("fidesr_core.latent_steps")
+    steps = comfy.module("fidesr_core.pipeline")
     encoded = default_chain["encoded"]
     residual = torch.full_like(encoded["samples"], 0.5)
     tiles: list[tuple[int, int]] = []
@@ -102,16 +103,16 @@ def test_out_of_memory_halves_the_tile_until_it_fits(comfy, handle, default_chai
         return residual
 
     monkeypatch.setattr(steps, "predict_residual", predict_running_out_twice)
-    with caplog.at_level(logging.WARNING, logger="FiDeSR"):
+    with caplog.at_level(logging.WARNING):
         (latent,) = run_node(comfy, "FiDeSRResidual", model=handle, latent=encoded, tile_size=64, tile_overlap=16)
     assert tiles == [(64, 16), (32, 8), (16, 4)]  # the overlap keeps its share of the tile
-    assert "FiDeSR One-Step U-Net: out of memory with tile_size 64 and 1 image(s) at a time; retrying" in caplog.text
+    assert "the residual stage ran out of memory with tile 64 and 1 image(s) at a time; retrying" in caplog.text
     assert comfy.stub.soft_empty_cache_calls >= 2
-    assert torch.equal(latent["fidesr"].residual, residual)  # the retry's result is used
+    assert torch.equal(latent["fidesr"].latents.residual, residual)  # the retry's result is used
 
 
 def test_out_of_memory_at_the_smallest_tile_names_node_tile_and_remedies(comfy, handle, default_chain, monkeypatch):
-    steps = comfy.module("fidesr_core.latent_steps")
+    steps = comfy.module("fidesr_core.pipeline")
     tiles: list[int] = []
 
     def always_out_of_memory(model: Any, z_lq: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -123,7 +124,9 @@ def test_out_of_memory_at_the_smallest_tile_names_node_tile_and_remedies(comfy, 
         comfy, "FiDeSRResidual", model=handle, latent=default_chain["encoded"], tile_size=0, tile_overlap=0
     )
     assert tiles == [0, 32, 16]  # 0 = untiled: the first retry halves the latent's 64-px side; 16 is the floor
-    assert message.startswith("FiDeSR One-Step U-Net: out of memory with tile_size 16 (latent pixels)")
+    assert message.startswith(
+        "FiDeSR One-Step U-Net: the residual stage ran out of memory with tiles of 16 latent pixels and one image"
+    )
     assert "--lowvram" in message and "Unload Models" in message
 
     def other_error(model: Any, z_lq: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -142,7 +145,7 @@ def test_batches_run_in_chunks_that_fit_with_each_image_as_alone(comfy, handle, 
     one_at_a_time = torch.cat(
         [run_node(comfy, "FiDeSRUpscale", model=handle, image=image[None])[0] for image in lq_images]
     )
-    steps = comfy.module("fidesr_core.latent_steps")
+    steps = comfy.module("fidesr_core.pipeline")
     chunk_sizes: list[int] = []
     real_predict = steps.predict_residual
 
@@ -168,7 +171,7 @@ def test_batches_run_in_chunks_that_fit_with_each_image_as_alone(comfy, handle, 
 
 
 def test_out_of_memory_with_a_batch_first_takes_fewer_images(comfy, handle, lq_images, monkeypatch) -> None:
-    steps = comfy.module("fidesr_core.latent_steps")
+    steps = comfy.module("fidesr_core.pipeline")
     real_refine = steps.refine_residual
     batches: list[int] = []
 

@@ -51,7 +51,7 @@ def test_bad_values_are_reported_with_node_value_and_expectation(comfy, handle, 
     message = error_of(
         comfy, "FiDeSRResidual", model=handle, latent=default_chain["encoded"], tile_size=32, tile_overlap=32
     )
-    assert message == "FiDeSR One-Step U-Net: tile_overlap 32 must be smaller than tile_size 32"
+    assert message == "FiDeSR One-Step U-Net: tile_overlap must be smaller than tile_size (32), got 32"
     wrong_clip = [[torch.zeros((1, 77, 768)), {}]]
     message = error_of(
         comfy, "FiDeSRResidual", model=handle, latent=default_chain["encoded"], tile_size=96, positive=wrong_clip
@@ -93,3 +93,12 @@ def test_an_edit_made_between_nodes_is_kept(comfy, handle, default_chain) -> Non
     (image,) = run_node(comfy, "FiDeSRDecode", model=handle, latent=injected, color_fix="none", tile_size=224)
     (unedited,) = run_node(comfy, "FiDeSRDecode", model=handle, latent=plain, color_fix="none", tile_size=224)
     assert not torch.allclose(image, unedited)
+
+
+def test_the_fingerprint_accepts_light_edits_and_flat_images(comfy) -> None:
+    mismatched_images = comfy.module("nodes.chain").mismatched_images
+    samples = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(2))
+    assert mismatched_images(samples, samples + 0.01 * torch.randn_like(samples)) == []
+    assert mismatched_images(samples, samples.flip(0)) == [0, 1]
+    flat = torch.zeros_like(samples)
+    assert mismatched_images(flat, flat + 1.0) == []  # no layout to compare: accepted

@@ -120,11 +120,11 @@ def test_chain_equals_the_upscale_node_and_the_engine_for_every_family(comfy, fi
     chained = chain(comfy, handle, lq_image, residual=residual)
     if family != "fidesr":  # LRRB Refine leaves a latent of a model without an LRRB as it came
         assert torch.equal(chained["refined"]["samples"], chained["residual"]["samples"])
-        assert chained["refined"]["fidesr"].steps == ("encode", "residual")
+        assert chained["refined"]["fidesr"].stages == ("encode", "residual")
     (one_node,) = run_node(comfy, "FiDeSRUpscale", model=handle, image=lq_image, **{**extra, **residual})
     assert torch.equal(one_node, chained["image"])
     pipeline = comfy.module("fidesr_core.pipeline")
-    settings = pipeline.UpscaleSettings(
+    settings = comfy.module("fidesr_core.settings").UpscaleSettings(
         pixel_strength=extra.get("pixel_strength"), semantic_strength=extra.get("semantic_strength")
     )
     with torch.inference_mode():

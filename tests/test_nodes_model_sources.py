@@ -11,7 +11,8 @@ from ldm_export import write_config_folder, write_ldm_checkpoint
 from node_helpers import loader_lists, run_node
 
 from fidesr_core.networks.tiny import tiny_base_model
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 from training.checkpoints import write_weights
 from training.generator import build_generator
 

@@ -26,15 +26,15 @@ from reference_impl import (
     ref_restored_latent,
 )
 
-from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
-from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.ops.injection import inject_frequencies, spatial_gate
 from fidesr_core.ops.preprocess import prepare_lq
 from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
 from fidesr_core.ops.vae_codec import decode_latent, encode_image
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import finish_image, upscale
+from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
 LQ_SIZE = (32, 48)  # pre-scaled to 128x192 by the min-side rule, processed at 512x768, output 128x192
 
@@ -175,8 +175,8 @@ def test_upscale_with_released_defaults_matches_reference(
     """The whole ``upscale`` call (lf 0.2 / hf 0.2 released = 0.1 / 0.1 effective, AdaIN) against the reference,
     and against the engine's own public steps composed by hand (so the other cases may use the steps)."""
     low, high = _engine_settings(0.2, 0.2)
-    assert (low.strength, high.strength) == (UpscaleSettings().low.strength, UpscaleSettings().high.strength)
-    settings = UpscaleSettings(latent_mode="mode", color_fix="adain", low=low, high=high)
+    assert (low.strength, high.strength) == (UpscaleSettings().lf.strength, UpscaleSettings().hf.strength)
+    settings = UpscaleSettings(latent_mode="mode", color_fix="adain", lf=low, hf=high)
     with torch.no_grad():
         output = upscale(pair.model, _lq_image(), settings)
         composed = _engine_output_from_steps(pair, engine_latents, 0.2, 0.2, "adain")

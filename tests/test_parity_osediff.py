@@ -24,16 +24,16 @@ from reference_families import ref_osediff_latents, ref_osediff_networks, ref_pr
 from reference_image_steps import ref_bicubic_resize, ref_prepare_lq
 from reference_impl import ref_decode_and_finish, ref_lfim
 
-from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
-from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.ops.injection import inject_frequencies, spatial_gate
 from fidesr_core.ops.preprocess import prepare_lq
 from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
 from fidesr_core.ops.vae_codec import decode_latent, encode_image
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import finish_image, upscale
+from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
 LQ_SIZE = (48, 32)  # pre-scaled to 192x128, processed at 768x512: latent 96x64
 # 96·64 > 72² and 64 < 72: the released tiler's square 64x64 tiles, two rows of them, so the
@@ -181,6 +181,6 @@ def test_frequency_injection_is_fidesrs_on_osediff_latents(
     _close(injected, expected, atol=2e-5 * max(float(expected.abs().max()), 1.0))
     assert float((expected - ref_x0).abs().max()) > 1e-4  # the injection acts on this latent
     with torch.no_grad():
-        output = upscale(model, _lq_image(), UpscaleSettings(latent_mode="mode", tile_size=0, low=low, high=high))
+        output = upscale(model, _lq_image(), UpscaleSettings(latent_mode="mode", tile_size=0, lf=low, hf=high))
     released_image = ref_decode_and_finish(family.vae, expected, pixels, tuple(pixels.shape[-2:]), "adain")
     _close(output, ref_bicubic_resize(released_image, output_size), atol=1e-4)

@@ -23,16 +23,16 @@ from reference_families import RefPiSASR, ref_pisa_sr_latents, ref_prompt_embedd
 from reference_image_steps import ref_prepare_lq
 from reference_impl import ref_decode_and_finish, ref_lfim
 
-from fidesr_core.latent_steps import finish_image
 from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
-from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
+from fidesr_core.ops.injection import inject_frequencies, spatial_gate
 from fidesr_core.ops.preprocess import prepare_lq
 from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
 from fidesr_core.ops.vae_codec import decode_latent, encode_image
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import finish_image, upscale
+from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
 LQ_SIZE = (32, 48)  # pre-scaled to 128x192, processed at 512x768: latent 64x96
 TILE, OVERLAP = 72, 24  # latent short side 64 < 72 while 64·96 > 72²: tiled, per-axis clamp
@@ -125,8 +125,8 @@ def test_latent_and_output_match_released(
         color_fix=color_fix,
         tile_size=tile,
         tile_overlap=OVERLAP,
-        low=LowFrequencySettings(strength=0.0),
-        high=HighFrequencySettings(strength=0.0),
+        lf=LowFrequencySettings(strength=0.0),
+        hf=HighFrequencySettings(strength=0.0),
         pixel_strength=pixel,
         semantic_strength=semantic,
     )
@@ -187,7 +187,7 @@ def test_frequency_injection_is_fidesrs_on_pisa_sr_latents(pair: Pair, released:
     expected = ref_lfim(ref_z, ref_z_lq, ref_z_lq - ref_z, pixels, lf_scale=released[0], hf_scale=released[1])
     _close(injected, expected, atol=2e-5 * max(float(expected.abs().max()), 1.0))
     assert float((expected - ref_z).abs().max()) > 1e-4  # the injection acts on this latent
-    settings = UpscaleSettings(latent_mode="mode", tile_size=0, low=low, high=high)
+    settings = UpscaleSettings(latent_mode="mode", tile_size=0, lf=low, hf=high)
     with torch.no_grad():
         output = upscale(pair.model, _lq_image(), settings)
     reference_output = ref_decode_and_finish(pair.vae, expected, pixels, output_size, "adain")

@@ -158,7 +158,8 @@ def test_peak_memory_stays_flat_as_the_image_grows() -> None:
 
 @torch.no_grad()
 def test_the_upscale_setting_sends_maps_to_files_with_the_same_result(tiny_model, monkeypatch) -> None:
-    from fidesr_core.pipeline import UpscaleSettings, upscale
+    from fidesr_core.pipeline import upscale
+    from fidesr_core.settings import UpscaleSettings
 
     made: list[int] = []
     real_file = tiled_vae_maps.tempfile.TemporaryFile

@@ -234,7 +234,8 @@ def test_checkpoint_layout_and_keep_last(workspace, tmp_path: Path) -> None:
 
 def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Path) -> None:
     from fidesr_core import assemble_fidesr_model, load_fidesr_weights
-    from fidesr_core.pipeline import UpscaleSettings, upscale
+    from fidesr_core.pipeline import upscale
+    from fidesr_core.settings import UpscaleSettings
     from training.validation import training_model_view
 
     result = _train(_config(workspace, tmp_path / "run", optim={"max_steps": 2}))

@@ -183,13 +183,13 @@ def _run_workflow(comfy, workflow: dict[str, Any], definitions, image: torch.Ten
 def _engine_upscale(comfy, models, weights: str, image: torch.Tensor, *, injection: bool, prompt=None):
     """The same image through ``fidesr_core.upscale`` with the model assembled from the files."""
     pipeline = comfy.module("fidesr_core.pipeline")
-    injection_module = comfy.module("fidesr_core.ops.injection")
+    settings_module = comfy.module("fidesr_core.settings")
     restorer = comfy.module("fidesr_core.loading.restorer")
     model = restorer.load_restorer(models.base_path, models.folder / weights, precision="fp32", device="cpu")
     strength = 0.1 if injection else 0.0
-    settings = pipeline.UpscaleSettings(
-        low=injection_module.LowFrequencySettings(strength=strength),
-        high=injection_module.HighFrequencySettings(strength=strength),
+    settings = settings_module.UpscaleSettings(
+        lf=settings_module.LowFrequencySettings(strength=strength),
+        hf=settings_module.HighFrequencySettings(strength=strength),
     )
     with torch.inference_mode():
         return pipeline.upscale(model, image.permute(0, 3, 1, 2), settings, prompt_embedding=prompt).permute(0, 2, 3, 1)

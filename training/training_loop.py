@@ -124,7 +124,7 @@ def save_step_checkpoint(ctx: StepContext, output_dir: Path, step: int, micro_st
 
 def validate_step(ctx: StepContext, images: list, output_dir: Path, step: int, dtype: torch.dtype) -> dict[str, float]:
     """Upscale the validation images with the current generator, log and return their metrics."""
-    from fidesr_core.pipeline import UpscaleSettings
+    from fidesr_core.settings import UpscaleSettings
 
     from .checkpoints import checkpoint_name
     from .validation import run_validation

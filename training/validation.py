@@ -25,7 +25,8 @@ from torch import nn
 from fidesr_core.app.image_io import image_files_in, load_image, save_png_atomic
 from fidesr_core.errors import SettingsError
 from fidesr_core.networks.model import FiDeSRModel
-from fidesr_core.pipeline import UpscaleSettings, upscale
+from fidesr_core.pipeline import upscale
+from fidesr_core.settings import UpscaleSettings
 
 from .generator import FiDeSRGenerator
 

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import FiDeSRError, ImageInputError
+from ..errors import FiDeSRError, ImageInputError, OutOfMemory
 from ..networks.model import OneStepRestorer
 from ..ops.preprocess import processing_size, resize_image
-from ..pipeline import UpscaleSettings, upscale
+from ..pipeline import upscale
+from ..runtime import Runtime
+from ..settings import UpscaleSettings
 from .image_io import IMAGE_EXTENSIONS, image_files_in, is_complete_png, load_image, save_png_atomic
 
 __all__ = ["BatchResult", "plan_outputs", "pending", "describe_failure", "upscale_file", "upscale_files"]
@@ -92,19 +94,10 @@ def pending(pairs: Sequence[tuple[Path, Path]], *, overwrite: bool) -> list[tupl
     return [pair for pair in pairs if overwrite or not is_complete_png(pair[1])]
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError | torch.OutOfMemoryError):
-        return True
-    message = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
 def describe_failure(error: Exception, source: Path, target: Path) -> str:
     """One line for the summary, for the person who gave ``source``; no internal file names."""
-    if isinstance(error, FiDeSRError):
+    if isinstance(error, FiDeSRError):  # the engine's out-of-memory error too: it says what to change
         return str(error).removeprefix(f"{source}: ")
-    if _is_out_of_memory(error):
-        return "out of memory: lower --tile-size, --encode-tile or --decode-tile, or --upscale-by"
     if isinstance(error, OSError):
         return f"cannot write {target}: {error.strerror or error}"
     return f"{type(error).__name__}: {error}"
@@ -135,16 +128,11 @@ def upscale_file(
         if stage_bar is not None:
             stage_bar.set_postfix_str(f"{source.name}: {stage} {done}/{total}")
 
-    restored = upscale(model, loaded.rgb, settings, stage_progress=on_stage)
+    restored = upscale(model, loaded.rgb, settings, runtime=Runtime(progress=on_stage))
     alpha = None
     if loaded.alpha is not None:
         alpha = resize_image(loaded.alpha, tuple(restored.shape[-2:]))[0]
     save_png_atomic(target, restored[0], alpha)
-
-
-def _release_memory(model: OneStepRestorer) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def upscale_files(
@@ -176,8 +164,8 @@ def upscale_files(
             except Exception as error:  # one image must not stop the batch, whatever went wrong
                 reason = describe_failure(error, source, target)
                 logger.debug("%s failed", source, exc_info=True)
-                if _is_out_of_memory(error):
-                    _release_memory(model)
+                if isinstance(error, OutOfMemory) and model.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 result.failed.append((source, reason))
                 bar.write(f"failed: {source}: {reason}")
             bar.update(1)

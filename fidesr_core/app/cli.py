@@ -27,6 +27,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(_EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default that is a value (not for required arguments and switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        shown = not (action.default is None or action.default is False or action.default == "")
+        return super()._get_help_string(action) if shown else action.help
+
+
 def _verbose_flag() -> argparse.ArgumentParser:
     """``-v`` accepted after the subcommand too; SUPPRESS keeps the main parser's value when absent."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -36,14 +44,40 @@ def _verbose_flag() -> argparse.ArgumentParser:
     return parent
 
 
-def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
-    from ..ops.color_fix import COLOR_FIX_METHODS
-    from ..ops.frequency import FILTER_GEOMETRIES
-    from ..ops.vae_codec import LATENT_MODES
-    from ..precision import PRECISIONS
-    from ..tiled_vae.budget import MAP_MEMORY_MB
+def _setting_flag(parser: argparse.ArgumentParser, flag: str, setting: str, help_text: str, **extra) -> None:
+    """A flag for ``setting`` (a field of UpscaleSettings, or "lf."/"hf." + a field of the branch settings):
+    its default, type and choices come from the settings' own rule, so argparse names the flag on a bad value."""
+    from ..settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings, rule_of
 
-    parser = commands.add_parser("upscale", parents=common, help="super-resolve images (files and folders) to PNG")
+    owner, _, name = setting.rpartition(".")
+    settings_type = {"": UpscaleSettings, "lf": LowFrequencySettings, "hf": HighFrequencySettings}[owner]
+    rule, default = rule_of(settings_type, name), getattr(settings_type(), name)
+
+    def parse(text: str) -> object:
+        from ..errors import SettingsError
+
+        try:
+            return rule.parse(setting, text)
+        except SettingsError as error:
+            raise argparse.ArgumentTypeError(error.problem) from None
+
+    if rule.choices:
+        options = {"choices": rule.choices}
+    else:
+        options = {"type": parse, "metavar": extra.pop("metavar", flag.removeprefix("--").upper().replace("-", "_"))}
+    parser.add_argument(flag, dest=setting, default=default, help=help_text, **options, **extra)
+
+
+def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argparse.ArgumentParser]) -> None:
+    from ..precision import PRECISIONS
+    from .upscale_command import SETTING_FLAGS
+
+    parser = commands.add_parser(
+        "upscale",
+        parents=common,
+        help="super-resolve images (files and folders) to PNG",
+        formatter_class=_HelpWithDefaults,
+    )
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the PNG results")
     parser.add_argument("--base", required=True, type=Path, help="SD 2.1-base: diffusers folder or single file")
@@ -53,40 +87,16 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
         type=Path,
         help="FiDeSR, PiSA-SR or OSEDiff weights (fidesr.pkl, pisa_sr.pkl, osediff.pkl or .safetensors; told by content)",
     )
-    parser.add_argument(
-        "--pixel-strength",
-        type=float,
-        help="PiSA-SR: strength of the pixel-level (fidelity) LoRA; with --semantic-strength its adjustable mode "
-        "(default: its default mode; the other families have one LoRA set)",
-    )
-    parser.add_argument("--semantic-strength", type=float, help="PiSA-SR: strength of the semantic-level LoRA")
+    for flag, setting, help_text in SETTING_FLAGS:
+        _setting_flag(parser, flag, setting, help_text, **({"metavar": "MB"} if flag == "--vae-memory" else {}))
     parser.add_argument("--prompt", default="", help="text prompt (OSEDiff encodes ', PROMPT,' as released)")
-    parser.add_argument("--upscale-by", type=float, default=4.0, help="scale factor, 1 to 16 (default 4, as trained)")
-    parser.add_argument("--lf-strength", type=float, default=0.1, help="effective LF injection strength (0 = off)")
-    parser.add_argument("--hf-strength", type=float, default=0.1, help="effective HF injection strength (0 = off)")
-    parser.add_argument("--filter", choices=FILTER_GEOMETRIES, default="official", help="Butterworth geometry")
-    parser.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="adain")
-    parser.add_argument("--latent-mode", choices=LATENT_MODES, default="sample")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent sample, 0 to 2^64-1")
-    parser.add_argument("--tile-size", type=int, default=96, help="U-Net latent tile (0 = never tile)")
-    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of U-Net tiles, below --tile-size")
-    parser.add_argument("--encode-tile", type=int, default=1024, help="VAE encoder tile in pixels, >= 8 (0 = off)")
-    parser.add_argument("--decode-tile", type=int, default=224, help="VAE decoder tile in latent px (0 = off)")
-    parser.add_argument(
-        "--vae-memory",
-        type=int,
-        default=MAP_MEMORY_MB,
-        metavar="MB",
-        help="RAM for the tiled VAE's whole-image maps; beyond it they wait in temporary files in TMPDIR "
-        "(default %(default)s; large outputs need disk there: about 60 GB at 8192x8192)",
-    )
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute precision of U-Net and VAE")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument(
         "--max-image-pixels",
         type=int,
         default=_PIL_DEFAULT_MAX_IMAGE_PIXELS,
-        help="refuse images that declare more pixels (decompression-bomb guard; default %(default)s, 0 = no limit)",
+        help="refuse images that declare more pixels (decompression-bomb guard; 0 = no limit)",
     )
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders (mirrored under -o)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output is complete")

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import FiDeSRError, ImageInputError, SettingsError
-from ..pipeline import UpscaleSettings
+from ..settings import UpscaleSettings
 from .batch import BatchResult, pending, plan_outputs, upscale_files
 from .ranks import Ranks
 
@@ -22,50 +22,50 @@ __all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "settings_from_args"
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-# UpscaleSettings' messages start with the field's name; the user typed the flag.
-_FLAG_OF_FIELD = {
-    "upscale_by": "--upscale-by",
-    "latent_mode": "--latent-mode",
-    "seed": "--seed",
-    "color_fix": "--color-fix",
-    "tile_size": "--tile-size",
-    "tile_overlap": "--tile-overlap",
-    "encode_tile_size": "--encode-tile",
-    "decode_tile_size": "--decode-tile",
-    "vae_memory_mb": "--vae-memory",
-    "low.strength": "--lf-strength",
-    "high.strength": "--hf-strength",
-    "pixel_strength": "--pixel-strength",
-    "semantic_strength": "--semantic-strength",
-}
+# (flag, the setting it sets, help): the parser takes each flag's default, type and choices from the setting.
+SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--pixel-strength", "pixel_strength", "PiSA-SR: strength of its pixel-level (fidelity) LoRA; with "
+     "--semantic-strength its adjustable mode (unset: its default mode; the other families have one LoRA set)"),
+    ("--semantic-strength", "semantic_strength", "PiSA-SR: strength of its semantic-level LoRA"),
+    ("--upscale-by", "upscale_by", "scale factor (4 as trained)"),
+    ("--lf-strength", "lf.strength", "effective LF injection strength (0 = off)"),
+    ("--hf-strength", "hf.strength", "effective HF injection strength (0 = off)"),
+    ("--filter", "lf.filter", "Butterworth geometry of both injections"),
+    ("--color-fix", "color_fix", "colour correction towards the upscaled input"),
+    ("--latent-mode", "latent_mode", "sample the VAE latent with --seed, or take its mode"),
+    ("--seed", "seed", "seed of the latent sample, 0 to 2^64-1"),
+    ("--tile-size", "tile_size", "U-Net latent tile (0 = never tile)"),
+    ("--tile-overlap", "tile_overlap", "overlap of U-Net tiles, below --tile-size"),
+    ("--encode-tile", "encode_tile_size", "VAE encoder tile in pixels, >= 8 (0 = never tile)"),
+    ("--decode-tile", "decode_tile_size", "VAE decoder tile in latent pixels (0 = never tile)"),
+    ("--vae-memory", "vae_memory_mb", "MB of RAM for the tiled VAE's whole-image maps; beyond it they wait in "
+     "temporary files in TMPDIR (large outputs need disk there: about 18 GB at 4096x4096, 72 GB at 8192x8192)"),
+)  # fmt: skip
+
+
+def flag_of(setting: str | None) -> str | None:
+    """The flag that sets ``setting`` (``--filter`` sets both branches' filter)."""
+    if setting == "hf.filter":
+        setting = "lf.filter"
+    return next((flag for flag, name, _ in SETTING_FLAGS if name == setting), None)
 
 
 def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
-    """The settings, or a ``SettingsError`` that names the flag."""
-    from ..ops.injection import HighFrequencySettings, LowFrequencySettings
+    """The settings, or a ``SettingsError`` that names the flag (argparse already checked each value alone)."""
+    from ..settings import HighFrequencySettings, LowFrequencySettings
 
+    value = vars(args)
     try:
         return UpscaleSettings(
-            upscale_by=args.upscale_by,
-            latent_mode=args.latent_mode,
-            seed=args.seed,
-            color_fix=args.color_fix,
-            tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
-            encode_tile_size=args.encode_tile,
-            decode_tile_size=args.decode_tile,
-            low=LowFrequencySettings(strength=args.lf_strength, filter=args.filter),
-            high=HighFrequencySettings(strength=args.hf_strength, filter=args.filter),
-            pixel_strength=args.pixel_strength,
-            semantic_strength=args.semantic_strength,
-            vae_memory_mb=args.vae_memory,
+            **{name: value[name] for _, name, _ in SETTING_FLAGS if "." not in name},
+            lf=LowFrequencySettings(strength=value["lf.strength"], filter=value["lf.filter"]),
+            hf=HighFrequencySettings(strength=value["hf.strength"], filter=value["lf.filter"]),
         )
     except SettingsError as error:
-        field, _, rest = str(error).partition(" must ")
-        flag = _FLAG_OF_FIELD.get(field)
-        if flag is None or not rest:
+        flag = flag_of(error.setting)
+        if flag is None:
             raise
-        raise SettingsError(f"argument {flag}: must {rest}") from None
+        raise SettingsError(f"argument {flag}: {error.problem}") from None
 
 
 def check_output_folder(folder: Path) -> None:

@@ -8,17 +8,12 @@ Images are ``[B, 3, H, W]`` in ``[0, 1]``; results are clamped to ``[0, 1]``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import SettingsError
+from ..settings import ColorFixMethod
 
-__all__ = ["ColorFixMethod", "COLOR_FIX_METHODS", "adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
-
-ColorFixMethod = Literal["adain", "wavelet", "none"]
-COLOR_FIX_METHODS: tuple[str, ...] = ("adain", "wavelet", "none")
+__all__ = ["adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
 
 _WAVELET_LEVELS = 5
 
@@ -64,14 +59,6 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: ColorFixMethod) -> torch.Tensor:
     """Dispatch on ``method``; ``reference`` must already have ``image``'s size."""
-    if method not in COLOR_FIX_METHODS:
-        raise SettingsError(f"color fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
     if method == "none":
         return image.float()
-    if image.shape[-2:] != reference.shape[-2:]:
-        raise SettingsError(
-            f"color fix reference is {tuple(reference.shape[-2:])} but the image is {tuple(image.shape[-2:])}"
-        )
-    if method == "adain":
-        return adain_color_fix(image, reference)
-    return wavelet_color_fix(image, reference)
+    return {"adain": adain_color_fix, "wavelet": wavelet_color_fix}[method](image, reference)

@@ -17,23 +17,16 @@ slow or unsupported and lose the small high-frequency terms).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from ..errors import SettingsError
+from ..settings import FilterGeometry
 
 __all__ = [
-    "FilterGeometry",
-    "FILTER_GEOMETRIES",
     "frequency_radius",
     "butterworth_lowpass_mask",
     "butterworth_lowpass",
     "butterworth_highpass",
 ]
-
-FilterGeometry = Literal["official", "radial"]
-FILTER_GEOMETRIES: tuple[str, ...] = ("official", "radial")
 
 
 def frequency_radius(
@@ -43,13 +36,9 @@ def frequency_radius(
     if geometry == "official":
         # The released code divides by the last index (H - 1, W // 2) without wrapping.
         ky = torch.arange(height, device=device, dtype=torch.float32) / max(height - 1, 1)
-    elif geometry == "radial":
-        ky = torch.fft.fftfreq(height, device=device).abs().to(torch.float32) * 2.0
-    else:
-        raise SettingsError(f"filter geometry must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
-    if geometry == "official":
         kx = torch.arange(width // 2 + 1, device=device, dtype=torch.float32) / max(width // 2, 1)
     else:
+        ky = torch.fft.fftfreq(height, device=device).abs().to(torch.float32) * 2.0
         kx = torch.fft.rfftfreq(width, device=device).to(torch.float32) * 2.0
     radius = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
     return radius / torch.clamp(radius.max(), min=1.0)
@@ -65,10 +54,6 @@ def butterworth_lowpass_mask(
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """``1 / (1 + (ρ / cutoff)^(2·order))`` on the ``rfft2`` grid, shape ``[H, W//2 + 1]``."""
-    if cutoff <= 0:
-        raise SettingsError(f"Butterworth cutoff must be > 0, got {cutoff}")
-    if order < 1:
-        raise SettingsError(f"Butterworth order must be >= 1, got {order}")
     radius = frequency_radius(height, width, geometry=geometry, device=device)
     return 1.0 / (1.0 + (radius / cutoff) ** (2 * order))
 

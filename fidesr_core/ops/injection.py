@@ -13,18 +13,14 @@ Every map and filter runs in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import SettingsError
+from ..settings import FilterGeometry, HighFrequencySettings, LowFrequencySettings
 from .detail_map import detail_map, percentile_normalize
-from .frequency import FILTER_GEOMETRIES, FilterGeometry, butterworth_highpass, butterworth_lowpass
+from .frequency import butterworth_highpass, butterworth_lowpass
 
 __all__ = [
-    "LowFrequencySettings",
-    "HighFrequencySettings",
     "spatial_gate",
     "channel_gate",
     "residual_magnitude_map",
@@ -32,58 +28,6 @@ __all__ = [
     "high_frequency_delta",
     "inject_frequencies",
 ]
-
-
-def _check_common(name: str, *, cutoff: float, order: int, gamma: float, geometry: str) -> None:
-    if not 0.0 < cutoff <= 1.0:
-        raise SettingsError(f"{name}: cutoff must be in (0, 1], got {cutoff}")
-    if order < 1:
-        raise SettingsError(f"{name}: order must be >= 1, got {order}")
-    if gamma <= 0:
-        raise SettingsError(f"{name}: gamma must be > 0, got {gamma}")
-    if geometry not in FILTER_GEOMETRIES:
-        raise SettingsError(f"{name}: filter must be one of {FILTER_GEOMETRIES}, got {geometry!r}")
-
-
-@dataclass(frozen=True)
-class LowFrequencySettings:
-    """LF branch; defaults are the released test code's, strength is effective (see module doc)."""
-
-    strength: float = 0.1
-    cutoff: float = 0.10
-    order: int = 2
-    channel_tau: float = 0.8
-    channel_sharpness: float = 10.0
-    gamma: float = 1.2
-    filter: FilterGeometry = "official"
-
-    def __post_init__(self) -> None:
-        _check_common("LF injection", cutoff=self.cutoff, order=self.order, gamma=self.gamma, geometry=self.filter)
-
-
-@dataclass(frozen=True)
-class HighFrequencySettings:
-    """HF branch; its channel gate uses the LF branch's settings in the released code."""
-
-    strength: float = 0.1
-    cutoff: float = 0.32
-    order: int = 2
-    gamma: float = 1.2
-    channel_cutoff: float = 0.10
-    channel_order: int = 2
-    channel_tau: float = 0.8
-    channel_sharpness: float = 10.0
-    filter: FilterGeometry = "official"
-
-    def __post_init__(self) -> None:
-        _check_common("HF injection", cutoff=self.cutoff, order=self.order, gamma=self.gamma, geometry=self.filter)
-        _check_common(
-            "HF injection channel gate",
-            cutoff=self.channel_cutoff,
-            order=self.channel_order,
-            gamma=1.0,
-            geometry=self.filter,
-        )
 
 
 def spatial_gate(upscaled_lq: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import SettingsError
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 
 __all__ = ["tile_starts", "gaussian_tile_weight", "needs_tiling", "run_tiled"]
@@ -31,8 +30,6 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if tile >= length:
         return [0]
     stride = tile - overlap
-    if stride <= 0:
-        raise SettingsError(f"tile overlap {overlap} must be smaller than the tile size {tile}")
     count = 1 + math.ceil((length - tile) / stride)
     return [min(index * stride, length - tile) for index in range(count)]
 
@@ -78,8 +75,6 @@ def run_tiled(
         if progress is not None:
             progress(1, 1)
         return out
-    if not 0 <= overlap < tile_size:
-        raise SettingsError(f"tile overlap must be in [0, tile size {tile_size}), got {overlap}")
     tile_h, tile_w = min(tile_size, height), min(tile_size, width)
     if square_tiles:
         tile_h = tile_w = min(tile_h, tile_w)

@@ -32,12 +32,6 @@ LRRB_HALO = 16  # latent rows: three dense blocks of five chained 3x3 convolutio
 logger = logging.getLogger(__name__)
 
 
-def _checked_strength(name: str, value: float | None) -> float | None:
-    if value is not None and not -10.0 <= float(value) <= 10.0:
-        raise SettingsError(f"{name} must be between -10 and 10, got {value}")
-    return None if value is None else float(value)
-
-
 def _pisa_sr_unet(
     model: OneStepRestorer, call: Callable[[torch.Tensor], torch.Tensor], pixel: float | None, semantic: float | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -105,8 +99,6 @@ def predict_residual(
             f"prompt embedding width {embedding.shape[-1]} does not fit this U-Net (expects {expected_dim}); "
             "use a text encoder of the same Stable Diffusion 2.x model"
         )
-    pixel = _checked_strength("pixel_strength", pixel_strength)
-    semantic = _checked_strength("semantic_strength", semantic_strength)
     recipe = model.recipe
     embedding = batch_prompt_embedding(embedding, z_lq.shape[0]).to(device=device, dtype=model.dtype)
     timestep = torch.tensor(recipe.timestep, device=device)
@@ -116,8 +108,8 @@ def predict_residual(
         return model.unet(tile, timestep, encoder_hidden_states=embedding).sample
 
     if model.pixel_only_adapters:
-        unet_tile = _pisa_sr_unet(model, unet_tile, pixel, semantic)
-    elif pixel is not None or semantic is not None:
+        unet_tile = _pisa_sr_unet(model, unet_tile, pixel_strength, semantic_strength)
+    elif pixel_strength is not None or semantic_strength is not None:
         logger.debug("%s has one LoRA set: pixel/semantic strengths do not apply", recipe.name)
     z_lq = z_lq.float().to(device)
     output = run_tiled(

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 
-from ..errors import SettingsError
 from ..networks.model import OneStepRestorer
 from ..progress import CancelCheck, ProgressCallback
+from ..settings import LatentMode
 from ..tiled_vae.budget import MemoryBudget
 
-__all__ = ["LatentMode", "LATENT_MODES", "encode_image", "decode_latent", "latent_noise", "vae_device"]
-
-LatentMode = Literal["sample", "mode"]
-LATENT_MODES: tuple[str, ...] = ("sample", "mode")
+__all__ = ["encode_image", "decode_latent", "latent_noise", "vae_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +47,6 @@ def encode_image(
     gives each image the result of encoding it by itself.  ``device``: where to
     compute (default: where the VAE's weights are); ``budget``: the tiled VAE's memory (default: its own).
     """
-    if latent_mode not in LATENT_MODES:
-        raise SettingsError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
     from ..tiled_vae.codec import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
 
     vae_input = pixels.to(device=device or vae_device(model), dtype=model.dtype)
@@ -92,6 +86,7 @@ def decode_latent(
         tile_size=tile_size,
         progress=progress,
         should_cancel=should_cancel,
+        budget=budget,
     )
     if model.dtype != torch.float32 and not torch.isfinite(decoded).all():
         logger.warning("VAE decode overflowed in %s; decoding again in float32", model.dtype)
