@@ -88,33 +88,23 @@ class StageTimer:
 
 
 def _run_ours(networks: tuple, image: torch.Tensor, dtype: torch.dtype, device: torch.device, timer: StageTimer):
+    """The engine's own stages, each timed under its name (``runtime.STAGES``), then the PNG encode."""
     from fidesr_core.app.image_io import save_png_atomic
-    from fidesr_core.networks.model import FiDeSRModel
-    from fidesr_core.ops.injection import inject_frequencies, spatial_gate
-    from fidesr_core.ops.preprocess import prepare_lq
-    from fidesr_core.ops.restoration import predict_residual, refine_residual, restored_latent
-    from fidesr_core.ops.vae_codec import decode_latent, encode_image
-    from fidesr_core.pipeline import finish_image
+    from fidesr_core.networks.model import OneStepRestorer
+    from fidesr_core.pipeline import decode_stage, encode_stage, injection_stage, refine_stage, residual_stage
+    from fidesr_core.settings import UpscaleSettings
 
     unet, vae, lrrb, embedding = networks
-    model = FiDeSRModel(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)
+    model = OneStepRestorer(unet=unet, vae=vae, lrrb=lrrb, prompt_embedding=embedding.to(device), dtype=dtype)
+    settings = UpscaleSettings(latent_mode="mode")
     with torch.no_grad():
-        prepared = timer("preprocess", prepare_lq, image)
-        z_lq = timer("encode", encode_image, model, prepared.pixels.to(device), latent_mode="mode")
-        residual = timer("unet", predict_residual, model, z_lq)
-        refined = timer("lrrb", refine_residual, model, z_lq, residual)
-
-        def lfim(pixels: torch.Tensor, z_lq: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-            gate = spatial_gate(pixels.to(device), tuple(z_lq.shape[-2:]))
-            return inject_frequencies(
-                restored_latent(z_lq, refined), z_lq, gate, LowFrequencySettings(), HighFrequencySettings()
-            )
-
-        latent = timer("lfim", lfim, prepared.pixels, z_lq, refined)
-        decoded = timer("decode", decode_latent, model, latent)
-        del latent, z_lq, residual, refined
-        result = timer("colorfix", finish_image, decoded, prepared.pixels, prepared.output_size, "adain")
-        del decoded, prepared
+        latents = timer("encode", encode_stage, model, image.to(device), settings)
+        latents = timer("residual", residual_stage, model, latents, settings)
+        latents = timer("refine", refine_stage, model, latents)
+        latents = timer("lf", injection_stage, latents, settings.lf)
+        latents = timer("hf", injection_stage, latents, settings.hf)
+        result = timer("decode", decode_stage, model, latents, settings)
+        del latents
         with tempfile.TemporaryDirectory() as folder:
             timer("png", save_png_atomic, Path(folder) / "out.png", result[0])
         return result
@@ -139,16 +129,19 @@ def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, dev
     unet, vae, lrrb, embedding = networks
     scale = 0.18215
     with torch.no_grad():
-        height, width = image.shape[-2:]
-        upscaled = F.interpolate(image, scale_factor=4, mode="bicubic", antialias=True).clamp(0, 1)
-        upscaled = upscaled[..., : upscaled.shape[-2] // 8 * 8, : upscaled.shape[-1] // 8 * 8]
-        pixels = (upscaled * 2 - 1).to(device)
-        z_lq = timer("encode", lambda: vae.encode(pixels.to(dtype)).latent_dist.mode().float() * scale)
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor]:
+            upscaled = F.interpolate(image, scale_factor=4, mode="bicubic", antialias=True).clamp(0, 1)
+            upscaled = upscaled[..., : upscaled.shape[-2] // 8 * 8, : upscaled.shape[-1] // 8 * 8].to(device)
+            return upscaled, vae.encode((upscaled * 2 - 1).to(dtype)).latent_dist.mode().float() * scale
+
+        upscaled, z_lq = timer("encode", encode)
+        pixels = upscaled * 2 - 1
         emb = embedding.to(device, dtype)
 
         def unet_and_lrrb(tile: torch.Tensor) -> torch.Tensor:
-            r = timer("unet", lambda: unet(tile.to(dtype), 1, encoder_hidden_states=emb).sample.float())
-            return timer("lrrb", lambda: r + lrrb(torch.cat([tile, r], 1)))
+            r = timer("residual", lambda: unet(tile.to(dtype), 1, encoder_hidden_states=emb).sample.float())
+            return timer("refine", lambda: r + lrrb(torch.cat([tile, r], 1)))
 
         h, w = z_lq.shape[-2:]
         if h * w <= 96 * 96:
@@ -165,15 +158,18 @@ def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, dev
                     weights[..., top : top + tile, left : left + tile] += weight
             refined = refined / weights
 
-        def lfim():
+        def inject():
             gate = spatial_gate(pixels, (h, w))
             low, high = LowFrequencySettings(), HighFrequencySettings()
             return inject_frequencies(z_lq - refined, z_lq, gate, low, high)
 
-        latent = timer("lfim", lfim)
-        decoded = timer("decode", lambda: vae.decode((latent / scale).to(dtype)).sample.float())
-        decoded = (decoded.clamp(-1, 1) + 1) / 2
-        return timer("colorfix", adain_color_fix, decoded, upscaled.to(device))
+        latent = timer("lf+hf", inject)
+
+        def decode() -> torch.Tensor:
+            decoded = vae.decode((latent / scale).to(dtype)).sample.float()
+            return adain_color_fix((decoded.clamp(-1, 1) + 1) / 2, upscaled)
+
+        return timer("decode", decode)
 
 
 def _worker(path: str, case: str, precision: str, device_name: str, output: Path, repeats: int) -> dict:

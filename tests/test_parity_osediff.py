@@ -40,7 +40,7 @@ LQ_SIZE = (48, 32)  # pre-scaled to 192x128, processed at 768x512: latent 96x64
 # half-pixel row shift of its weights shows too.
 TILE, OVERLAP = 72, 24
 PROMPT = "a red brick wall, sharp"
-OFF = {"low": LowFrequencySettings(strength=0.0), "high": HighFrequencySettings(strength=0.0)}
+OFF = {"lf": LowFrequencySettings(strength=0.0), "hf": HighFrequencySettings(strength=0.0)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # exactness and tiny-tensor speed (see conftest)

@@ -157,7 +157,7 @@ def test_strengths_change_the_result_and_equal_strengths_take_one_call(pair: Pai
 def test_released_output_size_for_large_inputs(pair: Pair) -> None:
     """No pre-enlarging (short side >= 128): output is exactly 4x, as released, and ``upscale`` is the steps."""
     image = _lq_image((128, 136))
-    off = {"low": LowFrequencySettings(strength=0.0), "high": HighFrequencySettings(strength=0.0)}
+    off = {"lf": LowFrequencySettings(strength=0.0), "hf": HighFrequencySettings(strength=0.0)}
     with torch.no_grad():
         output = upscale(pair.model, image, UpscaleSettings(latent_mode="mode", tile_size=0, **off))
     assert output.shape == (1, 3, 512, 544)
