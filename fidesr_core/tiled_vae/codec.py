@@ -65,11 +65,6 @@ from .runner import map_channels, map_sizes, run_program
 __all__ = ["encode_moments", "decode_latents"]
 
 
-def _check_tile_size(tile_size: int, minimum: int, unit: str) -> None:
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not (tile_size == 0 or tile_size >= minimum):
-        raise SettingsError(f"tile_size must be 0 (never tile) or an integer >= {minimum} {unit}, got {tile_size!r}")
-
-
 def _check_no_autograd(tensor: torch.Tensor) -> None:
     if torch.is_grad_enabled() and tensor.requires_grad:
         raise SettingsError("the tiled VAE runs without autograd; use tile_size=0 to back-propagate through the VAE")
@@ -120,7 +115,6 @@ def encode_moments(
     ``budget.stock_bytes`` gives exactly ``vae.encode(pixels).latent_dist.parameters``.
     """
     budget = budget or MemoryBudget()
-    _check_tile_size(tile_size, 8, "pixels")
     channels = vae.config.in_channels
     if pixels.dim() != 4 or pixels.shape[1] != channels or pixels.shape[-2] % 8 or pixels.shape[-1] % 8:
         raise ImageInputError(
@@ -162,7 +156,6 @@ def decode_latents(
     with one attention tile, equal to it up to float rounding.
     """
     budget = budget or MemoryBudget()
-    _check_tile_size(tile_size, 1, "latent pixels")
     channels = vae.config.latent_channels
     if latents.dim() != 4 or latents.shape[1] != channels:
         raise ImageInputError(f"VAE decode needs latents [B, {channels}, h, w], got {tuple(latents.shape)}")
