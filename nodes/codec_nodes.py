@@ -21,13 +21,13 @@ from .chain import NODE_OF_STAGE, ChainState, latent_of_state, state_of_latent
 from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
 from .inputs import (
-    CATEGORY,
     color_fix_input,
     image_output,
     latent_mode_input,
     latent_output,
     lq_image_input,
     model_input,
+    schema,
     seed_input,
     upscale_by_input,
 )
@@ -42,15 +42,14 @@ ENCODE_NODE, DECODE_NODE = NODE_OF_STAGE["encode"], NODE_OF_STAGE["decode"]
 class FiDeSREncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSREncode",
-            display_name=ENCODE_NODE,
-            category=CATEGORY,
-            description="Upscales the low-quality image (bicubic, as the authors prepare it) and encodes it with the "
+        return schema(
+            "FiDeSREncode",
+            ENCODE_NODE,
+            "Upscales the low-quality image (bicubic, as the authors prepare it) and encodes it with the "
             "SD 2.1 VAE (OSEDiff: with its encoder LoRA). The LATENT is an ordinary SD 2.1 latent that also carries "
             "what the later FiDeSR nodes need, including which family encoded it (the later nodes need the same "
             "model).",
-            inputs=[
+            [
                 model_input(),
                 lq_image_input(),
                 upscale_by_input(),
@@ -66,7 +65,7 @@ class FiDeSREncode(io.ComfyNode):
                     "in one piece. Halved automatically when memory runs out.",
                 ),
             ],
-            outputs=[latent_output("The LQ latent z_L with its FiDeSR state: connect it to FiDeSR One-Step U-Net.")],
+            [latent_output("The LQ latent z_L with its FiDeSR state: connect it to FiDeSR One-Step U-Net.")],
         )
 
     @classmethod
@@ -94,13 +93,12 @@ class FiDeSREncode(io.ComfyNode):
 class FiDeSRDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRDecode",
-            display_name=DECODE_NODE,
-            category=CATEGORY,
-            description="Decodes a FiDeSR latent with the SD 2.1 VAE (tiled), corrects its colours against the "
+        return schema(
+            "FiDeSRDecode",
+            DECODE_NODE,
+            "Decodes a FiDeSR latent with the SD 2.1 VAE (tiled), corrects its colours against the "
             "upscaled input and resizes it to exactly upscale_by × the input size.",
-            inputs=[
+            [
                 model_input(),
                 io.Latent.Input("latent", tooltip="A latent from a FiDeSR node (it carries the FiDeSR state)."),
                 color_fix_input(),
@@ -114,7 +112,7 @@ class FiDeSRDecode(io.ComfyNode):
                     "in one piece. Halved automatically when memory runs out.",
                 ),
             ],
-            outputs=[image_output("The restored, upscaled image.")],
+            [image_output("The restored, upscaled image.")],
         )
 
     @classmethod

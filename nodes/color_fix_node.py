@@ -9,7 +9,7 @@ from ..fidesr_core.ops.color_fix import apply_color_fix
 from ..fidesr_core.ops.preprocess import resize_image
 from .errors import node_error
 from .images import image_from_engine, image_to_engine
-from .inputs import CATEGORY, image_output
+from .inputs import image_output, schema
 
 __all__ = ["FiDeSRColorFix", "COLOR_FIX_NODE_METHODS"]
 
@@ -20,14 +20,13 @@ COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
 class FiDeSRColorFix(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRColorFix",
-            display_name=COLOR_FIX_NODE,
-            category=CATEGORY,
-            description="Corrects the colours of an image towards a reference (e.g. the low-quality input), which is "
+        return schema(
+            "FiDeSRColorFix",
+            COLOR_FIX_NODE,
+            "Corrects the colours of an image towards a reference (e.g. the low-quality input), which is "
             "resized to the image first: adain matches each channel's mean and std; wavelet keeps the image's detail "
             "and takes the reference's low frequencies.",
-            inputs=[
+            [
                 io.Image.Input("image", tooltip="The image whose colours are corrected."),
                 io.Image.Input(
                     "reference", tooltip="The image with the right colours; resized (bicubic) to the image's size."
@@ -40,7 +39,7 @@ class FiDeSRColorFix(io.ComfyNode):
                     "the reference's low frequencies.",
                 ),
             ],
-            outputs=[image_output("The colour-corrected image.")],
+            [image_output("The colour-corrected image.")],
         )
 
     @classmethod

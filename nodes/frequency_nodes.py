@@ -1,10 +1,9 @@
 """FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4).
 
-Each node adds its branch's delta to the latent.  Both deltas are computed
-from the state (the restored latent ``z = z_L − r̃``, ``z_L`` and the spatial
-gate the encode step computed once), never from ``samples``, so the two nodes
-commute and each can be used alone.  They run on ComfyUI's torch device.
-Strengths are effective strengths: LF 0.1 + HF 0.1 equals the released
+Each node adds its branch's delta to the latent.  Both deltas are computed from the chain state
+(the restored latent ``z = z_L − r̃``, ``z_L`` and the spatial gate the encode stage computed
+once), never from ``samples``, so the two nodes commute and each can be used alone.  They run on
+ComfyUI's torch device.  Strengths are effective strengths: LF 0.1 + HF 0.1 equals the released
 script's ``--lf_scale 0.2 --hf_scale 0.2``.
 """
 
@@ -18,96 +17,97 @@ from ..fidesr_core.pipeline import injection_stage
 from ..fidesr_core.settings import FILTER_GEOMETRIES, HighFrequencySettings, LowFrequencySettings
 from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors
-from .inputs import CATEGORY, latent_output
+from .inputs import latent_output, schema
 from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject"]
 
-LF_NODE, HF_NODE, REFINE_NODE = NODE_OF_STAGE["lf"], NODE_OF_STAGE["hf"], NODE_OF_STAGE["refine"]
-_CONNECT_TO = f"{REFINE_NODE} (or {NODE_OF_STAGE['residual']})"
-GAMMA_TOOLTIP = "Exponent applied to the spatial mask; larger values confine the injection to fewer places."
+_CONNECT_TO = f"{NODE_OF_STAGE['refine']} (or {NODE_OF_STAGE['residual']})"
 
 
 def _float(name: str, default: float, low: float, high: float, step: float, tooltip: str) -> io.Input:
     return io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
 
 
-def _strength_input(branch: str) -> io.Input:
-    return _float(
-        "strength",
-        0.1,
-        0.0,
-        2.0,
-        0.01,
-        f"Effective strength of the {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 equals the authors' script "
-        "defaults (--lf_scale 0.2 --hf_scale 0.2, merged 50/50).",
-    )
+def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list[io.Input]:
+    """The latent, strength, cutoff and order inputs every branch starts with."""
+    return [
+        io.Latent.Input(
+            "latent",
+            tooltip=f"The output of {NODE_OF_STAGE['refine']} (or of another injection node); its FiDeSR state "
+            f"supplies {supplies}.",
+        ),
+        _float(
+            "strength",
+            0.1,
+            0.0,
+            2.0,
+            0.01,
+            f"Effective strength of the {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 equals the authors' "
+            "script defaults (--lf_scale 0.2 --hf_scale 0.2, merged 50/50).",
+        ),
+        _float("cutoff", cutoff, 0.01, 1.0, 0.01, f"{what} cutoff as a fraction of the highest frequency."),
+        io.Int.Input("order", default=2, min=1, max=8, tooltip=f"Butterworth order of the {what.lower()} (steepness)."),
+    ]
 
 
-def _order_input(what: str) -> io.Input:
-    return io.Int.Input("order", default=2, min=1, max=8, tooltip=f"Butterworth order of the {what} (steepness).")
+def _shared_inputs() -> dict[str, io.Input]:
+    """Inputs both branches have (fresh objects each time: ComfyUI builds a schema whenever it describes a node)."""
+    return {
+        "gamma": _float(
+            "gamma",
+            1.2,
+            0.1,
+            10.0,
+            0.05,
+            "Exponent applied to the spatial mask; larger values confine the injection to fewer places.",
+        ),
+        "channel_tau": _float(
+            "channel_tau",
+            0.8,
+            0.0,
+            1.0,
+            0.01,
+            "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency "
+            "ones.",
+        ),
+        "channel_sharpness": _float(
+            "channel_sharpness", 10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid)."
+        ),
+        "filter": io.Combo.Input(
+            "filter",
+            options=list(FILTER_GEOMETRIES),
+            default="official",
+            tooltip="official reproduces the released code's Butterworth filter (orientation-selective; the weights "
+            "were tuned with it); radial is the rotation-symmetric filter.",
+        ),
+    }
 
 
-def _filter_input() -> io.Input:
-    return io.Combo.Input(
-        "filter",
-        options=list(FILTER_GEOMETRIES),
-        default="official",
-        tooltip="official reproduces the released code's Butterworth filter (orientation-selective; the weights "
-        "were tuned with it); radial is the rotation-symmetric filter.",
-    )
-
-
-def _channel_tau_input() -> io.Input:
-    return _float(
-        "channel_tau",
-        0.8,
-        0.0,
-        1.0,
-        0.01,
-        "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency ones.",
-    )
-
-
-def _channel_sharpness_input() -> io.Input:
-    return _float("channel_sharpness", 10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid).")
-
-
-def _latent_input(what: str) -> io.Input:
-    return io.Latent.Input("latent", tooltip=f"The output of {REFINE_NODE} (or of another injection node); {what}")
-
-
-def _inject(latent: Any, settings_type: type, settings: dict[str, Any], stage: str) -> io.NodeOutput:
+def _inject(stage: str, settings: LowFrequencySettings | HighFrequencySettings, latent: Any) -> io.NodeOutput:
     """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
     node = NODE_OF_STAGE[stage]
     state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
     check_stage(state, stage, None)
     with engine_errors(node):
-        latents = injection_stage(state.latents, settings_type(**settings), ComfyRuntime())
+        latents = injection_stage(state.latents, settings, ComfyRuntime())
     return io.NodeOutput(latent_of_state(state.after(stage, latents), base=latent))
 
 
 class FiDeSRLowFrequencyInject(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRLowFrequencyInject",
-            display_name=LF_NODE,
-            category=CATEGORY,
-            description="Training-free low-frequency injection: strengthens the restored latent's structure (its "
-            "low-pass) where the input has little detail and the residual was large, in latent channels that carry "
-            "low frequencies. Commutes with the HF injection.",
-            inputs=[
-                _latent_input("its FiDeSR state supplies z_L, the residual and the detail map."),
-                _strength_input("low-frequency"),
-                _float("cutoff", 0.10, 0.01, 1.0, 0.01, "Low-pass cutoff as a fraction of the highest frequency."),
-                _order_input("low-pass"),
-                _channel_tau_input(),
-                _channel_sharpness_input(),
-                _float("gamma", 1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
-                _filter_input(),
+        return schema(
+            "FiDeSRLowFrequencyInject",
+            NODE_OF_STAGE["lf"],
+            "Training-free low-frequency injection: strengthens the restored latent's structure (its low-pass) where "
+            "the input has little detail and the residual was large, in latent channels that carry low frequencies. "
+            "Commutes with the HF injection.",
+            [
+                *_branch_inputs("low-frequency", "z_L, the residual and the detail map", 0.10, "Low-pass"),
+                *(_shared_inputs()[name] for name in ("channel_tau", "channel_sharpness", "gamma", "filter")),
             ],
-            outputs=[latent_output("The latent plus the LF delta.")],
+            [latent_output("The latent plus the LF delta.")],
         )
 
     @classmethod
@@ -122,34 +122,22 @@ class FiDeSRLowFrequencyInject(io.ComfyNode):
         gamma: float = 1.2,
         filter: str = "official",  # noqa: A002 - the user-facing input name
     ) -> io.NodeOutput:
-        settings = {
-            "strength": strength,
-            "cutoff": cutoff,
-            "order": order,
-            "channel_tau": channel_tau,
-            "channel_sharpness": channel_sharpness,
-            "gamma": gamma,
-            "filter": filter,
-        }
-        return _inject(latent, LowFrequencySettings, settings, "lf")
+        values = {"channel_tau": channel_tau, "channel_sharpness": channel_sharpness, "gamma": gamma, "filter": filter}
+        return _inject("lf", LowFrequencySettings(strength=strength, cutoff=cutoff, order=order, **values), latent)
 
 
 class FiDeSRHighFrequencyInject(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRHighFrequencyInject",
-            display_name=HF_NODE,
-            category=CATEGORY,
-            description="Training-free high-frequency injection: adds the detail the restored latent gained over the "
-            "LQ latent (high-pass difference) where the input has detail, in latent channels that carry high "
-            "frequencies. Commutes with the LF injection.",
-            inputs=[
-                _latent_input("its FiDeSR state supplies z_L, the restored latent and the detail map."),
-                _strength_input("high-frequency"),
-                _float("cutoff", 0.32, 0.01, 1.0, 0.01, "High-pass cutoff as a fraction of the highest frequency."),
-                _order_input("high-pass"),
-                _float("gamma", 1.2, 0.1, 10.0, 0.05, GAMMA_TOOLTIP),
+        return schema(
+            "FiDeSRHighFrequencyInject",
+            NODE_OF_STAGE["hf"],
+            "Training-free high-frequency injection: adds the detail the restored latent gained over the LQ latent "
+            "(high-pass difference) where the input has detail, in latent channels that carry high frequencies. "
+            "Commutes with the LF injection.",
+            [
+                *_branch_inputs("high-frequency", "z_L, the restored latent and the detail map", 0.32, "High-pass"),
+                _shared_inputs()["gamma"],
                 _float(
                     "channel_cutoff",
                     0.10,
@@ -158,11 +146,9 @@ class FiDeSRHighFrequencyInject(io.ComfyNode):
                     0.01,
                     "Low-pass cutoff used to measure each channel's low-frequency share.",
                 ),
-                _channel_tau_input(),
-                _channel_sharpness_input(),
-                _filter_input(),
+                *(_shared_inputs()[name] for name in ("channel_tau", "channel_sharpness", "filter")),
             ],
-            outputs=[latent_output("The latent plus the HF delta.")],
+            [latent_output("The latent plus the HF delta.")],
         )
 
     @classmethod
@@ -178,14 +164,8 @@ class FiDeSRHighFrequencyInject(io.ComfyNode):
         channel_sharpness: float = 10.0,
         filter: str = "official",  # noqa: A002 - the user-facing input name
     ) -> io.NodeOutput:
-        settings = {
-            "strength": strength,
-            "cutoff": cutoff,
-            "order": order,
-            "gamma": gamma,
-            "channel_cutoff": channel_cutoff,
-            "channel_tau": channel_tau,
-            "channel_sharpness": channel_sharpness,
-            "filter": filter,
-        }
-        return _inject(latent, HighFrequencySettings, settings, "hf")
+        values = {"channel_tau": channel_tau, "channel_sharpness": channel_sharpness, "gamma": gamma, "filter": filter}
+        settings = HighFrequencySettings(
+            strength=strength, cutoff=cutoff, order=order, channel_cutoff=channel_cutoff, **values
+        )
+        return _inject("hf", settings, latent)

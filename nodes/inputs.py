@@ -13,6 +13,7 @@ from .model_handle import FIDESR_MODEL
 
 __all__ = [
     "CATEGORY",
+    "schema",
     "MAX_SEED",
     "FiDeSRModelType",
     "model_input",
@@ -33,6 +34,18 @@ __all__ = [
 CATEGORY = "image/upscaling/FiDeSR"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 FiDeSRModelType = io.Custom(FIDESR_MODEL)
+
+
+def schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list) -> io.Schema:
+    """A FiDeSR node's schema (all in ``CATEGORY``)."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category=CATEGORY,
+        description=description,
+        inputs=inputs,
+        outputs=outputs,
+    )
 
 
 def model_input() -> io.Input:

@@ -17,11 +17,11 @@ from ..fidesr_core.settings import UpscaleSettings
 from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors, node_error
 from .inputs import (
-    CATEGORY,
     latent_output,
     model_input,
     pixel_strength_input,
     positive_input,
+    schema,
     semantic_strength_input,
     tile_overlap_input,
     tile_size_input,
@@ -67,15 +67,14 @@ def prompt_embedding_from_conditioning(
 class FiDeSRResidual(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRResidual",
-            display_name=RESIDUAL_NODE,
-            category=CATEGORY,
-            description="The one diffusion step of the LoRA-tuned SD 2.1 U-Net, tiled for large images. FiDeSR "
+        return schema(
+            "FiDeSRResidual",
+            RESIDUAL_NODE,
+            "The one diffusion step of the LoRA-tuned SD 2.1 U-Net, tiled for large images. FiDeSR "
             "and PiSA-SR: the U-Net at timestep 1 predicts the residual r of the LQ latent z_L; OSEDiff: it predicts "
             "noise at timestep 999 and one DDPM step gives the clean latent x0, r = z_L − x0. PiSA-SR's "
             "pixel/semantic strengths pick its default or adjustable mode. Outputs z_L − r.",
-            inputs=[
+            [
                 model_input(),
                 io.Latent.Input("latent", tooltip=f"The output of {ENCODE_NODE}."),
                 tile_size_input(),
@@ -84,7 +83,7 @@ class FiDeSRResidual(io.ComfyNode):
                 pixel_strength_input(),
                 semantic_strength_input(),
             ],
-            outputs=[
+            [
                 latent_output(
                     "z_L − r, with the residual recorded: connect it to FiDeSR LRRB Refine (FiDeSR; the other "
                     "families pass it unchanged) or to the LF/HF injections."
@@ -123,14 +122,13 @@ class FiDeSRResidual(io.ComfyNode):
 class FiDeSRRefine(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRRefine",
-            display_name=REFINE_NODE,
-            category=CATEGORY,
-            description="FiDeSR's Latent Residual Refinement Block: a small network corrects the U-Net residual from "
+        return schema(
+            "FiDeSRRefine",
+            REFINE_NODE,
+            "FiDeSR's Latent Residual Refinement Block: a small network corrects the U-Net residual from "
             "the LQ latent and the residual. Outputs z_L − (r + Δr). PiSA-SR and OSEDiff have no LRRB: their latent "
             "passes through unchanged, so one chain serves all three.",
-            inputs=[
+            [
                 model_input(),
                 io.Latent.Input(
                     "latent",
@@ -138,7 +136,7 @@ class FiDeSRRefine(io.ComfyNode):
                     "(those models have no LRRB).",
                 ),
             ],
-            outputs=[
+            [
                 latent_output(
                     "The restored latent z_L − (r + Δr) (FiDeSR; the other families' latent as it came): connect "
                     "it to the LF/HF injections or to the decoder."

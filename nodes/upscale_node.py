@@ -18,7 +18,6 @@ from ..fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, 
 from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
 from .inputs import (
-    CATEGORY,
     color_fix_input,
     image_output,
     latent_mode_input,
@@ -26,6 +25,7 @@ from .inputs import (
     model_input,
     pixel_strength_input,
     positive_input,
+    schema,
     seed_input,
     semantic_strength_input,
     tile_overlap_input,
@@ -57,16 +57,15 @@ def _strength_input(name: str, branch: str, default: float) -> io.Input:
 class FiDeSRUpscale(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FiDeSRUpscale",
-            display_name=UPSCALE_NODE,
-            category=CATEGORY,
-            description="One-step super-resolution in one node, with the model from Load FiDeSR Model: FiDeSR (LoRA "
+        return schema(
+            "FiDeSRUpscale",
+            UPSCALE_NODE,
+            "One-step super-resolution in one node, with the model from Load FiDeSR Model: FiDeSR (LoRA "
             "U-Net residual, LRRB refinement), PiSA-SR (pixel and semantic LoRA sets, adjustable strengths) or "
             "OSEDiff (one DDPM step), then training-free LF/HF frequency injection and colour correction. Same "
             "result as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and "
             "VAE Decode.",
-            inputs=[
+            [
                 model_input(),
                 lq_image_input(),
                 upscale_by_input(),
@@ -81,7 +80,7 @@ class FiDeSRUpscale(io.ComfyNode):
                 pixel_strength_input(),
                 semantic_strength_input(),
             ],
-            outputs=[image_output("The restored, upscaled image.")],
+            [image_output("The restored, upscaled image.")],
         )
 
     @classmethod
