@@ -27,6 +27,7 @@ from .inputs import (
     latent_output,
     lq_image_input,
     model_input,
+    number_input,
     schema,
     seed_input,
     upscale_by_input,
@@ -55,14 +56,11 @@ class FiDeSREncode(io.ComfyNode):
                 upscale_by_input(),
                 latent_mode_input(),
                 seed_input(),
-                io.Int.Input(
-                    "tile_size",
-                    default=1024,
-                    min=0,
-                    max=8192,
-                    step=64,
-                    tooltip="VAE encoder tile in pixels of the upscaled image (the authors use 1024); 0 encodes it "
-                    "in one piece. Halved automatically when memory runs out.",
+                number_input(
+                    *("tile_size", 1024, 0, 8192, 64),
+                    "VAE encoder tile in pixels of the upscaled image (the authors use 1024); 0 encodes it in one "
+                    "piece. Halved automatically when memory runs out.",
+                    kind=io.Int,
                 ),
             ],
             [latent_output("The LQ latent z_L with its FiDeSR state: connect it to FiDeSR One-Step U-Net.")],
@@ -102,14 +100,11 @@ class FiDeSRDecode(io.ComfyNode):
                 model_input(),
                 io.Latent.Input("latent", tooltip="A latent from a FiDeSR node (it carries the FiDeSR state)."),
                 color_fix_input(),
-                io.Int.Input(
-                    "tile_size",
-                    default=224,
-                    min=0,
-                    max=2048,
-                    step=8,
-                    tooltip="VAE decoder tile in latent pixels, 8 image pixels each (the authors use 224); 0 decodes "
-                    "in one piece. Halved automatically when memory runs out.",
+                number_input(
+                    *("tile_size", 224, 0, 2048, 8),
+                    "VAE decoder tile in latent pixels, 8 image pixels each (the authors use 224); 0 decodes in one "
+                    "piece. Halved automatically when memory runs out.",
+                    kind=io.Int,
                 ),
             ],
             [image_output("The restored, upscaled image.")],

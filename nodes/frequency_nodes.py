@@ -17,16 +17,12 @@ from ..fidesr_core.pipeline import injection_stage
 from ..fidesr_core.settings import FILTER_GEOMETRIES, HighFrequencySettings, LowFrequencySettings
 from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors
-from .inputs import latent_output, schema
+from .inputs import latent_output, number_input, schema
 from .runtime import ComfyRuntime
 
 __all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject"]
 
 _CONNECT_TO = f"{NODE_OF_STAGE['refine']} (or {NODE_OF_STAGE['residual']})"
-
-
-def _float(name: str, default: float, low: float, high: float, step: float, tooltip: str) -> io.Input:
-    return io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
 
 
 def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list[io.Input]:
@@ -37,7 +33,7 @@ def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list
             tooltip=f"The output of {NODE_OF_STAGE['refine']} (or of another injection node); its FiDeSR state "
             f"supplies {supplies}.",
         ),
-        _float(
+        number_input(
             "strength",
             0.1,
             0.0,
@@ -46,7 +42,7 @@ def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list
             f"Effective strength of the {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 equals the authors' "
             "script defaults (--lf_scale 0.2 --hf_scale 0.2, merged 50/50).",
         ),
-        _float("cutoff", cutoff, 0.01, 1.0, 0.01, f"{what} cutoff as a fraction of the highest frequency."),
+        number_input("cutoff", cutoff, 0.01, 1.0, 0.01, f"{what} cutoff as a fraction of the highest frequency."),
         io.Int.Input("order", default=2, min=1, max=8, tooltip=f"Butterworth order of the {what.lower()} (steepness)."),
     ]
 
@@ -54,7 +50,7 @@ def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list
 def _shared_inputs() -> dict[str, io.Input]:
     """Inputs both branches have (fresh objects each time: ComfyUI builds a schema whenever it describes a node)."""
     return {
-        "gamma": _float(
+        "gamma": number_input(
             "gamma",
             1.2,
             0.1,
@@ -62,7 +58,7 @@ def _shared_inputs() -> dict[str, io.Input]:
             0.05,
             "Exponent applied to the spatial mask; larger values confine the injection to fewer places.",
         ),
-        "channel_tau": _float(
+        "channel_tau": number_input(
             "channel_tau",
             0.8,
             0.0,
@@ -71,7 +67,7 @@ def _shared_inputs() -> dict[str, io.Input]:
             "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency "
             "ones.",
         ),
-        "channel_sharpness": _float(
+        "channel_sharpness": number_input(
             "channel_sharpness", 10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid)."
         ),
         "filter": io.Combo.Input(
@@ -84,17 +80,26 @@ def _shared_inputs() -> dict[str, io.Input]:
     }
 
 
-def _inject(stage: str, settings: LowFrequencySettings | HighFrequencySettings, latent: Any) -> io.NodeOutput:
-    """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
-    node = NODE_OF_STAGE[stage]
-    state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
-    check_stage(state, stage, None)
-    with engine_errors(node):
-        latents = injection_stage(state.latents, settings, ComfyRuntime())
-    return io.NodeOutput(latent_of_state(state.after(stage, latents), base=latent))
+class _Injection(io.ComfyNode):
+    """An injection node: every input but ``latent`` is a field of its branch's settings (``SETTINGS``)."""
+
+    STAGE: str
+    SETTINGS: type[LowFrequencySettings | HighFrequencySettings]
+
+    @classmethod
+    def execute(cls, latent: dict[str, Any], **settings: Any) -> io.NodeOutput:
+        """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
+        node = NODE_OF_STAGE[cls.STAGE]
+        state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
+        check_stage(state, cls.STAGE, None)
+        with engine_errors(node):
+            latents = injection_stage(state.latents, cls.SETTINGS(**settings), ComfyRuntime())
+        return io.NodeOutput(latent_of_state(state.after(cls.STAGE, latents), base=latent))
 
 
-class FiDeSRLowFrequencyInject(io.ComfyNode):
+class FiDeSRLowFrequencyInject(_Injection):
+    STAGE, SETTINGS = "lf", LowFrequencySettings
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return schema(
@@ -110,23 +115,10 @@ class FiDeSRLowFrequencyInject(io.ComfyNode):
             [latent_output("The latent plus the LF delta.")],
         )
 
-    @classmethod
-    def execute(
-        cls,
-        latent: dict[str, Any],
-        strength: float = 0.1,
-        cutoff: float = 0.10,
-        order: int = 2,
-        channel_tau: float = 0.8,
-        channel_sharpness: float = 10.0,
-        gamma: float = 1.2,
-        filter: str = "official",  # noqa: A002 - the user-facing input name
-    ) -> io.NodeOutput:
-        values = {"channel_tau": channel_tau, "channel_sharpness": channel_sharpness, "gamma": gamma, "filter": filter}
-        return _inject("lf", LowFrequencySettings(strength=strength, cutoff=cutoff, order=order, **values), latent)
 
+class FiDeSRHighFrequencyInject(_Injection):
+    STAGE, SETTINGS = "hf", HighFrequencySettings
 
-class FiDeSRHighFrequencyInject(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return schema(
@@ -138,7 +130,7 @@ class FiDeSRHighFrequencyInject(io.ComfyNode):
             [
                 *_branch_inputs("high-frequency", "z_L, the restored latent and the detail map", 0.32, "High-pass"),
                 _shared_inputs()["gamma"],
-                _float(
+                number_input(
                     "channel_cutoff",
                     0.10,
                     0.01,
@@ -150,22 +142,3 @@ class FiDeSRHighFrequencyInject(io.ComfyNode):
             ],
             [latent_output("The latent plus the HF delta.")],
         )
-
-    @classmethod
-    def execute(
-        cls,
-        latent: dict[str, Any],
-        strength: float = 0.1,
-        cutoff: float = 0.32,
-        order: int = 2,
-        gamma: float = 1.2,
-        channel_cutoff: float = 0.10,
-        channel_tau: float = 0.8,
-        channel_sharpness: float = 10.0,
-        filter: str = "official",  # noqa: A002 - the user-facing input name
-    ) -> io.NodeOutput:
-        values = {"channel_tau": channel_tau, "channel_sharpness": channel_sharpness, "gamma": gamma, "filter": filter}
-        settings = HighFrequencySettings(
-            strength=strength, cutoff=cutoff, order=order, channel_cutoff=channel_cutoff, **values
-        )
-        return _inject("hf", settings, latent)

@@ -36,6 +36,13 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 FiDeSRModelType = io.Custom(FIDESR_MODEL)
 
 
+def number_input(
+    name: str, default: float, low: float, high: float, step: float, tooltip: str, *, kind=io.Float, **extra
+) -> io.Input:
+    """An Int (``kind=io.Int``) or Float input with its range."""
+    return kind.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip, **extra)
+
+
 def schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list) -> io.Schema:
     """A FiDeSR node's schema (all in ``CATEGORY``)."""
     return io.Schema(
@@ -59,13 +66,9 @@ def lq_image_input() -> io.Input:
 
 
 def upscale_by_input() -> io.Input:
-    return io.Float.Input(
-        "upscale_by",
-        default=4.0,
-        min=1.0,
-        max=16.0,
-        step=0.01,
-        tooltip="Output size = upscale_by × input size. FiDeSR was trained for 4×. Images whose short side would "
+    return number_input(
+        *("upscale_by", 4.0, 1.0, 16.0, 0.01),
+        "Output size = upscale_by × input size. FiDeSR was trained for 4×. Images whose short side would "
         "end below 512 px are enlarged first and the result is resized back to exactly this factor.",
     )
 
@@ -97,27 +100,20 @@ def color_fix_input() -> io.Input:
 
 
 def tile_size_input() -> io.Input:
-    return io.Int.Input(
-        "tile_size",
-        default=96,
-        min=0,
-        max=1024,
-        step=8,
-        tooltip="U-Net tile in latent pixels, 8 image pixels each (the authors use 96). Latents larger than one "
+    return number_input(
+        *("tile_size", 96, 0, 1024, 8),
+        "U-Net tile in latent pixels, 8 image pixels each (the authors use 96). Latents larger than one "
         "tile are processed in overlapping tiles blended with a Gaussian; 0 never tiles. Halved automatically "
         "when memory runs out.",
+        kind=io.Int,
     )
 
 
 def tile_overlap_input() -> io.Input:
-    return io.Int.Input(
-        "tile_overlap",
-        default=32,
-        min=0,
-        max=512,
-        step=8,
-        tooltip="Overlap of neighbouring U-Net tiles in latent pixels (the authors use 32); must be smaller "
-        "than tile_size.",
+    return number_input(
+        *("tile_overlap", 32, 0, 512, 8),
+        "Overlap of neighbouring U-Net tiles in latent pixels (the authors use 32); must be smaller than tile_size.",
+        kind=io.Int,
     )
 
 
@@ -139,28 +135,20 @@ _STRENGTH_NOTE = (
 
 
 def pixel_strength_input() -> io.Input:
-    return io.Float.Input(
-        "pixel_strength",
-        default=1.0,
-        min=0.0,
-        max=3.0,
-        step=0.05,
-        optional=True,
-        tooltip="PiSA-SR: weight of its pixel-level LoRA set (fidelity: lower noise and artefacts, closer to the "
+    return number_input(
+        *("pixel_strength", 1.0, 0.0, 3.0, 0.05),
+        "PiSA-SR: weight of its pixel-level LoRA set (fidelity: lower noise and artefacts, closer to the "
         "input)." + _STRENGTH_NOTE,
+        optional=True,
     )
 
 
 def semantic_strength_input() -> io.Input:
-    return io.Float.Input(
-        "semantic_strength",
-        default=1.0,
-        min=0.0,
-        max=3.0,
-        step=0.05,
-        optional=True,
-        tooltip="PiSA-SR: weight of its semantic-level LoRA set (generated detail and texture on top of the pixel "
+    return number_input(
+        *("semantic_strength", 1.0, 0.0, 3.0, 0.05),
+        "PiSA-SR: weight of its semantic-level LoRA set (generated detail and texture on top of the pixel "
         "set; 0 leaves the pixel set alone)." + _STRENGTH_NOTE,
+        optional=True,
     )
 
 

@@ -12,6 +12,7 @@ Shared fixtures: ``conftest.py``; helpers: ``node_helpers.py``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import os
@@ -228,8 +229,13 @@ def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
             assert _combo_options(spec) == EXPECTED_COMBOS[(node_id, name)]
         if spec[0] in ("INT", "FLOAT"):
             assert options["min"] <= options["default"] <= options["max"]
-    parameters = list(inspect.signature(comfy.nodes[node_id].execute).parameters)
-    assert parameters == [*required, *optional]
+    node = comfy.nodes[node_id]
+    parameters = inspect.signature(node.execute).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):  # the injection nodes
+        fields = {field.name for field in dataclasses.fields(node.SETTINGS)}
+        assert list(parameters)[0] == "latent" and set(required) - {"latent"} <= fields
+    else:
+        assert list(parameters) == [*required, *optional]
     json.dumps(info)  # /object_info must be able to serialise it
 
 
