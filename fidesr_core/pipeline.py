@@ -104,12 +104,13 @@ def upscale(
     return decode_stage(model, latents, settings, runtime).cpu()
 
 
-def _latent_working_bytes(height: int, width: int, dtype: torch.dtype):
-    """One image's working memory of a network run over an ``height × width`` latent in tiles of latent pixels."""
+def _tile_working_bytes(height: int, width: int, dtype: torch.dtype, image_pixels_per_unit: int = 64):
+    """One image's working memory of a network run over ``height × width`` units (latent pixels: 8x8 image
+    pixels each) at a tile size."""
 
     def working_bytes(tile: int) -> int:
-        tile_pixels = min(height, tile) * min(width, tile) if tile > 0 else height * width
-        return working_memory_bytes(64 * tile_pixels, dtype)  # a latent pixel is 8x8 image pixels
+        units = min(height, tile) * min(width, tile) if tile > 0 else height * width
+        return working_memory_bytes(image_pixels_per_unit * units, dtype)
 
     return working_bytes
 
@@ -153,10 +154,6 @@ def encode_stage(
         gate = spatial_gate(prepared.pixels, tuple(z_lq.shape[-2:])) if with_gate else None
         return [z_lq, prepared.pixels, gate]
 
-    def working_bytes(tile: int) -> int:
-        pixels = min(height, tile) * min(width, tile) if tile > 0 else height * width
-        return working_memory_bytes(pixels, model.dtype)
-
     z_lq, reference, gate = run_stage(
         runtime,
         "encode",
@@ -164,7 +161,7 @@ def encode_stage(
         batch=image.shape[0],
         networks=("vae",),
         weights_device=vae_device(model),
-        working_bytes=working_bytes,
+        working_bytes=_tile_working_bytes(height, width, model.dtype, image_pixels_per_unit=1),
         tile=settings.encode_tile_size,
         min_tile=MIN_ENCODE_TILE,
         full_size=max(height, width),
@@ -219,7 +216,7 @@ def residual_stage(
         batch=batch,
         networks=("unet",),
         weights_device=model.device,
-        working_bytes=_latent_working_bytes(height, width, model.dtype),
+        working_bytes=_tile_working_bytes(height, width, model.dtype),
         tile=settings.tile_size,
         min_tile=MIN_LATENT_TILE,
         full_size=max(height, width),
@@ -339,7 +336,7 @@ def decode_stage(
         batch=batch,
         networks=("vae",),
         weights_device=vae_device(model),
-        working_bytes=_latent_working_bytes(height, width, model.dtype),
+        working_bytes=_tile_working_bytes(height, width, model.dtype),
         tile=settings.decode_tile_size,
         min_tile=MIN_LATENT_TILE,
         full_size=max(height, width),
