@@ -22,10 +22,10 @@ import torch
 from .errors import SettingsError
 from .latent_state import DECODE, ENCODE, HIGH_FREQUENCY, LOW_FREQUENCY, REFINE, RESIDUAL, STEP_NAMES, LatentState
 from .networks.model import OneStepRestorer
-from .ops.color_fix import COLOR_FIX_METHODS, ColorFixMethod, apply_color_fix
+from .ops.color_fix import COLOR_FIX_METHODS, ColorFixMethod
 from .ops.injection import HighFrequencySettings, LowFrequencySettings, high_frequency_delta, low_frequency_delta
 from .ops.injection import spatial_gate as compute_spatial_gate
-from .ops.preprocess import PROCESS_SIZE, prepare_lq, processing_size, resize_image, resize_to_output
+from .ops.preprocess import PROCESS_SIZE, color_fix_decoded, prepare_lq, processing_size, resize_to_output
 from .ops.restoration import predict_residual, refine_residual
 from .ops.vae_codec import LatentMode, decode_latent, encode_image, vae_device
 from .progress import CancelCheck, ProgressCallback
@@ -106,9 +106,11 @@ def _run_step(
 def finish_image(
     decoded: torch.Tensor, upscaled_lq: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
 ) -> torch.Tensor:
-    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize."""
-    reference = resize_image((upscaled_lq.float().to(decoded.device) + 1.0).mul_(0.5), tuple(decoded.shape[-2:]))
-    return resize_to_output(apply_color_fix(decoded, reference, color_fix), output_size)
+    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize.
+
+    Images prepared from 8-bit inputs get the released scripts' 8-bit steps (``color_fix_decoded``).
+    """
+    return resize_to_output(color_fix_decoded(decoded, upscaled_lq, color_fix), output_size)
 
 
 @torch.no_grad()
