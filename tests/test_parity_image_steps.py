@@ -196,6 +196,17 @@ def test_prepare_lq_is_the_released_pil_preprocessing_on_8bit_images(size: tuple
     assert torch.equal(prepared.pixels, pixels)
 
 
+def test_prepare_lq_on_a_comfyui_image_view() -> None:
+    """A ComfyUI IMAGE is [B, H, W, C]; the nodes hand over its [B, C, H, W] view (not contiguous), in float32
+    k / 255 as ComfyUI loads a PNG: the released network input all the same."""
+    image = _eight_bit_image((33, 50), seed=29)
+    comfy_view = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not comfy_view.is_contiguous()
+    prepared = prepare_lq(comfy_view)
+    assert prepared.eight_bit == (True,)
+    assert torch.equal(prepared.pixels, ref_prepare_lq(image)[0])
+
+
 @pytest.mark.parametrize("size", [(33, 50), (130, 131)])
 def test_released_preprocessing_differs_from_the_float_path(size: tuple[int, int]) -> None:
     """The 8-bit steps matter: resizing the same 8-bit image in float (bicubic for the multiple of 8) is
