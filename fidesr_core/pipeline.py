@@ -17,9 +17,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .networks.model import OneStepRestorer
-from .ops.color_fix import apply_color_fix
 from .ops.injection import high_frequency_delta, low_frequency_delta, spatial_gate
-from .ops.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
+from .ops.preprocess import color_fix_decoded, prepare_lq, processing_size, resize_to_output
 from .ops.restoration import predict_residual, refine_residual, restored_latent
 from .ops.vae_codec import decode_latent, encode_image, vae_device
 from .runtime import Runtime, run_stage, working_memory_bytes
@@ -295,9 +294,9 @@ def injection_stage(
 def finish_image(
     decoded: torch.Tensor, reference: torch.Tensor, output_size: tuple[int, int], color_fix: ColorFixMethod
 ) -> torch.Tensor:
-    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (in [-1, 1]), then resize (§2.9)."""
-    reference = resize_image((reference.float().to(decoded.device) + 1.0).mul_(0.5), tuple(decoded.shape[-2:]))
-    return resize_to_output(apply_color_fix(decoded, reference, color_fix), output_size)
+    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the upscaled LQ (float32, in [-1, 1]) at the
+    processing size, then resize to the output size (§2.8, §2.9); 8-bit inputs as the released scripts do."""
+    return resize_to_output(color_fix_decoded(decoded, reference, color_fix), output_size)
 
 
 @torch.no_grad()

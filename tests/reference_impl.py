@@ -30,7 +30,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from reference_image_steps import ref_adain, ref_bicubic_resize, ref_tiled, ref_wavelet
+from reference_image_steps import (
+    ref_adain,
+    ref_bicubic_resize,
+    ref_lq_uint8,
+    ref_released_finish,
+    ref_tiled,
+    ref_to_tensor,
+    ref_wavelet,
+)
 
 __all__ = [
     "SCALING_FACTOR",
@@ -304,18 +312,29 @@ def ref_decode_and_finish(
     vae: torch.nn.Module,
     latent: torch.Tensor,
     pixels: torch.Tensor,
-    output_size: tuple[int, int],
+    output_size: tuple[int, int] | None,
     color_fix: str,
 ) -> torch.Tensor:
-    """Decode, clamp, to [0, 1], colour fix against the upscaled input, resize to the output size."""
+    """Decode and clamp; colour fix against the network input ``pixels``; resize to ``output_size`` if it differs.
+
+    When ``pixels`` are 8-bit values (``ref_prepare_lq`` of an 8-bit image), the released 8-bit
+    finishing (``ref_released_finish``: truncations to 8 bits, colour fix on 8-bit images, PIL
+    bicubic resize); otherwise the engine's float path (the same steps on floats).  The released
+    FiDeSR and PiSA-SR scripts resize back only pre-enlarged images, OSEDiff never: callers pass
+    ``output_size`` accordingly (None keeps the processing size).
+    """
     with torch.no_grad():
         decoded = vae.decode(latent / SCALING_FACTOR).sample.clamp(-1.0, 1.0)
+    sources = [ref_lq_uint8(one) for one in pixels]
+    if all(source is not None for source in sources):
+        finished = [ref_released_finish(d, s, color_fix, output_size) for d, s in zip(decoded, sources, strict=True)]
+        return torch.stack([ref_to_tensor(array) for array in finished])
     image = (decoded * 0.5 + 0.5).clamp(0.0, 1.0)
     reference = pixels * 0.5 + 0.5
     if color_fix == "adain":
         image = ref_adain(image, reference)
     elif color_fix == "wavelet":
         image = ref_wavelet(image, reference)
-    if tuple(image.shape[-2:]) != tuple(output_size):
+    if output_size is not None and tuple(image.shape[-2:]) != tuple(output_size):
         image = ref_bicubic_resize(image, output_size)
     return image

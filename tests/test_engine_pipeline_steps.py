@@ -68,16 +68,17 @@ def test_apply_color_fix_none_and_validation() -> None:
 # --------------------------------------------------------------- preprocessing
 
 
-def test_short_side_is_exactly_the_minimum_where_float_truncation_would_lose_a_pixel() -> None:
-    """For short sides 49, 98, 103, 107, int(128 / m · m) is 127 in floats (the released script's size);
-    docs/algorithm.md asks for a short side of 128, which the engine computes exactly."""
+def test_short_side_follows_the_released_float_truncation() -> None:
+    """For short sides 49, 98, 103, 107, int(128 / m · m) is 127 in floats: the released script's PIL size,
+    which the engine reproduces (the network input is then 504 px on that side, after the multiple of 8)."""
     for short in (49, 98, 103, 107):
         assert int(128 / short * short) == 127
         (pre_h, pre_w), (proc_h, proc_w) = processing_size(short, 300)
-        assert pre_h == 128 and pre_w == int(128 / short * 300)
-        assert proc_h == 512
+        assert pre_h == 127 and pre_w == int(128 / short * 300)
+        assert proc_h == 504
         (pre_h, pre_w), _ = processing_size(300, short)
-        assert pre_w == 128
+        assert pre_w == 127
+    assert processing_size(50, 300)[0] == (128, 768)  # int(128 / 50 · 50) is 128
 
 
 def test_processing_size_other_scales_and_validation() -> None:
@@ -86,8 +87,8 @@ def test_processing_size_other_scales_and_validation() -> None:
     assert processing_size(257, 300, upscale_by=2.0) == ((257, 300), (512, 600))
     with pytest.raises(ImageInputError):
         processing_size(0, 10)
-    with pytest.raises(SettingsError):
-        processing_size(10, 10, upscale_by=0.5)
+    with pytest.raises(SettingsError, match="^upscale_by must be"):  # checked once, by the settings
+        UpscaleSettings(upscale_by=0.5)
 
 
 def test_prepare_lq_range_sizes_and_validation() -> None:

@@ -92,6 +92,7 @@ def test_thin_strips_are_stretched_only_up_to_16_to_1() -> None:
     # 20x1000: stretched until the long side is 2048.
     assert processing_size(1000, 20)[0] == (2048, 40)
     assert processing_size(20, 1000, upscale_by=2.0)[0] == (81, 4096)  # target 256, cap 16 x 256
+    assert processing_size(20, 1000, upscale_by=3.0)[0] == (54, 2720)  # target 512 // 3 = 170, cap 16 x 170
 
 
 def test_images_that_cannot_be_bounded_are_refused_with_their_size_before_any_work() -> None:

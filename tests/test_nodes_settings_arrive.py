@@ -36,7 +36,7 @@ UNET_OVERLAP = ("fidesr_core.ops.restoration", "run_tiled", lambda a, k: k["over
 PROMPT = ("fidesr_core.pipeline", "predict_residual", lambda a, k: k["prompt_embedding"] is not None)
 PIXEL = ("fidesr_core.ops.restoration", "_pisa_sr_unet", _arg(2, "pixel"))
 SEMANTIC = ("fidesr_core.ops.restoration", "_pisa_sr_unet", _arg(3, "semantic"))
-COLOR_FIX = ("fidesr_core.pipeline", "apply_color_fix", _arg(2, "method"))
+COLOR_FIX = ("fidesr_core.ops.preprocess", "apply_color_fix", _arg(2, "method"))
 
 
 def _branch(function: str, field: str) -> tuple[str, str, Extract]:

@@ -4,18 +4,26 @@ Same tiny random weights on both sides (non-zero LoRA and LRRB), ``latent_mode="
 float32 on the CPU, no tiling.  The reference attaches the LoRA with peft (unmerged,
 scale 1), computes the empty-prompt embedding from the token ids, and re-implements
 every FiDeSR-specific step (``reference_impl.py``, ``reference_image_steps.py``); only
-the stock diffusers modules are shared.  The latent right before decoding must agree
-to float precision and the 8-bit output to 1/255.
+the stock diffusers modules are shared.  The LQ is an 8-bit image, as the released script
+reads it, so the engine takes the released PIL steps: the network input must be equal bit
+for bit, the latent right before decoding agree to float precision and the 8-bit output
+within one level (float round-off in the networks flips a truncation to 8 bits now and then).
+A float (not 8-bit) input takes the float path and matches the float reference.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ldm_export import write_diffusers_folder
+from parity_helpers import assert_eight_bit_close
+from PIL import Image
 from reference_image_steps import ref_prepare_lq, ref_tiled
 from reference_impl import (
     ref_decode_and_finish,
@@ -26,7 +34,9 @@ from reference_impl import (
     ref_restored_latent,
 )
 
+from fidesr_core.app import cli
 from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.weights import save_fidesr_weights
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.injection import inject_frequencies, spatial_gate
@@ -36,7 +46,8 @@ from fidesr_core.ops.vae_codec import decode_latent, encode_image
 from fidesr_core.pipeline import finish_image, upscale
 from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
-LQ_SIZE = (32, 48)  # pre-scaled to 128x192 by the min-side rule, processed at 512x768, output 128x192
+# Pre-scaled to 128x193 by the min-side rule, x4 to 512x772, Lanczos to 512x768 (latent 64x96), output 132x200.
+LQ_SIZE = (33, 50)
 
 
 @dataclass
@@ -48,13 +59,17 @@ class Pair:
     vae: torch.nn.Module
     lrrb_state: dict[str, torch.Tensor]
     embedding: torch.Tensor
+    folder: Path  # base/ (a diffusers folder) and fidesr.pkl
 
 
 @pytest.fixture(scope="module")
-def pair() -> Pair:
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     torch.manual_seed(0)
     base = tiny_base_model(seed=0)
     weights = tiny_fidesr_weights(base, seed=0)
+    folder = tmp_path_factory.mktemp("fidesr_files")  # the same weights as files, for the command line
+    write_diffusers_folder(base, folder / "base")
+    save_fidesr_weights(weights, folder / "fidesr.pkl")
     assert any(float(t.abs().max()) > 0 for k, t in weights.unet_lora_state.items() if "lora_B" in k)
     assert float(weights.lrrb_state["out_conv.weight"].abs().max()) > 0
     unet = ref_lora_unet(base.unet, weights.lora_rank, weights.target_modules, weights.unet_lora_state)
@@ -62,15 +77,16 @@ def pair() -> Pair:
     embedding = ref_empty_prompt_embedding(copy.deepcopy(base.text_encoder).eval())
     lrrb_state = {k: v.clone().float() for k, v in weights.lrrb_state.items()}
     model = assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
-    return Pair(model=model, unet=unet, vae=vae, lrrb_state=lrrb_state, embedding=embedding)
+    return Pair(model=model, unet=unet, vae=vae, lrrb_state=lrrb_state, embedding=embedding, folder=folder)
 
 
-def _lq_image(seed: int = 0, size: tuple[int, int] = LQ_SIZE) -> torch.Tensor:
-    """A smooth image with some edges, [1, 3, H, W] in [0, 1]."""
+def _lq_image(seed: int = 0, size: tuple[int, int] = LQ_SIZE, eight_bit: bool = True) -> torch.Tensor:
+    """A smooth image with some edges, [1, 3, H, W] in [0, 1]; 8-bit values (k / 255, as read from a PNG)."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 3, size[0] // 4, size[1] // 4, generator=generator)
     image = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
-    return (image + 0.03 * torch.randn(1, 3, *size, generator=generator)).clamp(0, 1)
+    image = (image + 0.03 * torch.randn(1, 3, *size, generator=generator)).clamp(0, 1)
+    return (image * 255).round() / 255 if eight_bit else image
 
 
 @dataclass
@@ -86,6 +102,7 @@ class Latents:
 def engine_latents(pair: Pair) -> Latents:
     """The engine's public steps one by one, up to the restored latent (before LFIM)."""
     prepared = prepare_lq(_lq_image())
+    assert prepared.eight_bit == (True,)
     with torch.no_grad():
         z_lq = encode_image(pair.model, prepared.pixels, latent_mode="mode")
         residual = predict_residual(pair.model, z_lq)
@@ -117,7 +134,7 @@ def test_empty_prompt_embedding_matches(pair: Pair) -> None:
 def test_restored_latent_matches_reference(engine_latents: Latents, reference_latents: Latents) -> None:
     """z_L, r̃ = r + Δr and z = z_L − r̃ of the engine equal the reference to float precision."""
     assert engine_latents.z_lq.shape == (1, 4, 64, 96)
-    _close(engine_latents.pixels, reference_latents.pixels, atol=2e-6)
+    assert torch.equal(engine_latents.pixels, reference_latents.pixels)  # the released PIL input, bit for bit
     _close(engine_latents.z_lq, reference_latents.z_lq, atol=1e-5)
     scale = float(reference_latents.refined.abs().max())
     _close(engine_latents.refined, reference_latents.refined, atol=1e-5 * max(scale, 1.0))
@@ -164,9 +181,7 @@ def _reference_output(pair: Pair, r: Latents, released_lf: float, released_hf: f
 def _assert_output_close(output: torch.Tensor, expected: torch.Tensor) -> None:
     assert output.shape == (1, 3, 4 * LQ_SIZE[0], 4 * LQ_SIZE[1])
     assert float(output.min()) >= 0.0 and float(output.max()) <= 1.0
-    _close(output, expected, atol=1e-4)
-    eight_bit = (output * 255).round() - (expected * 255).round()
-    assert float(eight_bit.abs().max()) <= 1.0
+    assert_eight_bit_close(output, expected, max_levels=1, max_fraction=1e-3)
 
 
 def test_upscale_with_released_defaults_matches_reference(
@@ -209,6 +224,52 @@ def test_output_matches_reference(
 ) -> None:
     output = _engine_output_from_steps(pair, engine_latents, released_lf, released_hf, color_fix)
     _assert_output_close(output, _reference_output(pair, reference_latents, released_lf, released_hf, color_fix))
+
+
+def test_command_line_on_a_png_matches_reference(pair: Pair, reference_latents: Latents, tmp_path: Path) -> None:
+    """``fidesr upscale`` on an 8-bit PNG with its defaults (released lf 0.2 / hf 0.2, AdaIN) writes the
+    released computation's output, and exactly what ``upscale`` returns for the same file."""
+    array = (_lq_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(tmp_path / "photo.png")
+    args = ["upscale", tmp_path / "photo.png", "-o", tmp_path / "out", "--base", pair.folder / "base"]
+    args += ["--weights", pair.folder / "fidesr.pkl", "--precision", "fp32", "--device", "cpu", "--latent-mode", "mode"]
+    assert cli.main([str(arg) for arg in args]) == 0
+    written = np.asarray(Image.open(tmp_path / "out" / "photo.png").convert("RGB"))
+    output = torch.from_numpy(written.copy()).permute(2, 0, 1)[None].float() / 255
+    _assert_output_close(output, _reference_output(pair, reference_latents, 0.2, 0.2, "adain"))
+    with torch.no_grad():
+        direct = upscale(pair.model, _lq_image(), UpscaleSettings(latent_mode="mode"))
+    assert torch.equal(output, direct)
+
+
+def test_float_input_keeps_the_float_path(pair: Pair) -> None:
+    """An LQ that is not 8-bit values (a 16-bit file, another node's floats) is resized and finished in float,
+    against the float reference, with no rounding to 8 bits."""
+    image = _lq_image(eight_bit=False)
+    off = {"lf": LowFrequencySettings(strength=0.0), "hf": HighFrequencySettings(strength=0.0)}
+    settings = UpscaleSettings(latent_mode="mode", color_fix="adain", **off)
+    assert prepare_lq(image).eight_bit == (False,)
+    with torch.no_grad():
+        output = upscale(pair.model, image, settings)
+    pixels, output_size = ref_prepare_lq(image)
+    _, _, z = ref_restored_latent(pair.unet, pair.vae, pair.lrrb_state, pair.embedding, pixels)
+    expected = ref_decode_and_finish(pair.vae, z, pixels, output_size, "adain")
+    _close(output, expected, atol=1e-4)
+    assert not torch.equal(output * 255, (output * 255).round())
+
+
+def test_other_scale_matches_reference(pair: Pair) -> None:
+    """x2 on an 8-bit image: the released threshold 512 // 2 = 256 (pre-scale 64x100 -> 256x400), x2, same finishing."""
+    image = _lq_image(seed=1, size=(64, 100))
+    off = {"lf": LowFrequencySettings(strength=0.0), "hf": HighFrequencySettings(strength=0.0)}
+    with torch.no_grad():
+        output = upscale(pair.model, image, UpscaleSettings(latent_mode="mode", upscale_by=2.0, **off))
+    pixels, output_size = ref_prepare_lq(image, upscale=2)
+    assert pixels.shape[-2:] == (512, 800) and output_size == (128, 200)
+    _, _, z = ref_restored_latent(pair.unet, pair.vae, pair.lrrb_state, pair.embedding, pixels)
+    expected = ref_decode_and_finish(pair.vae, z, pixels, output_size, "adain")
+    assert output.shape == (1, 3, 128, 200)
+    assert_eight_bit_close(output, expected, max_levels=1, max_fraction=1e-3)
 
 
 # --------------------------------------------------------------------- tiling

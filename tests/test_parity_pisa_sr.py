@@ -5,8 +5,9 @@ written as ``pisa_sr.pkl`` and read by the engine's loader; the reference merges
 tensors its own way (``reference_families.RefPiSASR``).  Float32 on the CPU,
 ``latent_mode="mode"``; default mode and two adjustable strength pairs, untiled and tiled (a
 latent whose short side is under the tile while its area is over it: the released tiler's crash
-case, fixed as for FiDeSR), each decoded with a colour fix.  Latents agree to float precision,
-8-bit output within 1/255.
+case, fixed as for FiDeSR), each decoded with a colour fix.  The LQ is an 8-bit image, as the
+released script reads it: the network input equals the released PIL steps bit for bit, latents
+agree to float precision, the 8-bit output within one level.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_fixtures import pisa_sr_checkpoint
+from parity_helpers import assert_eight_bit_close
 from reference_families import RefPiSASR, ref_pisa_sr_latents, ref_prompt_embedding
 from reference_image_steps import ref_prepare_lq
 from reference_impl import ref_decode_and_finish, ref_lfim
@@ -63,10 +65,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
 
 
 def _lq_image(size: tuple[int, int] = LQ_SIZE) -> torch.Tensor:
+    """A smooth image with edges in 8-bit values (k / 255), as the released script reads a PNG."""
     generator = torch.Generator().manual_seed(11)
     coarse = torch.rand(1, 3, size[0] // 4, size[1] // 4, generator=generator)
     image = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
-    return (image + 0.03 * torch.randn(1, 3, *size, generator=generator)).clamp(0, 1)
+    image = (image + 0.03 * torch.randn(1, 3, *size, generator=generator)).clamp(0, 1)
+    return (image * 255).round() / 255
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
@@ -110,6 +114,7 @@ def test_latent_and_output_match_released(
         )
         z = restored_latent(z_lq, refine_residual(pair.model, z_lq, residual))
     pixels, output_size = ref_prepare_lq(_lq_image())
+    assert torch.equal(prepared.pixels, pixels)  # the released PIL input, bit for bit
     released = {"default": True} if pixel is None else {"default": False, "lambda_pix": pixel, "lambda_sem": semantic}
     ref_z_lq, ref_z = ref_pisa_sr_latents(
         pair.reference, pair.vae, pair.embedding, pixels, tile=tile, overlap=OVERLAP, **released
@@ -134,8 +139,23 @@ def test_latent_and_output_match_released(
         output = upscale(pair.model, _lq_image(), settings)
     expected = ref_decode_and_finish(pair.vae, ref_z, pixels, output_size, color_fix)
     assert output.shape == (1, 3, 4 * LQ_SIZE[0], 4 * LQ_SIZE[1])
-    _close(output, expected, atol=1e-4)
-    assert float(((output * 255).round() - (expected * 255).round()).abs().max()) <= 1.0
+    assert_eight_bit_close(output, expected, max_levels=1, max_fraction=1e-3)
+
+
+def test_odd_size_with_the_released_127_px_short_side(pair: Pair) -> None:
+    """49x61 at x4: the released int(128 / 49 · 49) = 127 px short side, x4 to 508x636, Lanczos to 504x632;
+    the released script resizes the 504x632 result back to 196x244 (PIL bicubic on 8 bits)."""
+    image = _lq_image((49, 61))
+    off = {"lf": LowFrequencySettings(strength=0.0), "hf": HighFrequencySettings(strength=0.0)}
+    with torch.no_grad():
+        output = upscale(pair.model, image, UpscaleSettings(latent_mode="mode", tile_size=0, **off))
+    pixels, output_size = ref_prepare_lq(image)
+    assert pixels.shape[-2:] == (504, 632) and output_size == (196, 244)
+    assert torch.equal(prepare_lq(image).pixels, pixels)
+    _, ref_z = ref_pisa_sr_latents(pair.reference, pair.vae, pair.embedding, pixels)
+    expected = ref_decode_and_finish(pair.vae, ref_z, pixels, output_size, "adain")
+    assert output.shape == (1, 3, 196, 244)
+    assert_eight_bit_close(output, expected, max_levels=1, max_fraction=1e-3)
 
 
 def test_strengths_change_the_result_and_equal_strengths_take_one_call(pair: Pair) -> None:
@@ -191,4 +211,4 @@ def test_frequency_injection_is_fidesrs_on_pisa_sr_latents(pair: Pair, released:
     with torch.no_grad():
         output = upscale(pair.model, _lq_image(), settings)
     reference_output = ref_decode_and_finish(pair.vae, expected, pixels, output_size, "adain")
-    _close(output, reference_output, atol=1e-4)
+    assert_eight_bit_close(output, reference_output, max_levels=1, max_fraction=1e-3)

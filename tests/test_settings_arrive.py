@@ -24,7 +24,7 @@ from fidesr_core.app import cli
 from fidesr_core.app.upscale_command import SETTING_FLAGS
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_pisa_sr_weights
-from fidesr_core.ops import injection, restoration, vae_codec
+from fidesr_core.ops import injection, preprocess, restoration, vae_codec
 from fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 from fidesr_core.tiled_vae import codec
 
@@ -42,7 +42,7 @@ SPIES: dict[str, tuple[Any, str, Extract]] = {
     "process_size": (pipeline, "prepare_lq", lambda a, k: k["process_size"]),
     "latent_mode": (pipeline, "encode_image", lambda a, k: k["latent_mode"]),
     "seed": (vae_codec, "latent_noise", _arg(1, "seed")),
-    "color_fix": (pipeline, "apply_color_fix", _arg(2, "method")),
+    "color_fix": (preprocess, "apply_color_fix", _arg(2, "method")),
     "tile_size": (restoration, "run_tiled", lambda a, k: k["tile_size"]),
     "tile_overlap": (restoration, "run_tiled", lambda a, k: k["overlap"]),
     "encode_tile_size": (codec, "encode_moments", lambda a, k: k["tile_size"]),

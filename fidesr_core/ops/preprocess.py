@@ -1,18 +1,29 @@
-"""Input sizing of the released test script (docs/algorithm.md §2.1), generalised to any scale.
+"""Input sizing and resampling of the released test scripts (docs/algorithm.md §2.1, §2.8, §2.9), generalised to any scale.
 
 ``prepare_lq`` turns an LQ image into the network's input: pre-scale images
-whose short side would end below ``process_size`` after upscaling, bicubic
+whose short side would end below ``process_size`` after upscaling, resize
 ``× upscale_by``, shrink each side to a multiple of 8, map to ``[-1, 1]``.
+``color_fix_decoded`` colour-fixes the decoded image against that input, and
 ``resize_to_output`` brings the result to exactly ``round(upscale_by · size)``
-of the original.  The released script only resizes back for pre-scaled
-images, so an odd-sized input comes out a few pixels short there; here the
-output always has the requested size.
+of the original.  The released scripts only resize back pre-scaled images,
+so an odd-sized input comes out a few pixels short there; here the output
+always has the requested size.
 
-Resampling is torch bicubic with ``antialias=True``, which uses PIL's kernel
-(a = −0.5; plain torch bicubic uses a = −0.75).  The released code shrinks to
-the multiple of 8 with PIL's Lanczos; torch has no Lanczos, so bicubic is used
-(this only touches sizes that are not multiples of 8 after upscaling).
+Two paths, chosen per image:
 
+* **8-bit images** (every value ``k / 255``, as from a PNG, JPEG or WebP file or a ComfyUI
+  image loaded from one) go the released way, through PIL on 8-bit images: bicubic pre-scale
+  and ``× upscale_by`` (each rounded to 8 bits), Lanczos to the multiple of 8, ``uint8 / 255``;
+  after the decoder the image is truncated to 8 bits (``x · 255`` truncated, as torchvision's
+  ``to_pil_image``), colour-fixed against the 8-bit network input, truncated again, and
+  resized with PIL's bicubic on 8 bits.  PIL runs on the CPU; results go back to the
+  input's device.
+* **Other images** (16-bit PNGs, floats from other ComfyUI nodes) keep their precision: the
+  same bicubic kernel in float (torch's antialiased bicubic is PIL's a = −0.5 kernel), bicubic
+  also for the multiple-of-8 step (torch has no Lanczos), no 8-bit rounding anywhere.
+
+Sizes follow the released arithmetic for integer factors (threshold ``process_size //
+upscale_by``, sides ``int(scale · side)``, so a short side of 49 px at ×4 becomes 127, not 128).
 Bounds (docs/algorithm.md §2.1): the min-side rule never stretches the long side past
 ``MAX_PRESCALE_ASPECT`` × the short-side target (2048 px at ×4), so a thin strip is not blown up
 to gigapixels; an image whose processing size would exceed ``MAX_PROCESSING_PIXELS``, or whose
@@ -24,25 +35,31 @@ overshoot) are clamped, anything else (0-255 data, [-1, 1] data, integer tensors
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ..errors import ImageInputError, SettingsError
+from ..errors import ImageInputError
+from ..settings import PROCESS_SIZE, ColorFixMethod
+from .color_fix import apply_color_fix
 
 __all__ = [
     "MAX_PRESCALE_ASPECT",
     "MAX_PROCESSING_PIXELS",
     "PreparedImage",
     "check_unit_range",
+    "eight_bit_images",
     "processing_size",
     "resize_image",
     "prepare_lq",
+    "color_fix_decoded",
     "resize_to_output",
 ]
 
-PROCESS_SIZE = 512  # SD 2.1-base resolution; the released script's process_size
 MAX_PRESCALE_ASPECT = 16  # the min-side rule stretches the long side to at most 16x the short-side target
 # A 16384 x 16384 network input; the whole-image tensors cost about 170 bytes per processing pixel
 # (fp32, CPU, measured), so this is about 45 GB: anything larger is refused, not attempted.
@@ -55,18 +72,72 @@ RANGE_TOLERANCE = 0.25  # how far outside [0, 1] resampling overshoot may go bef
 class PreparedImage:
     pixels: torch.Tensor  # [B, 3, H, W] in [-1, 1], float32, H and W multiples of 8
     output_size: tuple[int, int]  # (height, width) the final image must have
+    eight_bit: tuple[bool, ...] = ()  # per image: prepared the released way, through PIL on 8 bits
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """PIL-style bicubic resize of ``[B, C, H, W]`` in ``[0, 1]`` to ``size`` (h, w), clamped to [0, 1]."""
+    """PIL-style bicubic resize of ``[B, C, H, W]`` in ``[0, 1]`` to ``size`` (h, w) in float, clamped to [0, 1]."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     resized = F.interpolate(image.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return resized.clamp(0.0, 1.0)
 
 
-def _prescaled_size(height: int, width: int, min_side: float) -> tuple[int, int]:
-    """The min-side rule: lift the short side to ``min_side``, the long side capped at ``16 × min_side``."""
+_CHECK_CHUNK = 1 << 22  # values checked at a time: temporaries of 16 MB, not of the whole image
+
+
+def _is_eight_bit(values: torch.Tensor) -> bool:
+    """Whether every value is exactly ``k / 255`` (float32) for an integer ``k`` in 0..255; stops at the first chunk
+    that is not."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK):
+        chunk = flat[start : start + _CHECK_CHUNK].float()
+        if not torch.equal(chunk.mul(255.0).round_().div_(255.0), chunk):
+            return False
+    low, high = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
+    return bool(low >= 0.0) and bool(high <= 1.0)
+
+
+def eight_bit_images(image: torch.Tensor) -> list[bool]:
+    """Per image of ``[B, C, H, W]``: whether every value is exactly ``k / 255`` (float32), ``k`` in 0..255."""
+    return [_is_eight_bit(one) for one in image]
+
+
+def _network_levels(pixels: torch.Tensor) -> torch.Tensor | None:
+    """``k`` for a network input ``[3, H, W]`` in [-1, 1] that is ``k / 255 · 2 − 1`` exactly (float32), as
+    ``prepare_lq`` makes it from an 8-bit image (the released ``to_tensor(image) * 2 - 1``); else None."""
+    pixels = pixels.float()
+    levels = pixels.add(1.0).mul_(127.5).round_().clamp_(0.0, 255.0)
+    return levels if torch.equal(levels.div(255.0).mul_(2.0).sub_(1.0), pixels) else None
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """One 8-bit-valued ``[3, H, W]`` float image -> the 8-bit RGB PIL image it stands for (on the CPU)."""
+    levels = image.float().mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8).cpu()
+    return Image.merge("RGB", [Image.fromarray(plane.numpy()) for plane in levels])
+
+
+def _from_pil(image: Image.Image, device: torch.device) -> torch.Tensor:
+    """An 8-bit RGB PIL image -> ``[3, H, W]`` float32 ``k / 255`` on ``device`` (torchvision's ``to_tensor``)."""
+    planes = torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
+    return planes.to(device).float().div_(255.0)
+
+
+def _pil_resize(image: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """``Image.resize`` to ``size`` (h, w), as the released scripts call it; PIL rounds each pass to 8 bits."""
+    return image.resize((size[1], size[0]), resample)
+
+
+def _prescaled_size(height: int, width: int, upscale_by: float, process_size: int) -> tuple[int, int]:
+    """The min-side rule: lift the short side to ``process_size / upscale_by``, the long side capped at 16 times that.
+
+    Integer factors follow the released arithmetic exactly: threshold ``process_size // upscale_by``,
+    ``scale = threshold / short side``, each side ``int(scale · side)`` (float truncation makes a short
+    side of 49, 98, 103 or 107 px at ×4 come out 127, not 128).  Other factors lift the short side to
+    exactly ``ceil(process_size / upscale_by)``.
+    """
+    integer_factor = float(upscale_by).is_integer()
+    min_side = process_size // int(upscale_by) if integer_factor else process_size / upscale_by
     short_side, long_side = min(height, width), max(height, width)
     if short_side >= min_side:
         return height, width
@@ -75,9 +146,10 @@ def _prescaled_size(height: int, width: int, min_side: float) -> tuple[int, int]
     if factor * long_side > long_cap:  # a thin strip: stretch only as far as the long side allows
         factor = max(1.0, long_cap / long_side)
         new_short, new_long = max(int(factor * short_side), short_side), max(int(factor * long_side), long_side)
+    elif integer_factor:  # the released script: PIL sizes int(scale * side)
+        new_short, new_long = int(factor * short_side), int(factor * long_side)
     else:
         new_short = math.ceil(min_side - 1e-9)  # exact short side, free of float truncation
-        # The long side uses int() truncation, as PIL size arithmetic in the released script.
         new_long = max(int(factor * long_side), new_short)
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
@@ -97,9 +169,7 @@ def processing_size(
     """
     if height < 1 or width < 1:
         raise ImageInputError(f"image is {width}x{height} pixels; it needs at least 1x1")
-    if not (math.isfinite(upscale_by) and 1.0 <= upscale_by <= 16.0):
-        raise SettingsError(f"upscale_by must be between 1 and 16, got {upscale_by}")
-    pre_h, pre_w = _prescaled_size(height, width, process_size / upscale_by)
+    pre_h, pre_w = _prescaled_size(height, width, upscale_by, process_size)
     up_h, up_w = round(pre_h * upscale_by), round(pre_w * upscale_by)
     proc_h, proc_w = up_h - up_h % 8, up_w - up_w % 8
     if min(proc_h, proc_w) < MIN_PROCESSING_SIDE:
@@ -137,23 +207,112 @@ def check_unit_range(image: torch.Tensor) -> None:
         raise ImageInputError(f"expected pixels in [0, 1], got values from {low:g} to {high:g}{hint}")
 
 
+def _prepare_float(
+    image: torch.Tensor, pre_size: tuple[int, int], up_size: tuple[int, int], proc_size: tuple[int, int]
+) -> torch.Tensor:
+    """The float path: bicubic in float for all three resizes; ``[B, 3, H, W]`` in [0, 1]."""
+    upscaled = resize_image(image.float().clamp(0.0, 1.0), pre_size)
+    return resize_image(resize_image(upscaled, up_size), proc_size)
+
+
+def _prepare_eight_bit(
+    image: torch.Tensor, pre_size: tuple[int, int], up_size: tuple[int, int], proc_size: tuple[int, int]
+) -> torch.Tensor:
+    """The released steps on one 8-bit image ``[3, H, W]``: PIL bicubic, bicubic, Lanczos; ``k / 255``."""
+    resized = _pil_resize(_to_pil(image), pre_size, Image.Resampling.BICUBIC)
+    resized = _pil_resize(resized, up_size, Image.Resampling.BICUBIC)
+    resized = _pil_resize(resized, proc_size, Image.Resampling.LANCZOS)
+    return _from_pil(resized, image.device)
+
+
 def prepare_lq(image: torch.Tensor, *, upscale_by: float = 4.0, process_size: int = PROCESS_SIZE) -> PreparedImage:
     """``[B, 3, H, W]`` float in ``[0, 1]`` -> network input and the final output size.
 
     Sizes are checked first, then the pixels (``check_unit_range``), before anything is resized.
+    8-bit images (``eight_bit_images``) are resized as the released scripts do, through PIL on
+    8 bits; the others in float (see the module's docstring).
     """
     if image.ndim != 4 or image.shape[1] != 3:
         raise ImageInputError(f"expected an RGB batch [B, 3, H, W], got shape {tuple(image.shape)}")
     height, width = image.shape[-2:]
     pre_size, proc_size = processing_size(height, width, upscale_by=upscale_by, process_size=process_size)
     check_unit_range(image)
-    upscaled = resize_image(image.float().clamp(0.0, 1.0), pre_size)
     up_size = (round(pre_size[0] * upscale_by), round(pre_size[1] * upscale_by))
-    upscaled = resize_image(resize_image(upscaled, up_size), proc_size)
+    eight_bit = eight_bit_images(image)
+
+    def prepared(index: int) -> torch.Tensor:
+        if eight_bit[index]:
+            return _prepare_eight_bit(image[index], pre_size, up_size, proc_size)[None]
+        return _prepare_float(image[index : index + 1], pre_size, up_size, proc_size)
+
+    if any(eight_bit):
+        upscaled = _per_image(image.shape[0], prepared)
+    else:
+        upscaled = _prepare_float(image, pre_size, up_size, proc_size)
     output_size = (round(height * upscale_by), round(width * upscale_by))
-    return PreparedImage(pixels=upscaled * 2.0 - 1.0, output_size=output_size)
+    # x · 2 − 1, in place (the released scripts: to_tensor(image) * 2 - 1)
+    return PreparedImage(pixels=upscaled.mul_(2.0).sub_(1.0), output_size=output_size, eight_bit=tuple(eight_bit))
+
+
+def _truncate_to_eight_bit(image: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """``to_tensor(to_pil_image(image))`` of ``[..., H, W]`` in [0, 1]: ``x · 255`` truncated, over 255."""
+    scaled = image.mul_(255.0) if in_place else image.float().mul(255.0)
+    return scaled.floor_().clamp_(0.0, 255.0).div_(255.0)
+
+
+def color_fix_decoded(decoded: torch.Tensor, upscaled_lq: torch.Tensor, color_fix: ColorFixMethod) -> torch.Tensor:
+    """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the network input ``upscaled_lq`` (in [-1, 1]).
+
+    For images whose network input came from an 8-bit image (``prepare_lq``'s PIL path; recognised
+    from ``upscaled_lq``, which must be float32 as made), the released scripts' steps: the decoded
+    image truncated to 8 bits (torchvision's ``to_pil_image``), the colour fix against the 8-bit
+    network input, the result truncated to 8 bits again (none: truncated once).  Other images:
+    the colour fix in float against the network input resized to the decoded size.
+    """
+    upscaled_lq = upscaled_lq.to(decoded.device)
+    size = tuple(decoded.shape[-2:])
+
+    def fixed(index: int) -> torch.Tensor:
+        one = decoded[index : index + 1]
+        levels = _network_levels(upscaled_lq[index])
+        if levels is None:
+            reference = resize_image((upscaled_lq[index : index + 1].float() + 1.0).mul_(0.5), size)
+            return apply_color_fix(one, reference, color_fix)
+        target = _truncate_to_eight_bit(one)
+        if color_fix == "none":
+            return target
+        reference = resize_image(levels.div_(255.0)[None], size)  # k / 255, as to_tensor gives it
+        return _truncate_to_eight_bit(apply_color_fix(target, reference, color_fix), in_place=True)
+
+    return _per_image(decoded.shape[0], fixed)
+
+
+def _per_image(count: int, compute: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """``[count, ...]`` from ``compute(index) -> [1, ...]``, written into one tensor (no copy for one image)."""
+    first = compute(0)
+    if count == 1:
+        return first
+    result = first.new_empty((count, *first.shape[1:]))
+    result[0] = first[0]
+    del first
+    for index in range(1, count):
+        result[index] = compute(index)[0]
+    return result
 
 
 def resize_to_output(image: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    """Resize the restored ``[B, 3, H, W]`` in ``[0, 1]`` to ``output_size`` when it differs."""
-    return resize_image(image, output_size)
+    """Resize the restored ``[B, 3, H, W]`` in ``[0, 1]`` to ``output_size`` when it differs.
+
+    Images whose values are all 8-bit (as ``color_fix_decoded`` leaves the released path's) are
+    resized as the released scripts do, with PIL's bicubic on 8 bits; the others in float.
+    """
+    if tuple(image.shape[-2:]) == tuple(output_size):
+        return image
+
+    def resized(index: int) -> torch.Tensor:
+        one = image[index : index + 1]
+        if not _is_eight_bit(one):
+            return resize_image(one, output_size)
+        return _from_pil(_pil_resize(_to_pil(one[0]), output_size, Image.Resampling.BICUBIC), image.device)[None]
+
+    return _per_image(image.shape[0], resized)
