@@ -27,7 +27,7 @@ from reference_impl import (
 )
 
 from fidesr_core.latent_steps import finish_image
-from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.injection import HighFrequencySettings, LowFrequencySettings, inject_frequencies, spatial_gate
@@ -55,13 +55,14 @@ def pair() -> Pair:
     torch.manual_seed(0)
     base = tiny_base_model(seed=0)
     weights = tiny_fidesr_weights(base, seed=0)
-    assert any(float(t.abs().max()) > 0 for k, t in weights.unet_lora_state.items() if "lora_B" in k)
+    lora = weights.lora["unet"]
+    assert any(float(t.abs().max()) > 0 for k, t in lora.state.items() if "lora_B" in k)
     assert float(weights.lrrb_state["out_conv.weight"].abs().max()) > 0
-    unet = ref_lora_unet(base.unet, weights.lora_rank, weights.target_modules, weights.unet_lora_state)
+    unet = ref_lora_unet(base.unet, lora.rank, lora.target_modules, lora.state)
     vae = copy.deepcopy(base.vae).eval()
     embedding = ref_empty_prompt_embedding(copy.deepcopy(base.text_encoder).eval())
     lrrb_state = {k: v.clone().float() for k, v in weights.lrrb_state.items()}
-    model = assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
+    model = assemble_restorer(base, weights, precision="fp32", device="cpu")
     return Pair(model=model, unet=unet, vae=vae, lrrb_state=lrrb_state, embedding=embedding)
 
 
