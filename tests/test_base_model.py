@@ -206,7 +206,7 @@ def test_768_file_name_loads_with_a_note(
 def test_bundled_config_refuses_a_file_of_another_layout(tiny: BaseModel, tmp_path: Path) -> None:
     path = write_ldm_checkpoint(tiny, tmp_path / "small.safetensors")
     with pytest.raises(
-        BaseModelError, match=r"small\.safetensors: the U-Net cannot be loaded \(\S+ expected shape .*2\.1-base"
+        BaseModelError, match=r"small\.safetensors: the text encoder cannot be loaded \(\S+ expected shape .*2\.1-base"
     ):
         load_base_model(path)  # bundled SD 2.1-base configs
 
