@@ -236,6 +236,9 @@ def test_usable_inputs_identify_as_sd2(tiny: BaseModel, tmp_path: Path) -> None:
 def test_a_missing_base_points_to_fidesr_download_and_the_mirrors(tmp_path: Path) -> None:
     """stabilityai/stable-diffusion-2-1-base left the Hub in November 2025: the message names what works now."""
     from fidesr_core.app.download import SD21_BASE
+    from fidesr_core.loading.base_model import SD21_BASE_MIRRORS
+
+    assert SD21_BASE_MIRRORS == SD21_BASE.sources  # the hint names what `fidesr download` tries
 
     with pytest.raises(BaseModelError) as caught:
         load_base_model(tmp_path / "v2-1_512-ema-pruned.safetensors")
