@@ -98,10 +98,9 @@ def _read(single: Path, reader: str) -> dict:
     import torch
 
     if reader == "ours":
-        from fidesr_core.loading.checkpoint_files import open_checkpoint
+        from fidesr_core.loading.files import read_header, read_tensors
 
-        checkpoint = open_checkpoint(single)
-        tensors = checkpoint.load(checkpoint.shapes, torch.float32)
+        tensors = read_tensors(single, read_header(single)[0].shapes, torch.float32)
     else:
         import safetensors
 

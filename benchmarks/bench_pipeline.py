@@ -173,7 +173,7 @@ def _run_reference(networks: tuple, image: torch.Tensor, dtype: torch.dtype, dev
 
 
 def _worker(path: str, case: str, precision: str, device_name: str, output: Path, repeats: int) -> dict:
-    from fidesr_core.loading.assemble import use_channels_last
+    from fidesr_core.loading.restorer import use_channels_last
     from fidesr_core.precision import resolve_device, resolve_dtype
 
     device = resolve_device(device_name)

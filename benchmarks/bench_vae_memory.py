@@ -30,7 +30,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _worker(coder: str, size: int, precision: str, tile: int | None) -> dict:
     from diffusers import AutoencoderKL
 
-    from fidesr_core.loading.assemble import use_channels_last
+    from fidesr_core.loading.restorer import use_channels_last
     from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 
     dtype, device = _DTYPES[precision], torch.device("cpu")

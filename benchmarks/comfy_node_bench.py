@@ -93,7 +93,7 @@ def _import_pack() -> Any:
 
 
 def _model(pack_name: str, size: str, precision: str) -> Any:
-    assemble = importlib.import_module(f"{pack_name}.fidesr_core.loading.assemble")
+    assemble = importlib.import_module(f"{pack_name}.fidesr_core.loading.restorer")
     tiny = importlib.import_module(f"{pack_name}.fidesr_core.networks.tiny")
     if size == "tiny":
         base = tiny.tiny_base_model(seed=1)
@@ -112,7 +112,7 @@ def _model(pack_name: str, size: str, precision: str) -> Any:
             kind="random, SD 2.1-base size",
         )
     weights = tiny.tiny_fidesr_weights(base, seed=2)
-    return assemble.assemble_fidesr_model(base, weights, precision=precision, device="cpu")
+    return assemble.assemble_restorer(base, weights, precision=precision, device="cpu")
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:

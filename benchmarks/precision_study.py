@@ -152,7 +152,7 @@ def main() -> None:
         default="fp16,bf16,bf16+groupnorm,bf16+attention,bf16+conv_out,bf16+conv_in,bf16+groupnorm+attention",
     )
     args = parser.parse_args()
-    from fidesr_core.loading.assemble import use_channels_last
+    from fidesr_core.loading.restorer import use_channels_last
 
     base = _build(args.part)
     start = time.perf_counter()

@@ -144,8 +144,8 @@ class FiDeSRModelLoader(io.ComfyNode):
         # diffusers and transformers take seconds to import: pay for them when a model is loaded,
         # not at every ComfyUI start.
         from ..fidesr_core.loading.base_model import load_base_model
-        from ..fidesr_core.loading.family_weights import load_restorer_weights
         from ..fidesr_core.loading.restorer import assemble_restorer
+        from ..fidesr_core.loading.weights import load_restorer_weights
 
         with engine_errors(node, sources=WEIGHTS_SOURCES):
             weights = load_restorer_weights(weights_path)
@@ -153,9 +153,7 @@ class FiDeSRModelLoader(io.ComfyNode):
         with engine_errors(node, sources=BASE_SOURCES):
             base = load_base_model(base_path)
         with engine_errors(node):
-            model = assemble_restorer(
-                base, weights, tokenizer_source=base_path, precision=chosen, device=offload_device
-            )
+            model = assemble_restorer(base, weights, precision=chosen, device=offload_device)
         handle = FiDeSRModelHandle.wrap(model, base_name=base_model, weights_name=fidesr_weights)
         summary = f"{handle.family_name}: {fidesr_weights} on {base_model}, {chosen}, runs on {load_device}"
         logger.info("FiDeSR pack loaded %s", summary)

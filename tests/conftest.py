@@ -27,7 +27,7 @@ from base_model_fixtures import guard_network
 from comfy_stub import import_pack, install_comfy_stubs, node_classes, remove_from_sys_modules
 from node_helpers import PACK_ROOT, chain
 
-from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import BaseModel, FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 
@@ -42,7 +42,7 @@ def tiny() -> BaseModel:
 def tiny_model() -> FiDeSRModel:
     """A tiny FiDeSR model, fp32 on the CPU (base seed 1, weights seed 2)."""
     base = tiny_base_model(seed=1)
-    return assemble_fidesr_model(base, tiny_fidesr_weights(base, seed=2), precision="fp32", device="cpu")
+    return assemble_restorer(base, tiny_fidesr_weights(base, seed=2), precision="fp32", device="cpu")
 
 
 @contextmanager
@@ -105,10 +105,10 @@ def _fresh_records(request: pytest.FixtureRequest) -> None:
 def handle(comfy):
     """A FIDESR_MODEL around a tiny random FiDeSR model (fp32, CPU)."""
     tiny = comfy.module("fidesr_core.networks.tiny")
-    loading = comfy.module("fidesr_core.loading.assemble")
+    loading = comfy.module("fidesr_core.loading.restorer")
     base = tiny.tiny_base_model(seed=1)
     weights = tiny.tiny_fidesr_weights(base, seed=2)
-    model = loading.assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
+    model = loading.assemble_restorer(base, weights, precision="fp32", device="cpu")
     model_handle = comfy.module("nodes.model_handle")
     return model_handle.FiDeSRModelHandle.wrap(model, base_name="tiny", weights_name="tiny")
 

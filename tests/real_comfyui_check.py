@@ -32,7 +32,7 @@ from comfy_api.v0_0_2 import ComfyExtension  # noqa: E402
 from comfy_stub import import_pack  # noqa: E402
 from ldm_export import write_diffusers_folder  # noqa: E402
 
-from fidesr_core.loading.weights import save_fidesr_weights  # noqa: E402
+from fidesr_core.loading.weights import save_restorer_weights  # noqa: E402
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights  # noqa: E402
 
 torch.set_num_threads(1)
@@ -65,7 +65,7 @@ models = WORK_DIR / "models"
 base = tiny_base_model(seed=4)
 write_diffusers_folder(base, models / "diffusers" / "tiny-sd21")
 (models / "fidesr").mkdir(parents=True, exist_ok=True)
-save_fidesr_weights(tiny_fidesr_weights(base, seed=5), models / "fidesr" / "tiny.safetensors")
+save_restorer_weights(tiny_fidesr_weights(base, seed=5), models / "fidesr" / "tiny.safetensors")
 folder_paths.add_model_folder_path("diffusers", str(models / "diffusers"), is_default=True)
 pack = import_pack(PACK_ROOT)
 folder_paths.add_model_folder_path("fidesr", str(models / "fidesr"), is_default=True)

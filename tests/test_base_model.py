@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,8 +20,11 @@ import torch
 from ldm_export import ldm_state_dict, write_config_folder, write_diffusers_folder, write_ldm_checkpoint
 
 from fidesr_core.errors import BaseModelError, ModelFileError
-from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR, empty_components, load_base_model
-from fidesr_core.loading.identify import identify_model_file, read_checkpoint_state_dict
+from fidesr_core.loading import files
+from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR, load_base_model
+from fidesr_core.loading.clip_tokenizer import BUNDLED_TOKENIZER_DIR
+from fidesr_core.loading.files import load_pickle, read_header, read_tensors, state_dict_tensors
+from fidesr_core.loading.identify import identify_model_file
 from fidesr_core.networks.model import BaseModel
 from fidesr_core.networks.tiny import TINY_TEXT_CONFIG
 
@@ -72,7 +76,15 @@ def assert_same_outputs(original: BaseModel, loaded: BaseModel) -> None:
 
 
 def test_bundled_sd21_configs_build_the_published_sizes_on_meta() -> None:
-    unet, vae, text_encoder = empty_components()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SD21_BASE_CONFIG_DIR, subfolder="unet")
+        )
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD21_BASE_CONFIG_DIR, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD21_BASE_CONFIG_DIR, subfolder="text_encoder"))
     counts = [round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for m in (unet, vae, text_encoder)]
     assert counts == [865.9, 83.7, 340.4]  # docs/algorithm.md §1
     assert all(p.device.type == "meta" for m in (unet, vae, text_encoder) for p in m.parameters())
@@ -92,8 +104,10 @@ def test_diffusers_folder_loads_identical_model(tiny: BaseModel, tmp_path: Path,
     folder = write_diffusers_folder(tiny, tmp_path / "sd21")
     if not with_index:
         (folder / "model_index.json").unlink()
+        shutil.copytree(BUNDLED_TOKENIZER_DIR, folder / "tokenizer")  # prompts use the folder's own tokenizer
     loaded = load_base_model(folder)
     assert loaded.kind == "diffusers folder" and loaded.source == str(folder)
+    assert loaded.tokenizer_dir == str(BUNDLED_TOKENIZER_DIR if with_index else folder / "tokenizer")
     for name in ("unet", "vae", "text_encoder"):
         assert_same_weights(getattr(tiny, name), getattr(loaded, name))
     assert_loaded_properly(loaded)
@@ -192,7 +206,7 @@ def test_768_file_name_loads_with_a_note(
 def test_bundled_config_refuses_a_file_of_another_layout(tiny: BaseModel, tmp_path: Path) -> None:
     path = write_ldm_checkpoint(tiny, tmp_path / "small.safetensors")
     with pytest.raises(
-        BaseModelError, match=r"small\.safetensors: the U-Net weights do not match its config: \d+ missing"
+        BaseModelError, match=r"small\.safetensors: the text encoder cannot be loaded \(\S+ expected shape .*2\.1-base"
     ):
         load_base_model(path)  # bundled SD 2.1-base configs
 
@@ -202,25 +216,30 @@ def test_config_of_other_widths_is_refused_naming_the_shape(tiny: BaseModel, tmp
     unet_config = json.loads((config_dir / "unet" / "config.json").read_text())
     (config_dir / "unet" / "config.json").write_text(json.dumps({**unet_config, "block_out_channels": [24, 48]}))
     path = write_ldm_checkpoint(tiny, tmp_path / "narrow.ckpt")
-    with pytest.raises(BaseModelError, match=r"narrow\.ckpt: U-Net weight \S+ has shape \(\d+.*the config expects"):
+    with pytest.raises(
+        BaseModelError, match=r"narrow\.ckpt: the U-Net cannot be loaded \(\S+ expected shape torch\.Size\(\[\d+"
+    ):
         load_base_model(path, config_dir=config_dir)
 
 
 # --------------------------------------------------------------------------- reading files
 
 
-def test_read_checkpoint_state_dict_unwraps_nesting(tmp_path: Path) -> None:
+def test_reading_a_pickle_unwraps_nesting(tmp_path: Path) -> None:
     tensors = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
     path = tmp_path / "nested.ckpt"
     torch.save({"state_dict": {"state_dict": tensors, "note": "x"}, "global_step": 5}, path)
-    read = read_checkpoint_state_dict(path)
+    header, loaded = read_header(path)
+    assert header.shapes == {"a.weight": (3, 2), "b": (4,)} and header.top_keys == {"state_dict", "global_step"}
+    read = state_dict_tensors(loaded)
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], v) for k, v in tensors.items())
     torch.save([torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(ModelFileError, match="holds a list"):
-        read_checkpoint_state_dict(tmp_path / "list.pt")
+        read_header(tmp_path / "list.pt")
     torch.save({"epoch": 3}, tmp_path / "meta.pt")
-    with pytest.raises(ModelFileError, match="holds no tensors"):
-        read_checkpoint_state_dict(tmp_path / "meta.pt")
+    assert identify_model_file(tmp_path / "meta.pt").description == "a file without tensors"
+    with pytest.raises(BaseModelError, match="meta.pt looks like a file without tensors"):
+        load_base_model(tmp_path / "meta.pt")
 
 
 class _Evil:
@@ -245,7 +264,7 @@ def test_code_executing_pickle_is_refused_without_running(tmp_path: Path, writer
     if writer == "torch.save":
         assert "posix.system" in str(caught.value) or "nt.system" in str(caught.value)
     with pytest.raises(ModelFileError):
-        read_checkpoint_state_dict(path)
+        load_pickle(path, mmap=False)
     with pytest.raises(ModelFileError):
         identify_model_file(path)
     assert not marker.exists()
@@ -256,8 +275,6 @@ def test_identification_reads_only_the_safetensors_header(
 ) -> None:
     import safetensors
     import safetensors.torch
-
-    from fidesr_core.loading import checkpoint_files
 
     path = write_ldm_checkpoint(tiny, tmp_path / "model.safetensors")
     real_open = safetensors.safe_open
@@ -297,8 +314,8 @@ def test_identification_reads_only_the_safetensors_header(
     for owner, name in (
         (safetensors.torch, "load_file"),
         (torch, "load"),
-        (checkpoint_files.OpenedCheckpoint, "load"),
-        (checkpoint_files, "read_safetensors_tensors"),
+        (files, "read_tensors"),
+        (files, "load_pickle"),
     ):
         monkeypatch.setattr(owner, name, no_tensor_reads)
     identity = identify_model_file(path)
@@ -306,37 +323,32 @@ def test_identification_reads_only_the_safetensors_header(
     assert opened == [str(path)]  # the header was read, by the library
 
 
-@pytest.mark.parametrize("form", [".safetensors", ".ckpt", "diffusers folder"])
-def test_loaded_weights_own_aligned_memory(tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path, form: str) -> None:
-    """Weights never point into the file (mmap) nor at odd byte offsets (slower, numerically different kernels)."""
-    if form == "diffusers folder":
-        path = write_diffusers_folder(tiny, tmp_path / "folder")
-        loaded = load_base_model(path)
-    else:
-        path = write_ldm_checkpoint(tiny, tmp_path / f"m{form}")
-        loaded = load_base_model(path, config_dir=tiny_config_dir)
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_weights_own_their_memory(
+    tiny: BaseModel, tiny_config_dir: Path, tmp_path: Path, suffix: str
+) -> None:
+    """A single file is read once into memory: weights never point into the file (mmap), each owns its storage,
+    aligned for any dtype (16 bytes). A diffusers folder's weights are what ``from_pretrained`` hands over."""
+    path = write_ldm_checkpoint(tiny, tmp_path / f"m{suffix}")
+    loaded = load_base_model(path, config_dir=tiny_config_dir)
     for module in (loaded.unet, loaded.vae, loaded.text_encoder):
         for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-            assert tensor.data_ptr() % 64 == 0, (form, name)
-            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), (form, name)
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]:
-        with open(file, "r+b") as handle:
-            handle.truncate(0)  # the same inode: a weight still mapped from it would fault when read
+            assert tensor.data_ptr() % 16 == 0, (suffix, name)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), (suffix, name)
+    with open(path, "r+b") as handle:
+        handle.truncate(0)  # the same inode: a weight still mapped from it would fault when read
     assert_same_outputs(tiny, loaded)
 
 
-@pytest.mark.parametrize("reopen_every", [None, 1000])
-def test_read_checkpoint_state_dict_matches_safetensors(
-    tiny: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen_every: int | None
-) -> None:
-    """Also when the reader reopens the file every few tensors (it does so every 256 MiB)."""
+def test_read_tensors_matches_safetensors(tiny: BaseModel, tmp_path: Path) -> None:
+    """Every tensor as stored, in memory of its own, cast when asked."""
     from safetensors.torch import load_file
 
-    from fidesr_core.loading import checkpoint_files
-
-    if reopen_every is not None:
-        monkeypatch.setattr(checkpoint_files, "_MAPPED_BYTES_PER_OPEN", reopen_every)
     path = write_ldm_checkpoint(tiny, tmp_path / "m.safetensors", dtype=torch.bfloat16)
-    ours, theirs = read_checkpoint_state_dict(path), load_file(path)
+    theirs = load_file(path)
+    ours = read_tensors(path, theirs)
     assert ours.keys() == theirs.keys()
     assert all(ours[key].dtype == torch.bfloat16 and torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in ours.values())
+    cast = read_tensors(path, list(theirs)[:3], torch.float32)
+    assert all(cast[key].dtype == torch.float32 and torch.equal(cast[key], theirs[key].float()) for key in cast)

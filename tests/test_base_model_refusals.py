@@ -20,7 +20,7 @@ from ldm_export import ldm_state_dict, vae_to_ldm, write_config_folder, write_di
 from fidesr_core.errors import BaseModelError, ModelFileError
 from fidesr_core.loading.base_model import load_base_model
 from fidesr_core.loading.identify import identify_model_file
-from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.loading.weights import save_restorer_weights
 from fidesr_core.networks.model import BaseModel
 from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_fidesr_weights
 
@@ -57,8 +57,9 @@ SDXL_SHAPES = {
     UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
     "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (8, 768),
 }
-SD3_SHAPES = {UNET + "joint_blocks.0.x_block.attn.qkv.weight": (6, 2), UNET + "x_embedder.proj.weight": (2, 16, 2, 2)}
-FLUX_SHAPES = {"double_blocks.0.img_attn.qkv.weight": (6, 2), "single_blocks.0.linear1.weight": (4, 2)}
+# SD 3 and Flux by the keys (and sizes) real files have, which diffusers' infer_diffusers_model_type reads
+SD3_SHAPES = {UNET + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), UNET + "pos_embed": (1, 36864, 8)}
+FLUX_SHAPES = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.linear1.weight": (4, 2)}
 LORA_SHAPES = {
     "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
     "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 4),
@@ -73,7 +74,7 @@ def _variant(tiny: BaseModel, in_channels: int) -> BaseModel:
 
 
 def _fidesr_pickle(tiny: BaseModel, path: Path) -> Path:
-    save_fidesr_weights(tiny_fidesr_weights(tiny), path)  # the authors' fidesr.pkl layout
+    save_restorer_weights(tiny_fidesr_weights(tiny), path)  # the authors' fidesr.pkl layout
     return path
 
 
@@ -165,15 +166,15 @@ def _make(case: str, tiny: BaseModel, tmp: Path) -> Path:
 BAD_INPUTS = {
     "sd1": ("sd1", ["looks like an SD 1.x checkpoint (text context 768", "conv proj_in"]),
     "sdxl": ("sdxl", ["SDXL", "conditioner.embedders"]),
-    "sd3": ("sd3", ["Stable Diffusion 3"]),
-    "flux": ("flux", ["Flux"]),
+    "sd3": ("other-model", ["Stable Diffusion 3"]),
+    "flux": ("other-model", ["Flux"]),
     "lora": ("lora", ["LoRA"]),
-    "vae-only": ("vae-only", ["VAE-only"]),
+    "vae-only": ("model-part", ["VAE-only"]),
     "no-vae": ("sd2", ["incomplete SD 2.x checkpoint", "first_stage_model"]),
     "fidesr-weights": ("fidesr-weights", ["FiDeSR weights", "--weights"]),
     "pisa-sr-weights": ("pisa-sr-weights", ["PiSA-SR weights"]),
-    "sd2-inpainting": ("sd2-inpainting", ["inpainting", "9 input channels"]),
-    "sd2-depth": ("sd2-depth", ["depth", "5 input channels"]),
+    "sd2-inpainting": ("sd2-variant", ["SD 2.x inpainting", "9 input channels"]),
+    "sd2-depth": ("sd2-variant", ["SD 2.x depth", "5 input channels"]),
     "random-safetensors": (None, ["not a valid safetensors file"]),
     "random-ckpt": (None, ["not a readable PyTorch file"]),
     "truncated-safetensors": (None, ["is truncated"]),
@@ -230,3 +231,17 @@ def test_usable_inputs_identify_as_sd2(tiny: BaseModel, tmp_path: Path) -> None:
         identity = identify_model_file(path)
         assert (identity.family, identity.container, identity.is_sd2) == ("sd2", container, True)
         assert not any("768" in note for note in identity.notes)
+
+
+def test_a_missing_base_points_to_fidesr_download_and_the_mirrors(tmp_path: Path) -> None:
+    """stabilityai/stable-diffusion-2-1-base left the Hub in November 2025: the message names what works now."""
+    from fidesr_core.app.download import SD21_BASE
+    from fidesr_core.loading.base_model import SD21_BASE_MIRRORS
+
+    assert SD21_BASE_MIRRORS == SD21_BASE.sources  # the hint names what `fidesr download` tries
+
+    with pytest.raises(BaseModelError) as caught:
+        load_base_model(tmp_path / "v2-1_512-ema-pruned.safetensors")
+    message = str(caught.value)
+    assert "no such file or folder" in message and "`fidesr download`" in message and "stabilityai" not in message
+    assert SD21_BASE.sources and all(source in message for source in SD21_BASE.sources)

@@ -23,7 +23,7 @@ from fidesr_core import __version__
 from fidesr_core.app import cli
 from fidesr_core.app.batch import plan_outputs, upscale_files
 from fidesr_core.errors import ImageInputError, WeightsFileError
-from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.loading.weights import save_restorer_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
 from fidesr_core.settings import UpscaleSettings
 
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_files(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
-    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), folder / "fidesr.pkl")
+    save_restorer_weights(tiny_fidesr_weights(tiny, seed=4), folder / "fidesr.pkl")
     write_diffusers_folder(tiny, folder / "sd21-tiny")
     return {"base": folder / "sd21-tiny", "weights": folder / "fidesr.pkl"}
 
@@ -310,7 +310,7 @@ def test_the_program_names_itself_as_it_was_started(tmp_path: Path, monkeypatch:
 
 def test_convert_asks_for_overwrite_before_replacing(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = tmp_path / "fidesr.pkl"
-    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), source)
+    save_restorer_weights(tiny_fidesr_weights(tiny, seed=4), source)
     destination = tmp_path / "fidesr.safetensors"
     destination.write_bytes(b"keep me")
     code, _, err = _run(capsys, "convert", source, destination)

@@ -19,9 +19,9 @@ from ldm_export import write_config_folder, write_diffusers_folder, write_ldm_ch
 from PIL import Image
 
 from fidesr_core.app import cli
-from fidesr_core.loading.assemble import assemble_fidesr_model
 from fidesr_core.loading.base_model import load_base_model
-from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
+from fidesr_core.loading.restorer import assemble_restorer
+from fidesr_core.loading.weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import upscale
 from fidesr_core.settings import UpscaleSettings
@@ -34,7 +34,7 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     base = tiny_base_model(seed=3)
     weights = tiny_fidesr_weights(base, seed=4)
-    save_fidesr_weights(weights, folder / "fidesr.pkl")
+    save_restorer_weights(weights, folder / "fidesr.pkl")
     write_diffusers_folder(base, folder / "sd21-tiny")
     return {"base": folder / "sd21-tiny", "weights": folder / "fidesr.pkl", "folder": folder}
 
@@ -171,15 +171,14 @@ def test_convert_and_info(model_files: dict, tmp_path: Path, capsys: pytest.Capt
     assert code == 0 and converted.is_file()
     back = tmp_path / "back.pkl"
     assert _run(capsys, "convert", converted, back)[0] == 0
-    original, round_trip = load_fidesr_weights(model_files["weights"]), load_fidesr_weights(back)
-    assert all(
-        torch.equal(original.unet_lora_state[k], round_trip.unet_lora_state[k]) for k in original.unet_lora_state
-    )
+    original, round_trip = load_restorer_weights(model_files["weights"]), load_restorer_weights(back)
+    lora, lora_back = original.lora["unet"].state, round_trip.lora["unet"].state
+    assert all(torch.equal(lora[k], lora_back[k]) for k in lora)
     code, out, _ = _run(capsys, "info", converted, "--json")
     description = json.loads(out)
-    assert code == 0 and description["lora_rank"] == 2 and description["lrrb_parameters"] == 720_260
+    assert code == 0 and description["unet_lora"]["rank"] == 2 and description["lrrb_parameters"] == 720_260
     code, out, _ = _run(capsys, "info", model_files["weights"])
-    assert code == 0 and "lora_rank" in out and "pkl" in out
+    assert code == 0 and "unet_lora" in out and "pkl" in out
     code, _, err = _run(capsys, "info", model_files["base"] / "unet" / "config.json")
     assert code == 2 and "error:" in err
 
@@ -203,7 +202,7 @@ def test_single_file_and_folder_bases_give_identical_outputs(tmp_path: Path) -> 
     settings = UpscaleSettings(latent_mode="sample", seed=3)
     outputs = []
     for loaded in (load_base_model(folder), load_base_model(single, config_dir=config)):
-        model = assemble_fidesr_model(loaded, weights, precision="fp32", device="cpu")
+        model = assemble_restorer(loaded, weights, precision="fp32", device="cpu")
         outputs.append(upscale(model, image, settings))
     assert torch.equal(outputs[0], outputs[1])
 

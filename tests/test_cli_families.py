@@ -13,8 +13,8 @@ from PIL import Image
 
 from fidesr_core.app import cli
 from fidesr_core.loading.base_model import load_base_model
-from fidesr_core.loading.family_weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
+from fidesr_core.loading.weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.networks.tiny import tiny_base_model, tiny_osediff_weights, tiny_pisa_sr_weights
 from fidesr_core.pipeline import upscale
 from fidesr_core.settings import UpscaleSettings
@@ -59,7 +59,6 @@ def _engine_png(files: dict, weights: str, settings: UpscaleSettings, prompt: st
         load_base_model(files["base"]),
         load_restorer_weights(files[weights]),
         prompt=prompt,
-        tokenizer_source=files["base"],
         precision="fp32",
         device="cpu",
     )

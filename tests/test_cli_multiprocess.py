@@ -19,7 +19,7 @@ import pytest
 from ldm_export import write_diffusers_folder
 from PIL import Image
 
-from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.loading.weights import save_restorer_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def workspace(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ranks")
-    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), root / "fidesr.pkl")
+    save_restorer_weights(tiny_fidesr_weights(tiny, seed=4), root / "fidesr.pkl")
     write_diffusers_folder(tiny, root / "sd21-tiny")
     for index, name in enumerate(NAMES):
         path = root / "photos" / name

@@ -1,4 +1,4 @@
-"""Prompts: the fixed token sequences, the CLIP tokenizer the package ships, and a diffusers folder's own."""
+"""Prompts: every one through SD 2's CLIP tokenizer, the one the package ships or a diffusers folder's own."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ import torch
 from transformers import CLIPTokenizer
 
 from fidesr_core.loading.clip_tokenizer import BUNDLED_TOKENIZER_DIR, load_clip_tokenizer, prompt_ids, tokenizer_folder
+from fidesr_core.loading.restorer import prompt_embedding_for
 from fidesr_core.networks.families import OSEDIFF_RECIPE, PISA_SR_RECIPE
-from fidesr_core.networks.text_embedding import FIXED_PROMPT_TOKENS, fixed_prompt_token_ids
+from fidesr_core.networks.model import BaseModel
+from fidesr_core.networks.text_embedding import encode_token_ids
+from fidesr_core.networks.tiny import tiny_base_model
+
+# The released prompts' token ids (docs/algorithm.md §2.2, §9.3): BOS, the text's tokens (",</w>" = 267), EOS,
+# then SD 2's padding "!" (id 0) up to 77.
+RELEASED_PROMPT_IDS = {"": [49406, 49407], ", ,": [49406, 267, 267, 49407]}
 
 
 def test_bundled_vocabulary_is_clips() -> None:
@@ -27,11 +34,22 @@ def test_bundled_vocabulary_is_clips() -> None:
     assert (BUNDLED_TOKENIZER_DIR / "LICENSE-open_clip.txt").read_text().count("Permission is hereby granted") == 1
 
 
-@pytest.mark.parametrize("text", sorted(FIXED_PROMPT_TOKENS))
-def test_fixed_prompts_equal_the_tokenizer(text: str) -> None:
-    tokenizer = load_clip_tokenizer()
-    expected = tokenizer(text, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(fixed_prompt_token_ids(text), expected)
+@pytest.mark.parametrize("text", sorted(RELEASED_PROMPT_IDS))
+def test_released_prompts_tokenize_to_their_ids(text: str) -> None:
+    ids = RELEASED_PROMPT_IDS[text]
+    assert prompt_ids(text).tolist() == [ids + [0] * (77 - len(ids))]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("family", "text"), [("fidesr", ""), ("pisa-sr", ""), ("osediff", ", ,")])
+def test_released_prompt_embeddings_are_those_of_the_ids(family: str, text: str) -> None:
+    """Bit for bit the embedding of the ids the released scripts' tokenizer gives (once spelled out in the code)."""
+    base = tiny_base_model(seed=1)
+    ids = RELEASED_PROMPT_IDS[text]
+    expected = encode_token_ids(base.text_encoder, torch.tensor([ids + [0] * (77 - len(ids))]))
+    assert torch.equal(prompt_embedding_for(base, family), expected)
+    other = prompt_embedding_for(base, "osediff" if family != "osediff" else "fidesr")
+    assert not torch.equal(other, expected)
 
 
 def test_released_prompt_texts() -> None:
@@ -58,5 +76,9 @@ def test_a_diffusers_folders_tokenizer_is_preferred(tmp_path: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, pad_token="<|endoftext|>")))
     assert tokenizer_folder(tmp_path) == folder
     # SD 1.x-style padding with EOS shows that this folder's tokenizer was used
-    assert int(prompt_ids("a cat", base_path=tmp_path)[0, -1]) == 49407
-    assert isinstance(load_clip_tokenizer(tmp_path), CLIPTokenizer)
+    assert int(prompt_ids("a cat", folder)[0, -1]) == 49407
+    assert isinstance(load_clip_tokenizer(folder), CLIPTokenizer)
+    # a base model loaded from that folder tokenizes its released prompt with it
+    base = tiny_base_model(seed=1)
+    own = BaseModel(base.unet, base.vae, base.text_encoder, str(tmp_path), "test", tokenizer_dir=str(folder))
+    assert not torch.equal(prompt_embedding_for(own, "fidesr"), prompt_embedding_for(base, "fidesr"))

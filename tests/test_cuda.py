@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import upscale
 from fidesr_core.settings import UpscaleSettings
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _model(precision: str, device: str):
     base = tiny_base_model(seed=11)
-    return assemble_fidesr_model(base, tiny_fidesr_weights(base, seed=12), precision=precision, device=device)
+    return assemble_restorer(base, tiny_fidesr_weights(base, seed=12), precision=precision, device=device)
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 2e-3), ("fp16", 3e-2), ("bf16", 6e-2)])

@@ -16,14 +16,14 @@ import sys
 sys.modules["kornia"] = None  # any import of kornia now fails
 import torch
 from fidesr_core.app import cli, doctor
-from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.pipeline import upscale
 from fidesr_core.settings import UpscaleSettings
 
 torch.set_num_threads(1)
 base = tiny_base_model()
-model = assemble_fidesr_model(base, tiny_fidesr_weights(base), precision="fp32", device="cpu")
+model = assemble_restorer(base, tiny_fidesr_weights(base), precision="fp32", device="cpu")
 image = upscale(model, torch.rand(1, 3, 16, 16), UpscaleSettings(process_size=64))
 assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 print("upscaled without kornia")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from fidesr_core.app.download import FIDESR_WEIGHTS, SD21_BASE, DownloadError, fetch_known_file
 from fidesr_core.loading.identify import identify_model_file
-from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
+from fidesr_core.loading.weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ WEIGHTS_REPO = FIDESR_WEIGHTS.sources[0]
 def served_files(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("served")
     base = write_ldm_checkpoint(tiny, folder / BASE_NAME)
-    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), folder / WEIGHTS_NAME)
+    save_restorer_weights(tiny_fidesr_weights(tiny, seed=4), folder / WEIGHTS_NAME)
     save_file({"weight": torch.zeros(4, 4)}, folder / "wrong.safetensors")  # a real file, but no base model
     return {
         "base": base.read_bytes(),
@@ -82,7 +82,7 @@ def test_sources_are_tried_in_order_and_only_a_checked_file_is_kept(served_files
         assert (models / BASE_NAME).read_bytes() == served_files["base"]
         assert (models / WEIGHTS_NAME).read_bytes() == served_files["weights"]
         assert identify_model_file(models / BASE_NAME).is_sd2
-        assert load_fidesr_weights(models / WEIGHTS_NAME).lora_rank == 2
+        assert load_restorer_weights(models / WEIGHTS_NAME).lora["unet"].rank == 2
         assert sorted(path.name for path in models.iterdir()) == [WEIGHTS_NAME, BASE_NAME]  # nothing staged is left
 
         before = len(hub.requests)

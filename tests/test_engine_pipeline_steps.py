@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fidesr_core.errors import Cancelled, ImageInputError, SettingsError, WeightsFileError
-from fidesr_core.loading.assemble import assemble_fidesr_model
+from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.networks.model import FiDeSRModel
-from fidesr_core.networks.text_embedding import empty_prompt_token_ids
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from fidesr_core.ops.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
@@ -112,7 +111,9 @@ def test_resize_helpers() -> None:
 
 
 def test_empty_prompt_token_ids() -> None:
-    ids = empty_prompt_token_ids()
+    from fidesr_core.loading.clip_tokenizer import prompt_ids
+
+    ids = prompt_ids("")
     assert ids.shape == (1, 77) and ids.dtype == torch.long
     assert ids[0, :3].tolist() == [49406, 49407, 0] and int(ids[0, 2:].abs().sum()) == 0
 
@@ -133,7 +134,8 @@ def test_tiny_weights_leave_base_untouched_and_are_reproducible() -> None:
     after = base.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     again = tiny_fidesr_weights(base, seed=3)
-    assert all(torch.equal(weights.unet_lora_state[k], again.unet_lora_state[k]) for k in weights.unet_lora_state)
+    lora, lora_again = weights.lora["unet"].state, again.lora["unet"].state
+    assert all(torch.equal(lora[k], lora_again[k]) for k in lora)
     assert all(float(v.abs().max()) > 0 for v in weights.lrrb_state.values())
 
 
@@ -148,7 +150,7 @@ def test_assemble_rejects_wrong_lrrb() -> None:
     weights = tiny_fidesr_weights(base, seed=4)
     weights.lrrb_state["out_conv.weight"] = torch.zeros(3, 64, 1, 1)
     with pytest.raises(WeightsFileError):
-        assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
+        assemble_restorer(base, weights, precision="fp32", device="cpu")
 
 
 def test_encode_modes(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:

@@ -17,12 +17,15 @@ from safetensors import safe_open
 from weights_fixtures import authors_checkpoint
 
 from fidesr_core.errors import WeightsFileError
-from fidesr_core.loading.describe_weights import describe_restorer_weights
-from fidesr_core.loading.family_weights import convert_restorer_weights, load_restorer_weights, save_restorer_weights
+from fidesr_core.loading.identify import identify_model_file
 from fidesr_core.loading.restorer import assemble_restorer
-from fidesr_core.loading.weights import load_fidesr_weights
-from fidesr_core.networks.families import OSEDiffWeights, PiSASRWeights
-from fidesr_core.networks.model import BaseModel, FiDeSRWeights
+from fidesr_core.loading.weights import (
+    convert_restorer_weights,
+    describe_restorer_weights,
+    load_restorer_weights,
+    save_restorer_weights,
+)
+from fidesr_core.networks.model import BaseModel
 from fidesr_core.networks.tiny import TINY_UNET_CONFIG, tiny_base_model
 
 
@@ -60,27 +63,29 @@ def _same_tensors(left: dict, right: dict) -> None:
 
 def test_pisa_sr_pkl_loads_as_two_sets(pisa: dict, tmp_path: Path) -> None:
     weights = load_restorer_weights(_save(pisa, tmp_path / "pisa_sr.pkl"))
-    assert isinstance(weights, PiSASRWeights) and weights.file_format == "pkl"
-    assert (weights.pixel.rank, weights.semantic.rank) == (4, 2)
-    assert weights.pixel.target_modules["default_encoder_pix"] == pisa["unet_lora_encoder_modules_pix"]
-    assert all("_pix." in key for key in weights.pixel.state) and all("_sem." in key for key in weights.semantic.state)
-    _same_tensors(weights.pixel.state | weights.semantic.state, pisa["state_dict_unet"])
+    pixel, semantic = weights.lora["pixel"], weights.lora["semantic"]
+    assert weights.family == "pisa-sr" and weights.file_format == "pkl" and set(weights.lora) == {"pixel", "semantic"}
+    assert (pixel.rank, semantic.rank) == (4, 2)
+    assert pixel.target_modules["default_encoder_pix"] == pisa["unet_lora_encoder_modules_pix"]
+    assert all("_pix." in key for key in pixel.state) and all("_sem." in key for key in semantic.state)
+    _same_tensors(pixel.state | semantic.state, pisa["state_dict_unet"])
 
 
 def test_osediff_pkl_loads_with_conv_in_and_vae_lora(osediff: dict, tmp_path: Path) -> None:
     weights = load_restorer_weights(_save(osediff, tmp_path / "osediff.pkl"))
-    assert isinstance(weights, OSEDiffWeights) and weights.file_format == "pkl"
-    assert (weights.unet_lora.rank, weights.vae_lora.rank) == (4, 2)
+    unet_lora, vae_lora = weights.lora["unet"], weights.lora["vae_encoder"]
+    assert weights.family == "osediff" and weights.file_format == "pkl"
+    assert (unet_lora.rank, vae_lora.rank) == (4, 2)
     assert set(weights.conv_in_state) == {"weight", "bias"}
     assert torch.equal(weights.conv_in_state["weight"], osediff["state_dict_unet"]["conv_in.base_layer.weight"])
-    assert "conv_in.lora_A.default_encoder.weight" in weights.unet_lora.state  # conv_in carries a LoRA too
-    assert weights.vae_lora.target_modules["default_encoder"] == osediff["vae_lora_encoder_modules"]
-    _same_tensors(weights.vae_lora.state, osediff["state_dict_vae"])
+    assert "conv_in.lora_A.default_encoder.weight" in unet_lora.state  # conv_in carries a LoRA too
+    assert vae_lora.target_modules["default_encoder"] == osediff["vae_lora_encoder_modules"]
+    _same_tensors(vae_lora.state, osediff["state_dict_vae"])
 
 
 def test_fidesr_files_go_through_the_fidesr_reader(tmp_path: Path) -> None:
     weights = load_restorer_weights(_save(authors_checkpoint(), tmp_path / "fidesr.pkl"))
-    assert isinstance(weights, FiDeSRWeights) and weights.family == "fidesr"
+    assert weights.family == "fidesr" and set(weights.lora) == {"unet"} and weights.lrrb_state
 
 
 @pytest.mark.parametrize("family", ["pisa", "osediff"])
@@ -107,12 +112,12 @@ def test_round_trip_pkl_safetensors_pkl(family: str, pisa: dict, osediff: dict, 
 
 def test_half_precision_and_metadata_are_kept(pisa: dict, tmp_path: Path) -> None:
     weights = load_restorer_weights(_save(pisa, tmp_path / "pisa_sr.pkl"))
-    weights.pixel.state = {k: v.half() for k, v in weights.pixel.state.items()}
+    weights.lora["pixel"].state = {k: v.half() for k, v in weights.lora["pixel"].state.items()}
     weights.metadata["note"] = "fp16 pixel set"
     save_restorer_weights(weights, tmp_path / "half.safetensors")
     again = load_restorer_weights(tmp_path / "half.safetensors")
-    assert {v.dtype for v in again.pixel.state.values()} == {torch.float16}
-    assert {v.dtype for v in again.semantic.state.values()} == {torch.float32}
+    assert {v.dtype for v in again.lora["pixel"].state.values()} == {torch.float16}
+    assert {v.dtype for v in again.lora["semantic"].state.values()} == {torch.float32}
     assert again.metadata == {"note": "fp16 pixel set"}
 
 
@@ -123,7 +128,8 @@ def test_describe(pisa: dict, osediff: dict, tmp_path: Path) -> None:
     assert pisa_info["pixel_lora"]["parameters"] > 0
     osediff_info = describe_restorer_weights(load_restorer_weights(_save(osediff, tmp_path / "o.pkl")))
     assert osediff_info["family"] == "OSEDiff" and osediff_info["vae_encoder_lora"]["rank"] == 2
-    assert osediff_info["conv_in"] == tuple(osediff["state_dict_unet"]["conv_in.base_layer.weight"].shape)
+    conv_in = [osediff["state_dict_unet"][f"conv_in.base_layer.{name}"] for name in ("weight", "bias")]
+    assert osediff_info["conv_in_parameters"] == sum(tensor.numel() for tensor in conv_in)
     # duplicates in the released VAE list count once
     assert osediff_info["vae_encoder_lora"]["modules"]["default_encoder"] == len(
         set(osediff["vae_lora_encoder_modules"])
@@ -138,7 +144,7 @@ def test_pisa_sr_file_with_a_set_missing(pisa: dict, tmp_path: Path) -> None:
     no_semantic = {k: v for k, v in pisa.items() if not k.endswith("_sem")}
     no_semantic["state_dict_unet"] = {k: v for k, v in pisa["state_dict_unet"].items() if "_pix." in k}
     message = _refusal(_save(no_semantic, tmp_path / "no_sem.pkl"))
-    assert "PiSA-SR" in message and "semantic LoRA set" in message and "lora_rank_unet_sem" in message
+    assert "PiSA-SR" in message and "the semantic LoRA set is missing" in message and "lora_rank_unet_sem" in message
 
     no_pixel = {k: v for k, v in pisa.items() if not k.endswith("_pix")}
     message = _refusal(_save(no_pixel, tmp_path / "no_pix.pkl"))
@@ -152,7 +158,7 @@ def test_pisa_sr_file_with_a_set_missing(pisa: dict, tmp_path: Path) -> None:
 def test_osediff_file_without_its_vae_lora(osediff: dict, tmp_path: Path) -> None:
     no_vae = {k: v for k, v in osediff.items() if k not in ("rank_vae", "vae_lora_encoder_modules", "state_dict_vae")}
     message = _refusal(_save(no_vae, tmp_path / "no_vae.pkl"))
-    assert "OSEDiff" in message and "VAE encoder LoRA" in message and "state_dict_vae" in message
+    assert "OSEDiff" in message and "the VAE encoder LoRA is missing" in message and "state_dict_vae" in message
 
     empty_vae = dict(osediff, state_dict_vae={})
     message = _refusal(_save(empty_vae, tmp_path / "empty_vae.pkl"))
@@ -205,10 +211,17 @@ def test_our_safetensors_with_a_newer_version(pisa: dict, tmp_path: Path) -> Non
     assert "version '2'" in _refusal(tmp_path / "newer.safetensors")
 
 
-def test_fidesr_reader_points_to_the_restorer_reader(pisa: dict, tmp_path: Path) -> None:
-    path = _save(pisa, tmp_path / "pisa_sr.pkl")
-    with pytest.raises(WeightsFileError, match="load_restorer_weights"):
-        load_fidesr_weights(path)
+def test_each_file_is_unpickled_once(
+    pisa: dict, osediff: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Telling the family and reading the weights share one weights-only unpickling."""
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or real_load(*args, **kwargs))
+    for name, checkpoint in (("fidesr", authors_checkpoint()), ("pisa", pisa), ("osediff", osediff)):
+        calls.clear()
+        load_restorer_weights(_save(checkpoint, tmp_path / f"{name}.pkl"))
+        assert len(calls) == 1 and calls[0]["weights_only"] is True, name
 
 
 def test_weights_that_do_not_fit_the_base_model(pisa: dict, tmp_path: Path) -> None:
@@ -228,8 +241,6 @@ def test_weights_that_do_not_fit_the_base_model(pisa: dict, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("suffix", [".pkl", ".safetensors"])
 def test_identification_says_which_family(pisa: dict, osediff: dict, tmp_path: Path, suffix: str) -> None:
-    from fidesr_core.loading.identify import identify_model_file
-
     for name, checkpoint, family in (("pisa_sr", pisa, "pisa-sr-weights"), ("osediff", osediff, "osediff-weights")):
         source = _save(checkpoint, tmp_path / f"{name}.pkl")
         path = source if suffix == ".pkl" else tmp_path / f"{name}.safetensors"

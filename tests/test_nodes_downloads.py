@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from fidesr_core.app.download import FIDESR_WEIGHTS, SD21_BASE
 from fidesr_core.loading.identify import identify_model_file
-from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.loading.weights import save_restorer_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
 
 SCRIPT = Path(__file__).with_name("download_entry_run.py")
@@ -41,7 +41,7 @@ def served(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("served")
     write_diffusers_folder(tiny, folder / "tiny")
     base = write_ldm_checkpoint(tiny, folder / SD21_BASE.name)
-    save_fidesr_weights(tiny_fidesr_weights(tiny, seed=4), folder / FIDESR_WEIGHTS.name)
+    save_restorer_weights(tiny_fidesr_weights(tiny, seed=4), folder / FIDESR_WEIGHTS.name)
     save_file({"weight": torch.zeros(4, 4)}, folder / "wrong.safetensors")  # a real file, but no base model
     return {
         "diffusers": folder / "tiny",

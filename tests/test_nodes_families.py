@@ -23,7 +23,7 @@ BASE = "diffusers/tiny-families"
 @pytest.fixture(scope="module")
 def files(comfy) -> SimpleNamespace:
     tiny = comfy.module("fidesr_core.networks.tiny")
-    family_weights = comfy.module("fidesr_core.loading.family_weights")
+    family_weights = comfy.module("fidesr_core.loading.weights")
     base = tiny.tiny_base_model(seed=6)
     write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-families")
     folder = comfy.models_dir / "fidesr"

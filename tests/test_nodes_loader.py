@@ -35,9 +35,9 @@ def model_files(comfy) -> SimpleNamespace:
     config_dir = PACK_ROOT / "fidesr_core" / "loading" / "configs" / "sd21_base"
     _write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-sd21", config_dir)
     (comfy.models_dir / "fidesr").mkdir(exist_ok=True)
-    save_fidesr_weights = comfy.module("fidesr_core.loading.weights").save_fidesr_weights
-    save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "fidesr-tiny.pkl")  # the authors' layout
-    save_fidesr_weights(weights, comfy.models_dir / "fidesr" / "tiny.safetensors")
+    save_restorer_weights = comfy.module("fidesr_core.loading.weights").save_restorer_weights
+    save_restorer_weights(weights, comfy.models_dir / "fidesr" / "fidesr-tiny.pkl")  # the authors' layout
+    save_restorer_weights(weights, comfy.models_dir / "fidesr" / "tiny.safetensors")
     (comfy.models_dir / "fidesr" / "corrupt.pkl").write_bytes(b"\x80\x04this is not a torch file" * 10)
     (comfy.models_dir / "fidesr" / "readme.txt").write_text("not weights")
     return SimpleNamespace(base_seed=4, weights=weights)
@@ -115,8 +115,8 @@ def test_loader_builds_the_model_with_comfyuis_precision(comfy, model_files) -> 
     assert fp32.dtype == torch.float32
     # The same networks as assembling the tiny model and weights directly.
     tiny = comfy.module("fidesr_core.networks.tiny")
-    loading = comfy.module("fidesr_core.loading.assemble")
-    direct = loading.assemble_fidesr_model(
+    loading = comfy.module("fidesr_core.loading.restorer")
+    direct = loading.assemble_restorer(
         tiny.tiny_base_model(seed=model_files.base_seed), model_files.weights, precision="fp32", device="cpu"
     )
     torch.testing.assert_close(fp32.model.prompt_embedding, direct.prompt_embedding)

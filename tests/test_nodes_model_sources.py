@@ -83,7 +83,7 @@ def _check_node_outputs(comfy, base_module, single_file, run_folder, lq_image) -
         torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)  # .pkl and .safetensors agree
     untrained = upscale(
-        comfy.module("fidesr_core.loading.assemble").assemble_fidesr_model(
+        comfy.module("fidesr_core.loading.restorer").assemble_restorer(
             base_module.load_base_model(single_file),
             comfy.module("fidesr_core.networks.tiny").tiny_fidesr_weights(tiny_base_model(seed=8), rank=2, scale=0.0),
             precision="fp32",

@@ -100,7 +100,7 @@ INPUTS: dict[str, dict[str, tuple[Any, tuple[str, str, Extract]]]] = {
     "FiDeSRColorFix": {"method": ("wavelet", ("nodes.color_fix_node", "apply_color_fix", _arg(2, "method")))},
     "FiDeSRModelLoader": {
         "base_model": ("diffusers/tiny-b", ("fidesr_core.loading.base_model", "load_base_model", _arg(0, "path"))),
-        "fidesr_weights": ("b.pkl", ("fidesr_core.loading.family_weights", "load_restorer_weights", _arg(0, "path"))),
+        "fidesr_weights": ("b.pkl", ("fidesr_core.loading.weights", "load_restorer_weights", _arg(0, "path"))),
         "precision": ("bf16", ("fidesr_core.loading.restorer", "assemble_restorer", lambda a, k: k["precision"])),
     },
 }
@@ -130,7 +130,7 @@ def model_folders(comfy) -> None:
     from ldm_export import write_diffusers_folder
 
     tiny = comfy.module("fidesr_core.networks.tiny")
-    save = comfy.module("fidesr_core.loading.family_weights").save_restorer_weights
+    save = comfy.module("fidesr_core.loading.weights").save_restorer_weights
     base = tiny.tiny_base_model(seed=4)
     write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-a")
     shutil.copytree(comfy.models_dir / "diffusers" / "tiny-a", comfy.models_dir / "diffusers" / "tiny-b")

@@ -35,8 +35,8 @@ from reference_impl import (
 )
 
 from fidesr_core.app import cli
-from fidesr_core.loading.assemble import assemble_fidesr_model
-from fidesr_core.loading.weights import save_fidesr_weights
+from fidesr_core.loading.restorer import assemble_restorer
+from fidesr_core.loading.weights import save_restorer_weights
 from fidesr_core.networks.model import FiDeSRModel
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.injection import inject_frequencies, spatial_gate
@@ -69,14 +69,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     weights = tiny_fidesr_weights(base, seed=0)
     folder = tmp_path_factory.mktemp("fidesr_files")  # the same weights as files, for the command line
     write_diffusers_folder(base, folder / "base")
-    save_fidesr_weights(weights, folder / "fidesr.pkl")
-    assert any(float(t.abs().max()) > 0 for k, t in weights.unet_lora_state.items() if "lora_B" in k)
+    save_restorer_weights(weights, folder / "fidesr.pkl")
+    lora = weights.lora["unet"]
+    assert any(float(t.abs().max()) > 0 for k, t in lora.state.items() if "lora_B" in k)
     assert float(weights.lrrb_state["out_conv.weight"].abs().max()) > 0
-    unet = ref_lora_unet(base.unet, weights.lora_rank, weights.target_modules, weights.unet_lora_state)
+    unet = ref_lora_unet(base.unet, lora.rank, lora.target_modules, lora.state)
     vae = copy.deepcopy(base.vae).eval()
     embedding = ref_empty_prompt_embedding(copy.deepcopy(base.text_encoder).eval())
     lrrb_state = {k: v.clone().float() for k, v in weights.lrrb_state.items()}
-    model = assemble_fidesr_model(base, weights, precision="fp32", device="cpu")
+    model = assemble_restorer(base, weights, precision="fp32", device="cpu")
     return Pair(model=model, unet=unet, vae=vae, lrrb_state=lrrb_state, embedding=embedding, folder=folder)
 
 

@@ -27,8 +27,8 @@ from reference_families import ref_osediff_latents, ref_osediff_networks, ref_pr
 from reference_image_steps import ref_bicubic_resize, ref_prepare_lq
 from reference_impl import ref_decode_and_finish, ref_lfim
 
-from fidesr_core.loading.family_weights import load_restorer_weights
 from fidesr_core.loading.restorer import assemble_restorer
+from fidesr_core.loading.weights import load_restorer_weights
 from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model
 from fidesr_core.ops.injection import inject_frequencies, spatial_gate

@@ -202,7 +202,7 @@ def model_files(tmp_path_factory: pytest.TempPathFactory, tiny) -> dict[str, Pat
     """A tiny SD 2.1 diffusers folder with FiDeSR and PiSA-SR weights for it."""
     from ldm_export import write_diffusers_folder
 
-    from fidesr_core.loading.family_weights import save_restorer_weights
+    from fidesr_core.loading.weights import save_restorer_weights
     from fidesr_core.networks.tiny import tiny_fidesr_weights
 
     folder = tmp_path_factory.mktemp("models")

@@ -233,7 +233,7 @@ def test_checkpoint_layout_and_keep_last(workspace, tmp_path: Path) -> None:
 
 
 def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Path) -> None:
-    from fidesr_core import assemble_fidesr_model, load_fidesr_weights
+    from fidesr_core import assemble_restorer, load_restorer_weights
     from fidesr_core.pipeline import upscale
     from fidesr_core.settings import UpscaleSettings
     from training.validation import training_model_view
@@ -258,33 +258,34 @@ def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Pa
     generator = result.generator.eval()
     expected = upscale(training_model_view(generator, _empty_embedding(), torch.float32), lq, settings)
     for name in ("fidesr.pkl", "fidesr.safetensors"):
-        weights = load_fidesr_weights(folder / name)
-        assert weights.lora_rank == 4 and weights.target_modules == generator.target_modules
-        for key, tensor in generator.export_weights().unet_lora_state.items():
-            assert torch.equal(weights.unet_lora_state[key].float(), tensor), key
-        model = assemble_fidesr_model(tiny_base_model(0), weights, precision="fp32", device="cpu")
+        weights = load_restorer_weights(folder / name)
+        assert weights.lora["unet"].rank == 4 and weights.lora["unet"].target_modules == generator.target_modules
+        for key, tensor in generator.export_weights().lora["unet"].state.items():
+            assert torch.equal(weights.lora["unet"].state[key].float(), tensor), key
+        model = assemble_restorer(tiny_base_model(0), weights, precision="fp32", device="cpu")
         restored = upscale(model, lq, settings)
         torch.testing.assert_close(restored, expected, atol=2e-5, rtol=0)
 
 
 def _empty_embedding() -> torch.Tensor:
-    from fidesr_core.networks.text_embedding import encode_empty_prompt
+    from fidesr_core.loading.restorer import prompt_embedding_for
 
-    return encode_empty_prompt(tiny_base_model(0).text_encoder)
+    return prompt_embedding_for(tiny_base_model(0), "fidesr")
 
 
 def test_fine_tuning_starts_from_the_given_weights(workspace, tmp_path: Path) -> None:
-    from fidesr_core.loading.weights import save_fidesr_weights
+    from fidesr_core.loading.weights import save_restorer_weights
 
     released = tiny_fidesr_weights(tiny_base_model(0), rank=2, seed=5)
     path = tmp_path / "fidesr.pkl"
-    save_fidesr_weights(released, path)
+    save_restorer_weights(released, path)
     # max_steps 0: build and load only; the file's rank (2) wins over the config's (4)
     result = _train(_config(workspace, tmp_path / "run", model={"init_weights": str(path)}, optim={"max_steps": 0}))
     exported = result.generator.export_weights()
-    assert exported.lora_rank == 2 and exported.target_modules == released.target_modules
-    for key, tensor in released.unet_lora_state.items():
-        assert torch.equal(exported.unet_lora_state[key], tensor), key
+    assert exported.lora["unet"].rank == 2
+    assert exported.lora["unet"].target_modules == released.lora["unet"].target_modules
+    for key, tensor in released.lora["unet"].state.items():
+        assert torch.equal(exported.lora["unet"].state[key], tensor), key
     for key, tensor in released.lrrb_state.items():
         assert torch.equal(exported.lrrb_state[key], tensor), key
 
@@ -331,16 +332,15 @@ def test_generator_forward_follows_the_formula() -> None:
 
 
 def test_prompts_need_a_tokenizer_only_when_not_empty(workspace) -> None:
-    from fidesr_core.networks.text_embedding import empty_prompt_token_ids
     from training.generator import PromptEncoder, load_tokenizer
+
+    empty = torch.tensor([[49406, 49407] + [0] * 75])  # BOS, EOS, then SD 2's padding "!" (id 0)
 
     text_encoder = tiny_base_model(0).text_encoder
     tokenizer = load_tokenizer(workspace["tokenizer"])
     plain, with_tokenizer = PromptEncoder(text_encoder), PromptEncoder(text_encoder, tokenizer)
-    assert torch.equal(with_tokenizer.token_ids([""]), empty_prompt_token_ids(77))
-    assert torch.equal(
-        tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids, empty_prompt_token_ids(77)
-    )
+    assert torch.equal(with_tokenizer.token_ids([""]), empty)
+    assert torch.equal(tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids, empty)
     torch.testing.assert_close(plain.encode([""]), with_tokenizer.encode([""]))
     ids = with_tokenizer.token_ids(["a dog", ""])
     assert ids.shape == (2, 77) and ids.max() < 49408 and ids[0, 0] == 49406 and ids[0, 1] != 49407

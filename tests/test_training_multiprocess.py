@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 from training_helpers import write_training_workspace
 
-from fidesr_core.loading.weights import load_fidesr_weights
+from fidesr_core.loading.weights import load_restorer_weights
 
 pytest.importorskip("accelerate")
 pytest.importorskip("lpips")
@@ -84,11 +84,11 @@ def test_two_processes_train_checkpoint_once_and_resume_exactly(tmp_path: Path) 
     assert full.stderr.count("finished at step 4") == 2  # both ranks ran to the end
 
     # The main process's weights load in the engine, in both formats, and agree.
-    from_pkl = load_fidesr_weights(checkpoints / "step-000004" / "fidesr.pkl")
-    from_safetensors = load_fidesr_weights(checkpoints / "step-000004" / "fidesr.safetensors")
-    assert from_pkl.lora_rank == from_safetensors.lora_rank == 4
+    from_pkl = load_restorer_weights(checkpoints / "step-000004" / "fidesr.pkl")
+    from_safetensors = load_restorer_weights(checkpoints / "step-000004" / "fidesr.safetensors")
+    assert from_pkl.lora["unet"].rank == from_safetensors.lora["unet"].rank == 4
     for pkl_state, safetensors_state in (
-        (from_pkl.unet_lora_state, from_safetensors.unet_lora_state),
+        (from_pkl.lora["unet"].state, from_safetensors.lora["unet"].state),
         (from_pkl.lrrb_state, from_safetensors.lrrb_state),
     ):
         assert pkl_state.keys() == safetensors_state.keys()

@@ -19,9 +19,9 @@ from weights_fixtures import RANK, authors_checkpoint
 from weights_fixtures import weights_from_checkpoint as _weights
 
 from fidesr_core.errors import WeightsFileError
-from fidesr_core.loading.weights import load_fidesr_weights, save_fidesr_weights
-from fidesr_core.loading.weights_validation import validate_fidesr_weights
-from fidesr_core.networks.model import BaseModel, FiDeSRWeights
+from fidesr_core.loading.weights import load_restorer_weights, save_restorer_weights, validate_weights
+from fidesr_core.networks.families import RestorerWeights
+from fidesr_core.networks.model import BaseModel
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def authors() -> dict:
 
 def _refusal(path: Path) -> str:
     with pytest.raises(WeightsFileError) as caught:
-        load_fidesr_weights(path)
+        load_restorer_weights(path)
     message = str(caught.value)
     assert str(path) in message
     return message
@@ -45,7 +45,9 @@ def test_missing_empty_and_garbage_files(tmp_path: Path) -> None:
     (tmp_path / "empty.pkl").write_bytes(b"")
     assert "empty" in _refusal(tmp_path / "empty.pkl")
     (tmp_path / "notes.pkl").write_text("these are not weights")
-    assert "neither" in _refusal(tmp_path / "notes.pkl")
+    assert "cannot be read as a PyTorch file" in _refusal(tmp_path / "notes.pkl")
+    (tmp_path / "notes.txt").write_text("these are not weights")
+    assert "not a model file this loader reads" in _refusal(tmp_path / "notes.txt")
     (tmp_path / "folder").mkdir()
     assert "folder" in _refusal(tmp_path / "folder")
 
@@ -54,7 +56,7 @@ def test_missing_empty_and_garbage_files(tmp_path: Path) -> None:
 def test_truncated_files(authors: dict, tmp_path: Path, kind: str) -> None:
     whole = tmp_path / ("whole.safetensors" if kind == "safetensors" else "whole.pkl")
     if kind == "safetensors":
-        save_fidesr_weights(_weights(authors), whole)
+        save_restorer_weights(_weights(authors), whole)
     else:
         torch.save(authors, whole, _use_new_zipfile_serialization=kind == "zip")
     data = whole.read_bytes()
@@ -67,7 +69,7 @@ def test_truncated_files(authors: dict, tmp_path: Path, kind: str) -> None:
 
 def test_corrupt_files(authors: dict, tmp_path: Path) -> None:
     st_path = tmp_path / "fidesr.safetensors"
-    save_fidesr_weights(_weights(authors), st_path)
+    save_restorer_weights(_weights(authors), st_path)
     data = bytearray(st_path.read_bytes())
     data[20:40] = b"\xff" * 20  # inside the JSON header
     st_path.write_bytes(bytes(data))
@@ -116,7 +118,8 @@ def test_dict_with_other_keys(authors: dict, tmp_path: Path) -> None:
     assert "list" in _refusal(tmp_path / "list.pkl")
 
 
-def test_pisa_sr_checkpoint(authors: dict, tmp_path: Path) -> None:
+def test_a_pisa_sr_checkpoint_is_read_as_pisa_sr(authors: dict, tmp_path: Path) -> None:
+    """One reader for the three families: the content, not the caller, says which."""
     lora = authors["state_dict_unet"]
     pisa = {"lora_rank_unet_pix": RANK, "lora_rank_unet_sem": RANK, "state_dict_unet": {}}
     for kind in ("pix", "sem"):
@@ -131,8 +134,8 @@ def test_pisa_sr_checkpoint(authors: dict, tmp_path: Path) -> None:
             }
         )
     torch.save(pisa, tmp_path / "pisa_sr.pkl")
-    message = _refusal(tmp_path / "pisa_sr.pkl")
-    assert "PiSA-SR" in message and "not FiDeSR" in message and "not supported by this loader" in message
+    weights = load_restorer_weights(tmp_path / "pisa_sr.pkl")
+    assert weights.family == "pisa-sr" and set(weights.lora) == {"pixel", "semantic"} and not weights.lrrb_state
 
 
 def test_osediff_checkpoint(authors: dict, tmp_path: Path) -> None:
@@ -147,8 +150,8 @@ def test_osediff_checkpoint(authors: dict, tmp_path: Path) -> None:
         "state_dict_vae": {"encoder.conv_in.lora_A.default_encoder.weight": torch.zeros(RANK, 3, 3, 3)},
     }
     torch.save(osediff, tmp_path / "osediff.pkl")
-    message = _refusal(tmp_path / "osediff.pkl")
-    assert "OSEDiff" in message and "not FiDeSR" in message
+    message = _refusal(tmp_path / "osediff.pkl")  # its VAE LoRA has no lora_B and it has no conv_in
+    assert "OSEDiff weights: the VAE encoder LoRA" in message and "has no tensor lora_B" in message
 
 
 @pytest.mark.parametrize("form", ["safetensors", "ckpt", "diffusers folder"])
@@ -165,28 +168,29 @@ def test_safetensors_without_our_marker(authors: dict, tmp_path: Path) -> None:
     path = tmp_path / "someone_elses.safetensors"
     tensors = {"unet_lora." + k: v.contiguous() for k, v in authors["state_dict_unet"].items()}
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
-    assert "without the FiDeSR format marker" in _refusal(path)
+    message = _refusal(path)
+    assert "without our format marker (fidesr.format)" in message and "looks like FiDeSR weights" in message
 
 
 def test_missing_lrrb(authors: dict, tmp_path: Path) -> None:
     no_lrrb = {k: v for k, v in authors.items() if k != "lrrb_state_dict"}
     torch.save(no_lrrb, tmp_path / "no_lrrb.pkl")
-    assert "no LRRB" in _refusal(tmp_path / "no_lrrb.pkl")
+    assert "the LRRB is missing" in _refusal(tmp_path / "no_lrrb.pkl")
     torch.save({**authors, "lrrb_state_dict": {}}, tmp_path / "empty_lrrb.pkl")
-    assert "no LRRB" in _refusal(tmp_path / "empty_lrrb.pkl")
+    assert "the LRRB is missing" in _refusal(tmp_path / "empty_lrrb.pkl")
     # Our format, marker and all, without the lrrb.* tensors.
     path = tmp_path / "no_lrrb.safetensors"
-    save_fidesr_weights(_weights(authors), path)
+    save_restorer_weights(_weights(authors), path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("lrrb.")}
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
-    assert "no LRRB" in _refusal(path)
+    assert "the LRRB is missing" in _refusal(path)
 
 
 def test_our_safetensors_with_a_newer_version_or_stray_tensors(authors: dict, tmp_path: Path) -> None:
     path = tmp_path / "fidesr.safetensors"
-    save_fidesr_weights(_weights(authors), path)
+    save_restorer_weights(_weights(authors), path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
@@ -217,25 +221,25 @@ def test_nan_and_infinite_tensors(authors: dict, tmp_path: Path, where: str, val
     message = _refusal(tmp_path / "broken.pkl")
     assert "NaN or infinite" in message and name in message
     del broken[where][name]  # the same file without the bad tensor is refused for another reason
-    assert "NaN" not in str(pytest.raises(WeightsFileError, validate_fidesr_weights, _weights(broken)).value)
+    assert "NaN" not in str(pytest.raises(WeightsFileError, validate_weights, _weights(broken)).value)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _broken(authors: dict, change: str) -> FiDeSRWeights:
+def _broken(authors: dict, change: str) -> RestorerWeights:
     weights = _weights(authors)
-    lora = weights.unet_lora_state
+    lora = weights.lora["unet"].state
     first_a = next(k for k in lora if ".lora_A.default_encoder." in k)
     module = first_a.split(".lora_A.")[0]
     if change == "adapter":
-        weights.target_modules["default_extra"] = weights.target_modules.pop("default_others")
+        weights.lora["unet"].target_modules["default_extra"] = weights.lora["unet"].target_modules.pop("default_others")
     elif change == "unlisted":
-        weights.target_modules["default_encoder"].remove(module)
+        weights.lora["unet"].target_modules["default_encoder"].remove(module)
     elif change == "no lora_B":
         del lora[first_a.replace(".lora_A.", ".lora_B.")]
     elif change == "rank":
-        weights.lora_rank = RANK + 1
+        weights.lora["unet"].rank = RANK + 1
     elif change == "lrrb shape":
         weights.lrrb_state["in_conv.weight"] = torch.zeros(64, 6, 1, 1)
     elif change == "bad name":
@@ -255,9 +259,9 @@ def _broken(authors: dict, change: str) -> FiDeSRWeights:
     ],
 )
 def test_validation_names_the_source_and_the_problem(authors: dict, change: str, expected: str) -> None:
-    validate_fidesr_weights(_weights(authors), source="fine.pkl")
+    validate_weights(_weights(authors), source="fine.pkl")
     with pytest.raises(WeightsFileError) as caught:
-        validate_fidesr_weights(_broken(authors, change), source="my/fidesr.pkl")
+        validate_weights(_broken(authors, change), source="my/fidesr.pkl")
     assert str(caught.value).startswith("my/fidesr.pkl: ")
     assert expected in str(caught.value)
 

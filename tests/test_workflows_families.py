@@ -98,7 +98,7 @@ def family_models(comfy) -> SimpleNamespace:
     write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-workflows")
     folder = comfy.models_dir / "fidesr"
     folder.mkdir(exist_ok=True)
-    weights.save_fidesr_weights(tiny.tiny_fidesr_weights(base, seed=12), folder / "fidesr.pkl")
+    weights.save_restorer_weights(tiny.tiny_fidesr_weights(base, seed=12), folder / "fidesr.pkl")
     torch.save(pisa_sr_checkpoint(base, seed=13), folder / "pisa_sr.pkl")
     torch.save(osediff_checkpoint(base, seed=14), folder / "osediff.pkl")
     return SimpleNamespace(

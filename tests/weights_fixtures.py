@@ -1,4 +1,4 @@
-"""Test helper: the authors' FiDeSR checkpoint dict, built on the tiny U-Net, and its FiDeSRWeights twin;
+"""Test helper: the authors' FiDeSR checkpoint dict, built on the tiny U-Net, and its RestorerWeights twin;
 safetensors files re-written with a chosen header length.
 
 Shared by the weights and base-model tests. The key
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from fidesr_core.networks.families import LoraSet, RestorerWeights
 from fidesr_core.networks.lora import add_lora_adapters, lora_target_modules
 from fidesr_core.networks.lrrb import LRRB
-from fidesr_core.networks.model import FiDeSRWeights
 from fidesr_core.networks.tiny import TINY_UNET_CONFIG
 
 __all__ = ["RANK", "authors_checkpoint", "weights_from_checkpoint", "with_header_length_low_byte"]
@@ -50,16 +50,20 @@ def authors_checkpoint(seed: int = 1) -> dict:
     }
 
 
-def weights_from_checkpoint(authors: dict) -> FiDeSRWeights:
-    """The same content as ``authors`` as a FiDeSRWeights, with copied tensors and a little metadata."""
-    return FiDeSRWeights(
-        lora_rank=authors["lora_rank_unet"],
+def weights_from_checkpoint(authors: dict) -> RestorerWeights:
+    """The same content as ``authors`` as FiDeSR RestorerWeights, with copied tensors and a little metadata."""
+    lora = LoraSet(
+        rank=authors["lora_rank_unet"],
         target_modules={
             "default_encoder": list(authors["unet_lora_encoder_modules"]),
             "default_decoder": list(authors["unet_lora_decoder_modules"]),
             "default_others": list(authors["unet_lora_others_modules"]),
         },
-        unet_lora_state={k: v.clone() for k, v in authors["state_dict_unet"].items()},
+        state={k: v.clone() for k, v in authors["state_dict_unet"].items()},
+    )
+    return RestorerWeights(
+        "fidesr",
+        {"unet": lora},
         lrrb_state={k: v.clone() for k, v in authors["lrrb_state_dict"].items()},
         metadata={"source": "test", "training_step": "1200"},
     )

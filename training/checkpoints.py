@@ -102,7 +102,7 @@ def write_weights(
     generator: FiDeSRGenerator, folder: Path, formats: Sequence[str], metadata: Mapping[str, str]
 ) -> list[Path]:
     """Write the generator's LoRA + LRRB as ``fidesr.pkl`` and/or ``fidesr.safetensors`` into ``folder``."""
-    from fidesr_core.loading.weights import save_fidesr_weights
+    from fidesr_core.loading.weights import save_restorer_weights
 
     weights = generator.export_weights(metadata)
     written = []
@@ -110,7 +110,7 @@ def write_weights(
         if file_format not in WEIGHT_FILES:
             raise SettingsError(f"checkpoint format {file_format!r} is not one of {tuple(WEIGHT_FILES)}")
         path = folder / WEIGHT_FILES[file_format]
-        save_fidesr_weights(weights, path, file_format=file_format)
+        save_restorer_weights(weights, path, file_format=file_format)
         written.append(path)
     return written
 

@@ -28,6 +28,8 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from fidesr_core.errors import ModelFileError, SettingsError, WeightsFileError
+from fidesr_core.loading.clip_tokenizer import prompt_ids
+from fidesr_core.networks.families import LoraSet, RestorerWeights
 from fidesr_core.networks.lora import (
     ADAPTER_NAMES,
     add_lora_adapters,
@@ -36,8 +38,8 @@ from fidesr_core.networks.lora import (
     lora_target_modules,
 )
 from fidesr_core.networks.lrrb import LRRB
-from fidesr_core.networks.model import SCALING_FACTOR, BaseModel, FiDeSRWeights
-from fidesr_core.networks.text_embedding import batch_prompt_embedding, empty_prompt_token_ids
+from fidesr_core.networks.model import SCALING_FACTOR, BaseModel
+from fidesr_core.networks.text_embedding import batch_prompt_embedding
 from fidesr_core.ops.restoration import RESIDUAL_TIMESTEP
 
 from .csd import frozen_unet
@@ -57,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_HINT = (
     "pass --tokenizer FOLDER (a folder with the CLIP vocab.json and merges.txt, e.g. the tokenizer/ folder of "
-    "stabilityai/stable-diffusion-2-1-base), or use a diffusers folder as the base model"
+    "an SD 2.1-base diffusers folder), or use a diffusers folder as the base model"
 )
 
 
@@ -180,12 +182,16 @@ class FiDeSRGenerator(nn.Module):
 
     # ----------------------------------------------------------------- weights
 
-    def export_weights(self, metadata: Mapping[str, str] | None = None) -> FiDeSRWeights:
-        """The current LoRA and LRRB as ``FiDeSRWeights`` (float32 CPU copies)."""
-        return FiDeSRWeights(
-            lora_rank=self.lora_rank,
-            target_modules={name: list(modules) for name, modules in self.target_modules.items()},
-            unet_lora_state={k: v.detach().float().cpu().clone() for k, v in lora_state_dict(self.unet).items()},
+    def export_weights(self, metadata: Mapping[str, str] | None = None) -> RestorerWeights:
+        """The current LoRA and LRRB as FiDeSR ``RestorerWeights`` (float32 CPU copies)."""
+        lora = LoraSet(
+            self.lora_rank,
+            {name: list(modules) for name, modules in self.target_modules.items()},
+            {k: v.detach().float().cpu().clone() for k, v in lora_state_dict(self.unet).items()},
+        )
+        return RestorerWeights(
+            "fidesr",
+            {"unet": lora},
             lrrb_state={k: v.detach().float().cpu().clone() for k, v in self.lrrb.state_dict().items()},
             metadata=dict(metadata or {}),
         )
@@ -212,12 +218,15 @@ class FiDeSRGenerator(nn.Module):
                 parameter.copy_(state[name].to(parameter.device, parameter.dtype))
 
 
-def _check_targets(weights: FiDeSRWeights, unet: UNet2DConditionModel, source: str) -> None:
-    unknown = sorted(set(weights.target_modules) - set(ADAPTER_NAMES))
+def _check_targets(weights: RestorerWeights, unet: UNet2DConditionModel, source: str) -> None:
+    if weights.family != "fidesr":
+        raise WeightsFileError(f"{source} holds {weights.family} weights; the trainer continues from FiDeSR's")
+    targets = weights.lora["unet"].target_modules
+    unknown = sorted(set(targets) - set(ADAPTER_NAMES))
     if unknown:
         raise WeightsFileError(f"{source}: adapter names {unknown} are not FiDeSR's {ADAPTER_NAMES}")
     modules = dict(unet.named_modules())
-    absent = [name for group in weights.target_modules.values() for name in group if name not in modules]
+    absent = [name for group in targets.values() for name in group if name not in modules]
     if absent:
         raise WeightsFileError(
             f"{source}: {len(absent)} LoRA target modules (e.g. {absent[0]}) do not exist in the base U-Net; "
@@ -229,7 +238,7 @@ def build_generator(
     base: BaseModel,
     *,
     lora_rank: int = 8,
-    init_weights: FiDeSRWeights | None = None,
+    init_weights: RestorerWeights | None = None,
     latent_sampling: str = "sample",
 ) -> FiDeSRGenerator:
     """Wrap ``base``'s U-Net (adapters are added to it in place) and VAE into a trainable generator.
@@ -245,16 +254,17 @@ def build_generator(
     source = (init_weights.metadata.get("path", "the FiDeSR weights")) if init_weights is not None else ""
     if init_weights is not None:
         _check_targets(init_weights, unet, source)
-        if init_weights.lora_rank != lora_rank:
-            logger.warning("%s has LoRA rank %d; using it instead of %d", source, init_weights.lora_rank, lora_rank)
-        targets, rank = init_weights.target_modules, init_weights.lora_rank
+        init_lora = init_weights.lora["unet"]
+        if init_lora.rank != lora_rank:
+            logger.warning("%s has LoRA rank %d; using it instead of %d", source, init_lora.rank, lora_rank)
+        targets, rank = init_lora.target_modules, init_lora.rank
     else:
         targets, rank = lora_target_modules(unet), lora_rank
     add_lora_adapters(unet, targets, rank=rank, init_lora_weights="gaussian")
     lrrb = LRRB(latent_channels=unet.config.in_channels)
     if init_weights is not None:
         try:
-            load_lora_state(unet, init_weights.unet_lora_state)
+            load_lora_state(unet, init_weights.lora["unet"].state)
             lrrb.load_state_dict(init_weights.lrrb_state)
         except (KeyError, ValueError, RuntimeError) as error:
             raise WeightsFileError(f"{source} does not fit the base model {base.source}: {error}") from error
@@ -318,8 +328,7 @@ def load_tokenizer(path: str | os.PathLike):
 class PromptEncoder:
     """Prompt strings -> text-encoder embeddings ``[B, 77, D]`` (float32, no grad).
 
-    ``""`` needs no tokenizer (fixed ids, ``fidesr_core.networks.text_embedding``); any other
-    prompt does.  Embeddings of repeated prompts (the empty and negative ones) are cached.
+    ``""`` needs no tokenizer of the caller's (the package ships SD 2's); any other prompt does.  Embeddings of repeated prompts (the empty and negative ones) are cached.
     """
 
     def __init__(self, text_encoder: CLIPTextModel, tokenizer=None, *, cache_size: int = 8) -> None:
@@ -338,7 +347,7 @@ class PromptEncoder:
         rows = []
         for prompt in prompts:
             if not prompt:
-                rows.append(empty_prompt_token_ids(self.length))
+                rows.append(prompt_ids("", length=self.length))  # the tokenizer shipped with the package
                 continue
             if self.tokenizer is None:
                 raise SettingsError(f"the prompt {prompt[:40]!r} needs a CLIP tokenizer: {TOKENIZER_HINT}")

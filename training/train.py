@@ -113,9 +113,9 @@ def train(
     base = base_model if base_model is not None else load_base(config.model.base)
     init_weights = None
     if config.model.init_weights:
-        from fidesr_core.loading.weights import load_fidesr_weights
+        from fidesr_core.loading.weights import load_restorer_weights
 
-        init_weights = load_fidesr_weights(config.model.init_weights)
+        init_weights = load_restorer_weights(config.model.init_weights)
         init_weights.metadata.setdefault("path", str(config.model.init_weights))
     set_seed(config.seed)  # the LoRA init draws from the global RNG
     generator = build_generator(

@@ -147,7 +147,7 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from ..errors import SettingsError
-    from ..loading.family_weights import convert_restorer_weights
+    from ..loading.weights import convert_restorer_weights
 
     if args.destination.exists() and not args.overwrite:
         raise SettingsError(f"{args.destination} exists; add --overwrite to replace it")
@@ -157,8 +157,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from ..loading.describe_weights import describe_restorer_weights
-    from ..loading.family_weights import load_restorer_weights
+    from ..loading.weights import describe_restorer_weights, load_restorer_weights
 
     description = describe_restorer_weights(load_restorer_weights(args.weights))
     if args.json:

@@ -48,7 +48,7 @@ def _report_devices(out: TextIO) -> None:
 
 def _check_tiny_pipeline(out: TextIO) -> bool:
     """Run every stage on a tiny random model on the auto device (tiled and untiled)."""
-    from ..loading.assemble import assemble_fidesr_model
+    from ..loading.restorer import assemble_restorer
     from ..networks.tiny import tiny_base_model, tiny_fidesr_weights
     from ..pipeline import UpscaleSettings, upscale
 
@@ -56,7 +56,7 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
     try:
         start = time.perf_counter()
         base = tiny_base_model()
-        model = assemble_fidesr_model(base, tiny_fidesr_weights(base), precision="auto", device=device)
+        model = assemble_restorer(base, tiny_fidesr_weights(base), precision="auto", device=device)
         # A small processing size keeps the check quick (the min-side rule would make this 512 px wide).
         image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0))
         small = {"process_size": 64}
@@ -95,8 +95,7 @@ def _check_base(path: Path, out: TextIO) -> bool:
 
 
 def _check_weights(path: Path, out: TextIO) -> bool:
-    from ..loading.describe_weights import describe_restorer_weights
-    from ..loading.family_weights import load_restorer_weights
+    from ..loading.weights import describe_restorer_weights, load_restorer_weights
 
     try:
         description = describe_restorer_weights(load_restorer_weights(path))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
 
-from ..errors import Cancelled, FiDeSRError, ModelFileError
+from ..errors import Cancelled, FiDeSRError, ModelFileError, WeightsFileError
 from ..progress import CancelCheck, check_cancelled
 
 __all__ = [
@@ -64,9 +64,10 @@ def _check_base(path: Path) -> None:
 
 
 def _check_weights(path: Path) -> None:
-    from ..loading.weights import load_fidesr_weights
+    from ..loading.weights import load_restorer_weights
 
-    load_fidesr_weights(path)
+    if (family := load_restorer_weights(path).family) != "fidesr":
+        raise WeightsFileError(f"{path} holds {family} weights, not FiDeSR's")
 
 
 @dataclass(frozen=True)

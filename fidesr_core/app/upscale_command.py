@@ -101,8 +101,8 @@ def _summary(result: BatchResult, planned: int, output: Path) -> None:
 
 def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: Ranks, todo: list) -> BatchResult:
     from ..loading.base_model import load_base_model
-    from ..loading.family_weights import load_restorer_weights
     from ..loading.restorer import assemble_restorer
+    from ..loading.weights import load_restorer_weights
     from ..networks.families import FAMILY_NAMES
 
     weights = load_restorer_weights(args.weights)
@@ -114,12 +114,7 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: R
         )
     device = ranks.device(args.device)
     model = assemble_restorer(
-        load_base_model(args.base),
-        weights,
-        prompt=args.prompt,
-        tokenizer_source=args.base,
-        precision=args.precision,
-        device=device,
+        load_base_model(args.base), weights, prompt=args.prompt, precision=args.precision, device=device
     )
     where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.distributed else ""
     described = model.description

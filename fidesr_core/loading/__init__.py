@@ -1,4 +1,4 @@
-"""Everything that opens a user's model file: safe ``torch.load``, file sniffing and identification,
-the base model (diffusers folder or single file), FiDeSR weights (read, write, validate) and
-assembling the model.
+"""Everything that opens a user's model file: safe reading and identification (``files``, ``identify``),
+the base model (``base_model``), the weights of the three families (``layouts``, ``weights``), the CLIP
+tokenizer and putting a restorer together (``restorer``).
 """

@@ -1,21 +1,21 @@
-"""SD 2's CLIP tokenizer for a user's prompt: the base model folder's own, else the copy the package ships.
+"""SD 2's CLIP tokenizer, for every prompt (docs/algorithm.md §2.2, §9.4): the base model folder's own, else
+the copy the package ships.
 
-A diffusers folder has ``tokenizer/`` (``vocab.json``, ``merges.txt``); a single checkpoint file
-has none, so ``configs/sd21_base/tokenizer/`` holds CLIP's BPE vocabulary (MIT licence, see its
-README) with SD 2's settings (77 tokens, padding ``!`` = id 0).  The released scripts' fixed
-prompts (``""``, ``", ,"``) never need either (``networks.text_embedding``).
+A diffusers folder has ``tokenizer/`` (``vocab.json``, ``merges.txt``); a single checkpoint file has
+none, so ``configs/sd21_base/tokenizer/`` holds CLIP's BPE vocabulary (MIT licence, see its README)
+with SD 2's settings (77 tokens, padding ``!`` = id 0).
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ModelFileError
-from ..networks.text_embedding import fixed_prompt_token_ids
 
 if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: it takes seconds
     from transformers import CLIPTokenizer
@@ -35,11 +35,10 @@ def tokenizer_folder(base_path: str | os.PathLike | None = None) -> Path:
     return BUNDLED_TOKENIZER_DIR
 
 
-def load_clip_tokenizer(base_path: str | os.PathLike | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer of ``tokenizer_folder(base_path)``; ModelFileError naming the folder if it is unusable."""
+@cache
+def _tokenizer(folder: Path) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
-    folder = tokenizer_folder(base_path)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -49,11 +48,16 @@ def load_clip_tokenizer(base_path: str | os.PathLike | None = None) -> CLIPToken
     return tokenizer
 
 
-def prompt_ids(text: str, *, base_path: str | os.PathLike | None = None, length: int = 77) -> torch.Tensor:
-    """Token ids ``[1, length]`` of ``text`` as the released scripts tokenize it (padded, truncated)."""
-    fixed = fixed_prompt_token_ids(text, length)
-    if fixed is not None:
-        return fixed
-    tokenizer = load_clip_tokenizer(base_path)
-    encoded = tokenizer(text, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+def load_clip_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
+    """The CLIP tokenizer in ``folder`` (None: the bundled one), loaded once per folder; ModelFileError naming
+    the folder if it is unusable."""
+    return _tokenizer(Path(folder) if folder is not None else BUNDLED_TOKENIZER_DIR)
+
+
+def prompt_ids(text: str, folder: str | os.PathLike | None = None, *, length: int = 77) -> torch.Tensor:
+    """Token ids ``[1, length]`` of ``text`` as the released scripts tokenize it (padded, truncated), by the
+    tokenizer in ``folder`` (None: the bundled one)."""
+    encoded = load_clip_tokenizer(folder)(
+        text, max_length=length, padding="max_length", truncation=True, return_tensors="pt"
+    )
     return encoded.input_ids.long()

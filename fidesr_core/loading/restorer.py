@@ -1,8 +1,9 @@
 """Putting a base model and weights of any family together into one ``OneStepRestorer`` (docs/algorithm.md §9).
 
-FiDeSR goes through ``loading.assemble``; PiSA-SR and OSEDiff are assembled here.  Every LoRA is
-merged into its network in float32 before the cast, as for FiDeSR:
+Every LoRA is merged into its network in float32 before the cast, so half-precision models carry no
+extra rounding from it:
 
+- FiDeSR: the U-Net LoRA, and the LRRB beside the U-Net.
 - PiSA-SR: the pixel set, then the semantic set (the released default mode).  For the adjustable
   mode the semantic set is added once more with its sign flipped as switched-off peft adapters,
   which, switched on, give the pixel-only U-Net without a second copy of it.
@@ -11,7 +12,7 @@ merged into its network in float32 before the cast, as for FiDeSR:
   LoRA is merged into the encoder (the decoder has none).
 
 The prompt embedding is computed here, from the family's released prompt around the user's
-``prompt`` (``""`` and ``", ,"`` need no tokenizer; other text uses ``loading.clip_tokenizer``).
+``prompt``, tokenized by the base model's CLIP tokenizer (``clip_tokenizer``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,26 @@ import torch
 from torch import nn
 
 from ..errors import WeightsFileError
-from ..networks.families import OSEDIFF_RECIPE, PISA_SR_RECIPE, LoraSet, OSEDiffWeights, PiSASRWeights, recipe_for
+from ..networks.families import LoraSet, RestorerWeights, recipe_for
 from ..networks.lora import add_lora_adapters, load_lora_state, merge_lora, negated_lora_state
-from ..networks.model import BaseModel, FiDeSRWeights, OneStepRestorer
+from ..networks.lrrb import LRRB
+from ..networks.model import BaseModel, OneStepRestorer
 from ..networks.text_embedding import encode_token_ids
 from ..precision import dtype_name, resolve_device, resolve_dtype
-from .assemble import assemble_fidesr_model, place_networks
 from .base_model import SD21_BASE_CONFIG_DIR, load_base_model
 from .clip_tokenizer import prompt_ids
-from .family_weights import RestorerWeights, load_restorer_weights
+from .layouts import LAYOUTS
+from .weights import load_restorer_weights
 
-__all__ = ["NEGATED_SUFFIX", "sd21_alpha_bar", "prompt_embedding_for", "assemble_restorer", "load_restorer"]
+__all__ = [
+    "NEGATED_SUFFIX",
+    "sd21_alpha_bar",
+    "prompt_embedding_for",
+    "use_channels_last",
+    "place_networks",
+    "assemble_restorer",
+    "load_restorer",
+]
 
 NEGATED_SUFFIX = "_negated"  # adapter names of PiSA-SR's sign-flipped semantic set
 
@@ -46,16 +56,33 @@ def sd21_alpha_bar(timestep: int) -> float:
     return float(scheduler.alphas_cumprod[timestep])
 
 
-def prompt_embedding_for(
-    base: BaseModel, family: str, prompt: str = "", *, tokenizer_source: str | os.PathLike | None = None
-) -> torch.Tensor:
-    """``[1, 77, dim]`` float32: the text encoder's embedding of the family's released prompt around ``prompt``.
-
-    ``tokenizer_source``: the base model's path; its ``tokenizer/`` is used when it is a diffusers folder.
-    """
+def prompt_embedding_for(base: BaseModel, family: str, prompt: str = "") -> torch.Tensor:
+    """``[1, 77, dim]`` float32: the text encoder's embedding of the family's released prompt around ``prompt``,
+    tokenized by ``base``'s tokenizer (a diffusers folder's own, else the bundled one)."""
     text = recipe_for(family).prompt_text(prompt)
     length = base.text_encoder.config.max_position_embeddings
-    return encode_token_ids(base.text_encoder.float(), prompt_ids(text, base_path=tokenizer_source, length=length))
+    return encode_token_ids(base.text_encoder.float(), prompt_ids(text, base.tokenizer_dir, length=length))
+
+
+def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """NHWC for half-precision convolutions on CUDA (tensor-core kernels want it) and for bf16 on CPU,
+    where oneDNN's native bf16 kernels want it; fp32 on CPU stays NCHW (no reliable gain, see benchmarks/)."""
+    if dtype == torch.float32:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def place_networks(
+    unet: nn.Module, vae: nn.Module, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module]:
+    """Cast and move the U-Net and VAE (channels-last where it pays), frozen in eval mode."""
+    memory_format = torch.channels_last if use_channels_last(device, dtype) else torch.contiguous_format
+    # nn.Module.to, not diffusers' override: it warns about keeping modules in fp32 that SD 2.1 does not have.
+    unet = nn.Module.to(unet, device=device, dtype=dtype, memory_format=memory_format)
+    vae = nn.Module.to(vae, device=device, dtype=dtype, memory_format=memory_format)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    return unet, vae
 
 
 def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, base: BaseModel) -> None:
@@ -67,12 +94,13 @@ def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, ba
     except (KeyError, ValueError) as error:
         message = error.args[0] if error.args else str(error)
         raise WeightsFileError(
-            f"{source}: {what} does not fit the base model {base.source} ({message}); it needs Stable Diffusion 2.1-base"
+            f"{source}: the {what} does not fit the base model {base.source} ({message}); "
+            "it needs Stable Diffusion 2.1-base"
         ) from error
     try:
         merge_lora(network)
     except ValueError as error:
-        raise WeightsFileError(f"{source}: merging {what} gave non-finite weights ({error})") from error
+        raise WeightsFileError(f"{source}: merging the {what} gave non-finite weights ({error})") from error
 
 
 def _add_negated_semantic_set(unet: nn.Module, semantic: LoraSet) -> tuple[str, ...]:
@@ -84,27 +112,11 @@ def _add_negated_semantic_set(unet: nn.Module, semantic: LoraSet) -> tuple[str, 
     return tuple(name for name, modules in targets.items() if modules)
 
 
-def _load_conv_in(unet: nn.Module, conv_in: dict[str, torch.Tensor], source: str, base: BaseModel) -> None:
-    expected = {name: tuple(value.shape) for name, value in unet.conv_in.state_dict().items()}
-    found = {name: tuple(value.shape) for name, value in conv_in.items()}
-    if found != expected:
-        raise WeightsFileError(
-            f"{source}: the trained conv_in {found} does not fit the U-Net of {base.source} ({expected}); "
-            "OSEDiff needs Stable Diffusion 2.1-base"
-        )
-    unet.conv_in.load_state_dict({name: value.float() for name, value in conv_in.items()})
-
-
-def _description(base: BaseModel, name: str, source: str, ranks: str, device: torch.device, dtype: torch.dtype):
-    return {
-        "family": name,
-        "base": base.source,
-        "base_kind": base.kind,
-        "weights": source,
-        "lora_rank": ranks,
-        "precision": dtype_name(dtype),
-        "device": str(device),
-    }
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str, base: BaseModel) -> None:
+    try:
+        module.load_state_dict({name: value.float() for name, value in state.items()})
+    except RuntimeError as error:
+        raise WeightsFileError(f"{source}: the {what} does not fit the base model {base.source} ({error})") from error
 
 
 def assemble_restorer(
@@ -112,45 +124,48 @@ def assemble_restorer(
     weights: RestorerWeights,
     *,
     prompt: str = "",
-    tokenizer_source: str | os.PathLike | None = None,
     precision: str = "auto",
     device: str | torch.device | None = None,
 ) -> OneStepRestorer:
     """Merge the family's adapters into ``base`` (in place: ``base`` is consumed), compute the prompt
     embedding, cast and move.  ``prompt``: the user's text, built into the family's released prompt."""
-    if isinstance(weights, FiDeSRWeights):
-        embedding = prompt_embedding_for(base, "fidesr", prompt, tokenizer_source=tokenizer_source) if prompt else None
-        model = assemble_fidesr_model(base, weights, precision=precision, device=device)
-        if embedding is not None:
-            model.prompt_embedding = embedding.to(model.device)
-        return model
-    embedding = prompt_embedding_for(base, weights.family, prompt, tokenizer_source=tokenizer_source)
+    embedding = prompt_embedding_for(base, weights.family, prompt)
     target_device = resolve_device(device)
     dtype = resolve_dtype(precision, target_device)
-    source = weights.metadata.get("path", f"{weights.family} weights")
+    recipe, lrrb, pixel_only = recipe_for(weights.family), None, ()
+    source = weights.metadata.get("path", f"{recipe.name} weights")
     unet, vae = base.unet.float(), base.vae.float()
-    pixel_only: tuple[str, ...] = ()
-    if isinstance(weights, PiSASRWeights):
-        _merge_set(unet, weights.pixel, source, "the pixel LoRA set", base)
-        _merge_set(unet, weights.semantic, source, "the semantic LoRA set", base)
-        pixel_only = _add_negated_semantic_set(unet, weights.semantic)
-        recipe, ranks = PISA_SR_RECIPE, f"pixel {weights.pixel.rank}, semantic {weights.semantic.rank}"
-    elif isinstance(weights, OSEDiffWeights):
-        _load_conv_in(unet, weights.conv_in_state, source, base)
-        _merge_set(unet, weights.unet_lora, source, "the U-Net LoRA", base)
-        _merge_set(vae, weights.vae_lora, source, "the VAE encoder LoRA", base)
-        recipe = dataclasses.replace(OSEDIFF_RECIPE, alpha_bar=sd21_alpha_bar(OSEDIFF_RECIPE.timestep))
-        ranks = f"U-Net {weights.unet_lora.rank}, VAE encoder {weights.vae_lora.rank}"
-    else:
-        raise TypeError(f"expected FiDeSR, PiSA-SR or OSEDiff weights, got {type(weights).__name__}")
+    if recipe.unet_output == "noise":
+        recipe = dataclasses.replace(recipe, alpha_bar=sd21_alpha_bar(recipe.timestep))
+    if weights.conv_in_state:  # before the U-Net LoRA, which conv_in carries too
+        _load_state(unet.conv_in, weights.conv_in_state, "trained conv_in", source, base)
+    labels = {s.part: s.label for s in LAYOUTS[weights.family].sets}
+    for part, lora_set in weights.lora.items():
+        _merge_set(vae if part == "vae_encoder" else unet, lora_set, source, labels[part], base)
+    if weights.family == "pisa-sr":
+        pixel_only = _add_negated_semantic_set(unet, weights.lora["semantic"])
+    if weights.lrrb_state:
+        lrrb = LRRB(latent_channels=unet.config.in_channels)
+        _load_state(lrrb, weights.lrrb_state, "LRRB", source, base)
+        lrrb = lrrb.float().eval().requires_grad_(False).to(target_device)
     unet, vae = place_networks(unet, vae, target_device, dtype)
+    ranks = [f"{labels[part].split(' LoRA')[0]} {lora_set.rank}" for part, lora_set in weights.lora.items()]
+    description = {
+        "family": recipe.name,
+        "base": base.source,
+        "base_kind": base.kind,
+        "weights": source,
+        "lora_rank": str(weights.lora["unet"].rank) if len(ranks) == 1 else ", ".join(ranks),
+        "precision": dtype_name(dtype),
+        "device": str(target_device),
+    }
     return OneStepRestorer(
         unet=unet,
         vae=vae,
-        lrrb=None,
+        lrrb=lrrb,
         prompt_embedding=embedding.to(target_device),
         dtype=dtype,
-        description=_description(base, recipe.name, source, ranks, target_device, dtype),
+        description=description,
         recipe=recipe,
         pixel_only_adapters=pixel_only,
     )
@@ -167,7 +182,4 @@ def load_restorer(
     """SD 2.1-base (diffusers folder or single file) plus FiDeSR, PiSA-SR or OSEDiff weights (told by content)."""
     weights = load_restorer_weights(weights_path)
     weights.metadata.setdefault("path", str(weights_path))
-    base = load_base_model(base_path)
-    return assemble_restorer(
-        base, weights, prompt=prompt, tokenizer_source=base_path, precision=precision, device=device
-    )
+    return assemble_restorer(load_base_model(base_path), weights, prompt=prompt, precision=precision, device=device)

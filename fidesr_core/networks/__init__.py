@@ -1,3 +1,3 @@
-"""The networks and their containers: the base model's parts, the assembled FiDeSR model, the FiDeSR
-weights, the LRRB, the LoRA layout, the empty-prompt embedding and tiny random models for tests.
+"""The networks and their containers: the base model's parts, the assembled restorer, the weights of
+the three families, the LRRB, the LoRA layout, prompt embeddings and tiny random models for tests.
 """

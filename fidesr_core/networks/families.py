@@ -6,8 +6,8 @@ call; they differ in a few choices, collected per family in a ``FamilyRecipe``
 that one DDPM step turns into the clean latent, whether an LRRB refines the residual, the prompt
 text of the released script, and the released latent tiler's layout.
 
-The weights containers for PiSA-SR and OSEDiff live here; FiDeSR's is ``networks.model.FiDeSRWeights``.
-Reading and writing their files lives in ``fidesr_core.loading.family_weights``.
+``RestorerWeights`` holds what a checkpoint of any of them carries; reading and writing the files
+lives in ``fidesr_core.loading.weights``.
 """
 
 from __future__ import annotations
@@ -30,23 +30,13 @@ __all__ = [
     "OSEDIFF_RECIPE",
     "recipe_for",
     "LoraSet",
-    "PiSASRWeights",
-    "OSEDiffWeights",
-    "PISA_SR_PIXEL_ADAPTERS",
-    "PISA_SR_SEMANTIC_ADAPTERS",
-    "OSEDIFF_UNET_ADAPTERS",
-    "OSEDIFF_VAE_ADAPTER",
+    "RestorerWeights",
 ]
 
 Family = Literal["fidesr", "pisa-sr", "osediff"]
 FAMILIES: tuple[str, ...] = ("fidesr", "pisa-sr", "osediff")
 FAMILY_NAMES: dict[str, str] = {"fidesr": "FiDeSR", "pisa-sr": "PiSA-SR", "osediff": "OSEDiff"}
 UnetOutput = Literal["residual", "noise"]
-
-PISA_SR_PIXEL_ADAPTERS: tuple[str, str, str] = ("default_encoder_pix", "default_decoder_pix", "default_others_pix")
-PISA_SR_SEMANTIC_ADAPTERS: tuple[str, str, str] = ("default_encoder_sem", "default_decoder_sem", "default_others_sem")
-OSEDIFF_UNET_ADAPTERS: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
-OSEDIFF_VAE_ADAPTER = "default_encoder"
 
 
 @dataclass(frozen=True)
@@ -115,39 +105,21 @@ class LoraSet:
     state: dict[str, torch.Tensor]
     alpha: float = RELEASED_LORA_ALPHA
 
-    def tensors(self) -> list[torch.Tensor]:
-        return list(self.state.values())
-
 
 @dataclass(eq=False)
-class PiSASRWeights:
-    """What a PiSA-SR checkpoint holds (docs/algorithm.md §6, §9): a pixel and a semantic LoRA set on the U-Net.
+class RestorerWeights:
+    """What a checkpoint of one family holds (docs/algorithm.md §6, §9).
 
-    Adapters ``default_{encoder,decoder,others}_pix`` and ``..._sem``; no LRRB.
+    ``lora``: the LoRA sets by part: FiDeSR ``unet``; PiSA-SR ``pixel`` and ``semantic`` (adapters
+    ``default_{encoder,decoder,others}_pix`` / ``_sem``); OSEDiff ``unet`` and ``vae_encoder`` (one
+    adapter, ``default_encoder``).  ``lrrb_state``: FiDeSR's LRRB.  ``conv_in_state``: OSEDiff's
+    fully trained U-Net ``conv_in`` (``weight``, ``bias``; it replaces the base model's).
     ``file_format``: "pkl", "safetensors", or "" when built in memory.
     """
 
-    pixel: LoraSet
-    semantic: LoraSet
+    family: Family
+    lora: dict[str, LoraSet]
+    lrrb_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    conv_in_state: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     file_format: str = ""
-
-    family = "pisa-sr"
-
-
-@dataclass(eq=False)
-class OSEDiffWeights:
-    """What an OSEDiff checkpoint holds (docs/algorithm.md §6, §9).
-
-    A LoRA set on the U-Net (``default_encoder/decoder/others``), the fully trained U-Net
-    ``conv_in`` (``weight``, ``bias``; it replaces the base model's) and a LoRA set on the
-    VAE encoder (one adapter, ``default_encoder``).
-    """
-
-    unet_lora: LoraSet
-    conv_in_state: dict[str, torch.Tensor]
-    vae_lora: LoraSet
-    metadata: dict[str, str] = field(default_factory=dict)
-    file_format: str = ""
-
-    family = "osediff"

@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .families import FIDESR_RECIPE, Family, FamilyRecipe
-from .lora import RELEASED_LORA_ALPHA
 from .lrrb import LRRB
 
 if TYPE_CHECKING:  # annotations only: importing diffusers/transformers takes seconds (ComfyUI start-up)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-__all__ = ["SCALING_FACTOR", "BaseModel", "FiDeSRWeights", "OneStepRestorer", "FiDeSRModel"]
+__all__ = ["SCALING_FACTOR", "BaseModel", "OneStepRestorer", "FiDeSRModel"]
 
 SCALING_FACTOR = 0.18215  # SD 2.x VAE latent scale
 
@@ -29,29 +28,9 @@ class BaseModel:
     text_encoder: CLIPTextModel
     source: str  # what it was loaded from, for messages
     kind: str  # e.g. "diffusers folder", "single file (.safetensors)", "tiny random"
-
-
-@dataclass(eq=False)
-class FiDeSRWeights:
-    """What a FiDeSR checkpoint holds (docs/algorithm.md §6).
-
-    ``target_modules`` maps adapter name (``default_encoder`` ...) to U-Net
-    module names; ``unet_lora_state`` uses peft names such as
-    ``down_blocks.0.attentions.0.proj_in.lora_A.default_encoder.weight``.
-    ``file_format`` says what they were read from ("pkl", "safetensors"; "" when built in memory).
-    ``lora_alpha``: LoRA scale is ``lora_alpha / lora_rank``; the authors' files carry no alpha
-    and their code uses peft's default 8 (see ``networks/lora.py``).
-    """
-
-    lora_rank: int
-    target_modules: dict[str, list[str]]
-    unet_lora_state: dict[str, torch.Tensor]
-    lrrb_state: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    file_format: str = ""
-    lora_alpha: float = RELEASED_LORA_ALPHA
-
-    family = "fidesr"
+    tokenizer_dir: str | None = (
+        None  # a diffusers folder's tokenizer/; None: the CLIP tokenizer bundled with the package
+    )
 
 
 @dataclass(eq=False)

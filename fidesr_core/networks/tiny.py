@@ -10,18 +10,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .families import (
-    OSEDIFF_UNET_ADAPTERS,
-    OSEDIFF_VAE_ADAPTER,
-    PISA_SR_PIXEL_ADAPTERS,
-    PISA_SR_SEMANTIC_ADAPTERS,
-    LoraSet,
-    OSEDiffWeights,
-    PiSASRWeights,
-)
+from .families import LoraSet, RestorerWeights
 from .lora import ADAPTER_NAMES, add_lora_adapters, lora_state_dict, lora_target_modules
 from .lrrb import LRRB
-from .model import BaseModel, FiDeSRWeights
+from .model import BaseModel
 
 __all__ = [
     "TINY_UNET_CONFIG",
@@ -81,31 +73,6 @@ def tiny_base_model(seed: int = 0) -> BaseModel:
     )
 
 
-def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> FiDeSRWeights:
-    """Random FiDeSR weights for ``base``'s U-Net: non-zero LoRA A and B and a non-zero LRRB.
-
-    ``base.unet`` is left untouched (the adapters are built on a copy).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(base.unet.config)
-    targets = lora_target_modules(unet)
-    add_lora_adapters(unet, targets, rank=rank)
-    lora_state = {
-        key: torch.randn(value.shape, generator=generator) * scale for key, value in lora_state_dict(unet).items()
-    }
-    lrrb = LRRB(latent_channels=unet.config.in_channels)
-    lrrb_state = {
-        key: torch.randn(value.shape, generator=generator) * scale for key, value in lrrb.state_dict().items()
-    }
-    return FiDeSRWeights(
-        lora_rank=rank,
-        target_modules=targets,
-        unet_lora_state=lora_state,
-        lrrb_state=lrrb_state,
-        metadata={"source": f"tiny random (seed {seed})"},
-    )
-
-
 def _random_lora_set(
     network: torch.nn.Module, targets: dict[str, list[str]], rank: int, generator: torch.Generator, scale: float
 ) -> LoraSet:
@@ -119,16 +86,32 @@ def _random_lora_set(
     return LoraSet(rank=rank, target_modules=targets, state=state)
 
 
-def tiny_pisa_sr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> PiSASRWeights:
-    """Random PiSA-SR weights for ``base``'s U-Net: a pixel and a semantic set (``base`` is left untouched)."""
-    generator = torch.Generator().manual_seed(seed)
+def _unet_sets(base: BaseModel, suffixes: dict[str, str], rank: int, generator: torch.Generator, scale: float):
+    """LoRA sets on a copy of ``base``'s U-Net by the released rule, one per ``part -> adapter suffix``."""
     unet = UNet2DConditionModel.from_config(base.unet.config)
     groups = lora_target_modules(unet)
-    sets = []
-    for adapters in (PISA_SR_PIXEL_ADAPTERS, PISA_SR_SEMANTIC_ADAPTERS):
-        targets = {new: groups[old] for old, new in zip(ADAPTER_NAMES, adapters, strict=True)}
-        sets.append(_random_lora_set(unet, targets, rank, generator, scale))
-    return PiSASRWeights(pixel=sets[0], semantic=sets[1], metadata={"source": f"tiny random (seed {seed})"})
+    return {
+        part: _random_lora_set(unet, {f"{a}{suffix}": groups[a] for a in ADAPTER_NAMES}, rank, generator, scale)
+        for part, suffix in suffixes.items()
+    }
+
+
+def tiny_fidesr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> RestorerWeights:
+    """Random FiDeSR weights for ``base``'s U-Net: non-zero LoRA A and B and a non-zero LRRB (``base`` untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = _unet_sets(base, {"unet": ""}, rank, generator, scale)
+    lrrb = LRRB(latent_channels=base.unet.config.in_channels)
+    lrrb_state = {
+        key: torch.randn(value.shape, generator=generator) * scale for key, value in lrrb.state_dict().items()
+    }
+    return RestorerWeights("fidesr", lora, lrrb_state=lrrb_state, metadata={"source": f"tiny random (seed {seed})"})
+
+
+def tiny_pisa_sr_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> RestorerWeights:
+    """Random PiSA-SR weights for ``base``'s U-Net: a pixel and a semantic set (``base`` is left untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = _unet_sets(base, {"pixel": "_pix", "semantic": "_sem"}, rank, generator, scale)
+    return RestorerWeights("pisa-sr", lora, metadata={"source": f"tiny random (seed {seed})"})
 
 
 def vae_encoder_lora_modules(vae: torch.nn.Module) -> list[str]:
@@ -146,17 +129,15 @@ def vae_encoder_lora_modules(vae: torch.nn.Module) -> list[str]:
     return modules
 
 
-def tiny_osediff_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> OSEDiffWeights:
+def tiny_osediff_weights(base: BaseModel, *, rank: int = 2, seed: int = 0, scale: float = 0.05) -> RestorerWeights:
     """Random OSEDiff weights for ``base``: U-Net LoRA, a perturbed conv_in and a VAE encoder LoRA."""
     generator = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(base.unet.config)
-    groups = lora_target_modules(unet)
-    targets = {new: groups[old] for old, new in zip(ADAPTER_NAMES, OSEDIFF_UNET_ADAPTERS, strict=True)}
     conv_in = {
         name: value + torch.randn(value.shape, generator=generator) * scale
         for name, value in base.unet.conv_in.state_dict().items()
     }
-    unet_lora = _random_lora_set(unet, targets, rank, generator, scale)
+    lora = _unet_sets(base, {"unet": ""}, rank, generator, scale)
     vae = AutoencoderKL.from_config(base.vae.config)
-    vae_lora = _random_lora_set(vae, {OSEDIFF_VAE_ADAPTER: vae_encoder_lora_modules(vae)}, rank, generator, scale)
-    return OSEDiffWeights(unet_lora, conv_in, vae_lora, metadata={"source": f"tiny random (seed {seed})"})
+    targets = {"default_encoder": vae_encoder_lora_modules(vae)}
+    lora["vae_encoder"] = _random_lora_set(vae, targets, rank, generator, scale)
+    return RestorerWeights("osediff", lora, conv_in_state=conv_in, metadata={"source": f"tiny random (seed {seed})"})
