@@ -1,7 +1,7 @@
 """The ComfyUI nodes, run through the entry point ComfyUI calls, on tiny random models.
 
 ComfyUI is not installed in CI: ``comfy_stub`` stands in for the few ComfyUI
-modules the nodes import (``comfy_api_stub`` for the V3 node API), and the pack is imported as
+modules the nodes import (the V3 node API included), and the pack is imported as
 ComfyUI imports it (by file path, under a module name made from the path).  This
 file checks the import and the node definitions: what they declare (as
 ``GET /object_info`` serves it) against the pinned interface ``node_interface.json``
