@@ -1,21 +1,15 @@
-"""Minimal stand-ins for the ComfyUI modules the nodes import, for tests without ComfyUI.
+"""Stand-ins for the ComfyUI modules the pack imports, for tests without ComfyUI (CI cannot install it).
 
-``install_comfy_stubs(models_dir)`` puts ``comfy``, ``comfy.model_management``,
-``comfy.model_patcher``, ``comfy.ops``, ``comfy.utils``, ``folder_paths`` and the
-V3 node API (``comfy_api.v0_0_2``, see ``comfy_api_stub``) into ``sys.modules``
-(only the names the pack uses, behaving like ComfyUI 0.8 on a ``--cpu`` run)
-and returns a ``ComfyStub`` that records what the nodes asked for.  The memory
-manager keeps a list of loaded patchers as ComfyUI's does: a patcher asked for
-again stays loaded, ``unload_all_models`` (what "Unload models" calls) empties
-it.  ``import_pack`` imports
-the repository the way ComfyUI imports a custom-node folder: by file path,
-under a module name made from that path.  ``remove_from_sys_modules`` undoes
-both, so other test files never see fake ComfyUI modules.
+``install_comfy_stubs`` puts ``comfy.*``, ``folder_paths`` and the V3 node API ``comfy_api.v0_0_2`` into
+``sys.modules`` (what the pack uses, as ComfyUI behaves with ``--cpu``) and returns a ``ComfyStub`` recording what
+the nodes ask.  What the nodes declare through it is checked against ``node_interface.json``, as is what a real
+ComfyUI serves.  ``import_pack`` imports the repository as ComfyUI imports a custom-node folder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import sys
@@ -25,27 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from comfy_api_stub import build_comfy_api_modules
+from torch import nn
 
-__all__ = [
-    "ComfyStub",
-    "InterruptProcessingException",
-    "install_comfy_stubs",
-    "import_pack",
-    "node_classes",
-    "remove_from_sys_modules",
-]
-
-STUB_MODULES = (
-    "comfy",
-    "comfy.model_management",
-    "comfy.model_patcher",
-    "comfy.ops",
-    "comfy.utils",
-    "folder_paths",
-    "comfy_api",
-    "comfy_api.v0_0_2",
-)
+STUB_MODULES = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils")
+STUB_MODULES += ("folder_paths", "comfy_api", "comfy_api.v0_0_2")
 
 
 class InterruptProcessingException(Exception):
@@ -63,9 +40,7 @@ class ComfyStub:
     interrupt_requested: bool = False
     interrupt_after_checks: int | None = None  # raise at the N-th check (None: only when requested)
     interrupt_checks: int = 0
-    free_memory_calls: list[tuple[int, torch.device]] = field(default_factory=list)
-    # Every load_models_gpu call: (patchers, memory_required, force_full_load).
-    load_requests: list[tuple[tuple[Any, ...], int, bool]] = field(default_factory=list)
+    load_requests: list[tuple[tuple[Any, ...], int, bool]] = field(default_factory=list)  # every load_models_gpu
     loads: list[Any] = field(default_factory=list)  # patchers that had to be loaded (were not resident)
     loaded: list[Any] = field(default_factory=list)  # resident patchers, most recently used first
     soft_empty_cache_calls: int = 0
@@ -74,183 +49,144 @@ class ComfyStub:
     folder_names_and_paths: dict[str, tuple[list[str], Any]] = field(default_factory=dict)
 
     def reset_records(self) -> None:
-        self.free_memory_calls.clear()
-        self.load_requests.clear()
-        self.loads.clear()
-        self.progress.clear()
-        self.progress_bars = 0
-        self.soft_empty_cache_calls = 0
-        self.interrupt_checks = 0
-        self.interrupt_after_checks = None
-        self.interrupt_requested = False
+        del self.load_requests[:], self.loads[:], self.progress[:]
+        self.progress_bars = self.soft_empty_cache_calls = self.interrupt_checks = 0
+        self.interrupt_after_checks, self.interrupt_requested = None, False
 
-
-def _model_management(stub: ComfyStub) -> types.ModuleType:
-    module = types.ModuleType("comfy.model_management")
-    module.InterruptProcessingException = InterruptProcessingException
-    module.OOM_EXCEPTION = torch.OutOfMemoryError
-
-    def throw_exception_if_processing_interrupted() -> None:
-        stub.interrupt_checks += 1
-        due = stub.interrupt_after_checks is not None and stub.interrupt_checks >= stub.interrupt_after_checks
-        if stub.interrupt_requested or due:
-            stub.interrupt_requested = False
-            stub.interrupt_after_checks = None
+    def check_interrupt(self) -> None:  # throw_exception_if_processing_interrupted
+        self.interrupt_checks += 1
+        due = self.interrupt_after_checks is not None and self.interrupt_checks >= self.interrupt_after_checks
+        if self.interrupt_requested or due:
+            self.interrupt_requested, self.interrupt_after_checks = False, None
             raise InterruptProcessingException()
 
-    def free_memory(memory_required: float, device: torch.device, keep_loaded: Any = ()) -> list:
-        stub.free_memory_calls.append((int(memory_required), device))
-        return []
-
-    def soft_empty_cache(force: bool = False) -> None:
-        stub.soft_empty_cache_calls += 1
-
-    def unet_dtype(device: Any = None, model_params: int = 0, supported_dtypes: Any = None, weight_dtype: Any = None):
-        return stub.unet_dtype
-
-    def load_models_gpu(
-        models: list,
-        memory_required: float = 0,
-        force_patch_weights: bool = False,
-        minimum_memory_required=None,
-        force_full_load: bool = False,
-    ) -> None:
-        stub.load_requests.append((tuple(models), int(memory_required), force_full_load))
-        for patcher in models:
-            if patcher in stub.loaded:
-                stub.loaded.remove(patcher)
+    def load_models_gpu(self, models, memory_required=0, force_patch_weights=False, force_full_load=False, **_):
+        self.load_requests.append((tuple(models), int(memory_required), force_full_load))
+        for patcher in models:  # a patcher asked for again stays loaded, as in ComfyUI
+            if patcher in self.loaded:
+                self.loaded.remove(patcher)
             else:
                 patcher.model.to(patcher.load_device)
-                stub.loads.append(patcher)
-            stub.loaded.insert(0, patcher)
+                self.loads.append(patcher)
+            self.loaded.insert(0, patcher)
 
-    def unload_all_models() -> None:
-        for patcher in stub.loaded:
+    def soft_empty_cache(self, force: bool = False) -> None:
+        self.soft_empty_cache_calls += 1
+
+    def unload_all_models(self) -> None:  # what "Unload models" calls
+        for patcher in self.loaded:
             patcher.model.to(patcher.offload_device)
-        stub.loaded.clear()
+        self.loaded.clear()
 
-    module.get_torch_device = lambda: stub.torch_device
-    module.unet_offload_device = lambda: stub.offload_device
-    module.vae_device = lambda: stub.torch_device
-    module.vae_offload_device = lambda: stub.offload_device
-    module.intermediate_device = lambda: stub.intermediate_device
-    module.get_free_memory = lambda dev=None, torch_free_too=False: stub.free_memory_bytes
-    module.load_models_gpu = load_models_gpu
-    module.unload_all_models = unload_all_models
-    module.current_loaded_models = stub.loaded
-    module.free_memory = free_memory
-    module.soft_empty_cache = soft_empty_cache
-    module.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
-    module.processing_interrupted = lambda: stub.interrupt_requested
-    module.unet_dtype = unet_dtype
-    return module
+    def get_filename_list(self, folder_name: str) -> list[str]:
+        paths, extensions = self.folder_names_and_paths[folder_name]
+        found = set()
+        for folder in paths:
+            for root, _dirs, files in os.walk(folder, followlinks=True):
+                for name in files:
+                    if not extensions or os.path.splitext(name)[1].lower() in extensions:
+                        found.add(os.path.relpath(os.path.join(root, name), folder))
+        return sorted(found)
 
-
-def _model_patcher() -> types.ModuleType:
-    module = types.ModuleType("comfy.model_patcher")
-
-    class ModelPatcher:
-        def __init__(self, model, load_device, offload_device, size: int = 0, weight_inplace_update: bool = False):
-            self.model, self.load_device, self.offload_device = model, load_device, offload_device
-            self.size = size or sum(tensor.nbytes for tensor in model.state_dict().values())
-
-        def model_size(self) -> int:
-            return self.size
-
-    module.ModelPatcher = ModelPatcher
-    return module
+    def get_full_path(self, folder_name: str, filename: str) -> str | None:
+        filename = os.path.relpath(os.path.join("/", filename), "/")  # no way out of the folder
+        folders = self.folder_names_and_paths.get(folder_name, ([],))[0]
+        return next((path for path in (os.path.join(f, filename) for f in folders) if os.path.isfile(path)), None)
 
 
-def _ops() -> types.ModuleType:
-    """``comfy.ops.disable_weight_init``: torch's layers with ComfyUI's cast flag, which is off here."""
-    module = types.ModuleType("comfy.ops")
-    layers = {}
-    for layer in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
-        attributes = {"comfy_cast_weights": False, "weight_function": [], "bias_function": []}
-        layers[layer.__name__] = type(layer.__name__, (layer,), attributes)
-    module.disable_weight_init = type("disable_weight_init", (), layers)
-    return module
+class ModelPatcher:
+    def __init__(self, model, load_device, offload_device, size: int = 0, weight_inplace_update: bool = False):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.size = size or sum(tensor.nbytes for tensor in model.state_dict().values())
+
+    def model_size(self) -> int:
+        return self.size
 
 
-def _utils(stub: ComfyStub) -> types.ModuleType:
-    module = types.ModuleType("comfy.utils")
-
+def _progress_bar(stub: ComfyStub) -> type:
     class ProgressBar:
         def __init__(self, total: int, node_id: Any = None) -> None:
             self.total = total
-            self.current = 0
             stub.progress_bars += 1
 
         def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
-            if total is not None:
-                self.total = total
-            self.current = min(value, self.total)
-            stub.progress.append((self.current, self.total))
+            self.total = self.total if total is None else total
+            stub.progress.append((min(value, self.total), self.total))
 
-        def update(self, value: int) -> None:
-            self.update_absolute(self.current + value)
-
-    module.ProgressBar = ProgressBar
-    return module
+    return ProgressBar
 
 
-def _folder_paths(stub: ComfyStub) -> types.ModuleType:
-    """The parts of ComfyUI's ``folder_paths`` the pack uses, with ComfyUI's semantics."""
-    module = types.ModuleType("folder_paths")
-    module.models_dir = str(stub.models_dir)
-    names = stub.folder_names_and_paths
-    names["checkpoints"] = ([str(stub.models_dir / "checkpoints")], {".ckpt", ".safetensors", ".pt", ".pth"})
-    names["diffusers"] = ([str(stub.models_dir / "diffusers")], ["folder"])
-    module.folder_names_and_paths = names
+# ----------------------------------------------------------------------------- the V3 node API (comfy_api.v0_0_2)
+# Only keywords that ComfyUI 0.3.64 (the oldest supported) accepts and this stand-in describes; others raise.
+_KEYWORDS = {"display_name", "optional", "tooltip", "lazy"}
+_NUMBER_KEYWORDS = {"default", "min", "max", "step", "socketless"}
+_WIDGET_KEYWORDS = {"INT": _NUMBER_KEYWORDS | {"control_after_generate"}, "FLOAT": _NUMBER_KEYWORDS | {"round"}}
+_WIDGET_KEYWORDS["COMBO"] = {"default", "options", "control_after_generate", "socketless"}
 
-    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
-        if folder_name not in names:
-            names[folder_name] = ([full_folder_path], set())
-            return
-        paths = names[folder_name][0]
-        if full_folder_path in paths and is_default:
-            paths.remove(full_folder_path)
-        if full_folder_path not in paths:
-            if is_default:
-                paths.insert(0, full_folder_path)
-            else:
-                paths.append(full_folder_path)
 
-    def get_folder_paths(folder_name: str) -> list[str]:
-        return list(names[folder_name][0])
+def _input(io_type: str, id: str, options: list | None = None, **keywords: Any) -> types.SimpleNamespace:
+    keywords |= {"options": options} if options is not None else {}
+    unknown = set(keywords) - _KEYWORDS - _WIDGET_KEYWORDS.get(io_type, set())
+    if unknown:
+        raise TypeError(f"{io_type} input {id!r}: the stand-in does not take {sorted(unknown)}")
+    optional = keywords.pop("optional", False)
+    options = {key: value for key, value in keywords.items() if value is not None}
+    return types.SimpleNamespace(io_type=io_type, id=id, optional=optional, options=options)
 
-    def get_filename_list(folder_name: str) -> list[str]:
-        paths, extensions = names[folder_name]
-        found: set[str] = set()
-        for folder in paths:
-            for root, _dirs, files in os.walk(folder, followlinks=True):
-                for file_name in files:
-                    relative = os.path.relpath(os.path.join(root, file_name), folder)
-                    if not extensions or os.path.splitext(file_name)[1].lower() in extensions:
-                        found.add(relative)
-        return sorted(found)
 
-    def get_full_path(folder_name: str, filename: str) -> str | None:
-        if folder_name not in names:
-            return None
-        filename = os.path.relpath(os.path.join("/", filename), "/")
-        for folder in names[folder_name][0]:
-            candidate = os.path.join(folder, filename)
-            if os.path.isfile(candidate):
-                return candidate
-        return None
+def _output(io_type: str, id=None, display_name=None, tooltip=None, is_output_list=False) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**locals())
 
-    def get_full_path_or_raise(folder_name: str, filename: str) -> str:
-        path = get_full_path(folder_name, filename)
-        if path is None:
-            raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
-        return path
 
-    module.add_model_folder_path = add_model_folder_path
-    module.get_folder_paths = get_folder_paths
-    module.get_filename_list = get_filename_list
-    module.get_full_path = get_full_path
-    module.get_full_path_or_raise = get_full_path_or_raise
+def Custom(io_type: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(Input=functools.partial(_input, io_type), Output=functools.partial(_output, io_type))
+
+
+def Schema(node_id, display_name=None, category="sd", inputs=(), outputs=(), description="", is_output_node=False):
+    return types.SimpleNamespace(**locals())
+
+
+class ComfyNode:
+    @classmethod
+    def GET_SCHEMA(cls) -> types.SimpleNamespace:
+        schema = cls.define_schema()
+        for index, output in enumerate(schema.outputs):
+            output.id = output.id or f"_{index}_{output.io_type}_"
+        ids = [item.id for item in [*schema.inputs, *schema.outputs]]  # ComfyUI 0.3.x: unique across both
+        assert len(set(ids)) == len(ids), f"{schema.node_id}: ids must be unique between inputs and outputs: {ids}"
+        return schema
+
+    @classmethod
+    def GET_NODE_INFO_V1(cls) -> dict[str, Any]:
+        """The node as ``GET /object_info`` serves it (the fields the tests read)."""
+        schema, inputs = cls.GET_SCHEMA(), {"required": {}}
+        for item in schema.inputs:
+            inputs.setdefault("optional" if item.optional else "required", {})[item.id] = [item.io_type, item.options]
+        info = {"display_name": schema.display_name, "description": schema.description, "category": schema.category}
+        info |= {"output_node": schema.is_output_node, "input": inputs}
+        info["input_order"] = {section: list(specs) for section, specs in inputs.items()}
+        outputs = schema.outputs
+        info |= {"output": [o.io_type for o in outputs], "output_name": [o.display_name or o.io_type for o in outputs]}
+        info |= {"output_is_list": [o.is_output_list for o in outputs], "output_tooltips": [o.tooltip for o in outputs]}
+        return info
+
+
+class ComfyExtension:
+    """What ``comfy_entrypoint`` returns; ComfyUI asks its ``get_node_list``."""
+
+
+def NodeOutput(*args: Any, ui: Any = None) -> types.SimpleNamespace:
+    return types.SimpleNamespace(result=args or None, ui=ui)
+
+
+def PreviewText(value: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(as_dict=lambda: {"text": (value,)})
+
+
+# ----------------------------------------------------------------------------- installing and importing
+def _module(name: str, **attributes: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes, __comfy_stub__=True, __path__=[])  # a package: "import comfy.utils" works
     return module
 
 
@@ -260,22 +196,42 @@ def install_comfy_stubs(models_dir: Path) -> ComfyStub:
         if name in sys.modules and not getattr(sys.modules[name], "__comfy_stub__", False):
             raise RuntimeError(f"a real {name} module is already imported; the stubs would shadow it")
     stub = ComfyStub(models_dir=Path(models_dir))
-    comfy = types.ModuleType("comfy")
-    comfy.__path__ = []  # a package, so "import comfy.utils" works
-    modules = {
-        "comfy": comfy,
-        "comfy.model_management": _model_management(stub),
-        "comfy.model_patcher": _model_patcher(),
-        "comfy.ops": _ops(),
-        "comfy.utils": _utils(stub),
-        "folder_paths": _folder_paths(stub),
-        **build_comfy_api_modules(),
+    management = _module("comfy.model_management", InterruptProcessingException=InterruptProcessingException)
+    management.OOM_EXCEPTION, management.current_loaded_models = torch.OutOfMemoryError, stub.loaded
+    management.get_torch_device = management.vae_device = lambda: stub.torch_device
+    management.unet_offload_device = management.vae_offload_device = lambda: stub.offload_device
+    management.intermediate_device = lambda: stub.intermediate_device
+    management.get_free_memory = lambda device=None, torch_free_too=False: stub.free_memory_bytes
+    management.unet_dtype = lambda device=None, supported_dtypes=None, **_: stub.unet_dtype
+    management.load_models_gpu, management.unload_all_models = stub.load_models_gpu, stub.unload_all_models
+    management.soft_empty_cache = stub.soft_empty_cache
+    management.throw_exception_if_processing_interrupted = stub.check_interrupt
+    management.processing_interrupted = lambda: stub.interrupt_requested
+    cast_flags = {"comfy_cast_weights": False, "weight_function": [], "bias_function": []}  # casting is off here
+    layers = {
+        kind.__name__: type(kind.__name__, (kind,), cast_flags)
+        for kind in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
     }
-    for name in ("model_management", "model_patcher", "ops", "utils"):
-        setattr(comfy, name, modules[f"comfy.{name}"])
-    for name, module in modules.items():
-        module.__comfy_stub__ = True
-        sys.modules[name] = module
+    comfy = {
+        "model_management": management,
+        "model_patcher": _module("comfy.model_patcher", ModelPatcher=ModelPatcher),
+        "ops": _module("comfy.ops", disable_weight_init=type("disable_weight_init", (), layers)),
+        "utils": _module("comfy.utils", ProgressBar=_progress_bar(stub)),
+    }
+    names = stub.folder_names_and_paths
+    names["checkpoints"] = ([str(stub.models_dir / "checkpoints")], {".ckpt", ".safetensors", ".pt", ".pth"})
+    names["diffusers"] = ([str(stub.models_dir / "diffusers")], ["folder"])
+    folder_paths = _module("folder_paths", models_dir=str(stub.models_dir), folder_names_and_paths=names)
+    folder_paths.get_folder_paths = lambda folder_name: list(names[folder_name][0])
+    folder_paths.get_filename_list, folder_paths.get_full_path = stub.get_filename_list, stub.get_full_path
+    io = _module("comfy_api.v0_0_2.io", Schema=Schema, ComfyNode=ComfyNode, NodeOutput=NodeOutput, Custom=Custom)
+    for kind in ("INT", "FLOAT", "COMBO", "IMAGE", "LATENT", "CONDITIONING"):
+        setattr(io, kind.title(), Custom(kind))
+    ui = _module("comfy_api.v0_0_2.ui", PreviewText=PreviewText)
+    api = _module("comfy_api.v0_0_2", io=io, ui=ui, ComfyExtension=ComfyExtension)
+    sys.modules.update({f"comfy.{name}": module for name, module in comfy.items()}, comfy=_module("comfy", **comfy))
+    sys.modules.update(folder_paths=folder_paths, comfy_api=_module("comfy_api", v0_0_2=api))
+    sys.modules["comfy_api.v0_0_2"] = api
     return stub
 
 
@@ -285,17 +241,10 @@ def pack_module_name(pack_root: Path) -> str:
 
 
 def import_pack(pack_root: Path) -> types.ModuleType:
-    """Import ``pack_root/__init__.py`` as ComfyUI's ``load_custom_node`` does."""
-    name = pack_module_name(pack_root)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(pack_root, "__init__.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
+    """Import ``pack_root/__init__.py`` as ComfyUI's ``load_custom_node`` does (by file path)."""
+    spec = importlib.util.spec_from_file_location(pack_module_name(pack_root), os.path.join(pack_root, "__init__.py"))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

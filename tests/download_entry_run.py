@@ -38,10 +38,8 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> dict:
     models_dir, action, *values = argv
     stub = install_comfy_stubs(Path(models_dir))
-    folder_paths = sys.modules["folder_paths"]
     for folder, paths in json.loads(os.environ.get("EXTRA_MODEL_PATHS", "{}")).items():
-        for path in paths:
-            folder_paths.add_model_folder_path(folder, path)
+        stub.folder_names_and_paths.setdefault(folder, ([], set()))[0].extend(paths)  # as add_model_folder_path does
     pack = import_pack(PACK_ROOT)
     loader = node_classes(pack)["FiDeSRModelLoader"]
     folders = importlib.import_module(f"{pack.__name__}.nodes.model_folders")

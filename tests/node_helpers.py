@@ -17,9 +17,16 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_node(comfy, node_id: str, **inputs: Any) -> tuple:
-    """Call a node as ComfyUI's executor calls a V3 node: its ``execute`` classmethod, under inference mode."""
+    """Call a node as ComfyUI's executor calls a V3 node, under inference mode.
+
+    With the stand-ins: its ``execute`` classmethod; in a real ComfyUI (``real_comfyui_check.py``) as the
+    executor does it, on a clone of the class (``PREPARE_CLASS_CLONE``, ``EXECUTE_NORMALIZED``).
+    """
+    node = comfy.nodes[node_id]
     with torch.inference_mode():
-        return comfy.nodes[node_id].execute(**inputs).result
+        if hasattr(node, "PREPARE_CLASS_CLONE"):
+            return node.PREPARE_CLASS_CLONE(None).EXECUTE_NORMALIZED(**inputs).result
+        return node.execute(**inputs).result
 
 
 def chain(comfy, handle, image: torch.Tensor, *, injections: bool = True, **overrides: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """The ComfyUI nodes, run through the entry point ComfyUI calls, on tiny random models.
 
 ComfyUI is not installed in CI: ``comfy_stub`` stands in for the few ComfyUI
-modules the nodes import (``comfy_api_stub`` for the V3 node API), and the pack
-is imported as ComfyUI imports it (by file path, under a module name made from
-the path).  This file checks the import and the node definitions (the published
-API, as ``GET /object_info`` serves it); the other ``test_nodes_*.py`` files run
-the nodes.
+modules the nodes import (the V3 node API included), and the pack is imported as
+ComfyUI imports it (by file path, under a module name made from the path).  This
+file checks the import and the node definitions: what they declare (as
+``GET /object_info`` serves it) against the pinned interface ``node_interface.json``
+(compared with a real ComfyUI in ``test_nodes_real_comfyui.py``), and the rules
+the descriptions follow; the other ``test_nodes_*.py`` files run the nodes.
 Shared fixtures: ``conftest.py``; helpers: ``node_helpers.py``.
 """
 
@@ -23,111 +24,10 @@ from typing import Any
 
 import pytest
 from node_helpers import PACK_ROOT
+from node_interface import REGENERATE, differences, interface_of, load_snapshot, write_snapshot
 
 CATEGORY = "image/upscaling/FiDeSR"
-
-# The user-facing API: node id -> (display name, required inputs with defaults
-# (None = no default), optional inputs, outputs).  Names and order must never change.
-EXPECTED_NODES: dict[str, tuple[str, dict[str, Any], list[str], tuple[str, ...]]] = {
-    "FiDeSRModelLoader": (
-        "Load FiDeSR Model",
-        {"base_model": None, "fidesr_weights": None, "precision": "auto"},
-        [],
-        ("FIDESR_MODEL",),
-    ),
-    "FiDeSREncode": (
-        "FiDeSR VAE Encode",
-        {"model": None, "image": None, "upscale_by": 4.0, "latent_mode": "sample", "seed": 0, "tile_size": 1024},
-        [],
-        ("LATENT",),
-    ),
-    "FiDeSRResidual": (
-        "FiDeSR One-Step U-Net",
-        {"model": None, "latent": None, "tile_size": 96, "tile_overlap": 32},
-        ["positive", "pixel_strength", "semantic_strength"],
-        ("LATENT",),
-    ),
-    "FiDeSRRefine": ("FiDeSR LRRB Refine", {"model": None, "latent": None}, [], ("LATENT",)),
-    "FiDeSRLowFrequencyInject": (
-        "FiDeSR LF Injection",
-        {
-            "latent": None,
-            "strength": 0.1,
-            "cutoff": 0.10,
-            "order": 2,
-            "channel_tau": 0.8,
-            "channel_sharpness": 10.0,
-            "gamma": 1.2,
-            "filter": "official",
-        },
-        [],
-        ("LATENT",),
-    ),
-    "FiDeSRHighFrequencyInject": (
-        "FiDeSR HF Injection",
-        {
-            "latent": None,
-            "strength": 0.1,
-            "cutoff": 0.32,
-            "order": 2,
-            "gamma": 1.2,
-            "channel_cutoff": 0.10,
-            "channel_tau": 0.8,
-            "channel_sharpness": 10.0,
-            "filter": "official",
-        },
-        [],
-        ("LATENT",),
-    ),
-    "FiDeSRDecode": (
-        "FiDeSR VAE Decode",
-        {"model": None, "latent": None, "color_fix": "adain", "tile_size": 224},
-        [],
-        ("IMAGE",),
-    ),
-    "FiDeSRUpscale": (
-        "FiDeSR Upscale",
-        {
-            "model": None,
-            "image": None,
-            "upscale_by": 4.0,
-            "lf_strength": 0.1,
-            "hf_strength": 0.1,
-            "color_fix": "adain",
-            "latent_mode": "sample",
-            "seed": 0,
-            "tile_size": 96,
-            "tile_overlap": 32,
-        },
-        ["positive", "pixel_strength", "semantic_strength"],
-        ("IMAGE",),
-    ),
-    "FiDeSRColorFix": (
-        "FiDeSR Color Fix",
-        {"image": None, "reference": None, "method": "adain"},
-        [],
-        ("IMAGE",),
-    ),
-}
-EXPECTED_COMBOS = {
-    ("FiDeSRModelLoader", "precision"): ["auto", "fp32", "fp16", "bf16"],
-    ("FiDeSREncode", "latent_mode"): ["sample", "mode"],
-    ("FiDeSRDecode", "color_fix"): ["adain", "wavelet", "none"],
-    ("FiDeSRUpscale", "color_fix"): ["adain", "wavelet", "none"],
-    ("FiDeSRUpscale", "latent_mode"): ["sample", "mode"],
-    ("FiDeSRLowFrequencyInject", "filter"): ["official", "radial"],
-    ("FiDeSRHighFrequencyInject", "filter"): ["official", "radial"],
-    ("FiDeSRColorFix", "method"): ["adain", "wavelet"],
-}
-# Optional widgets (appended after the first release, so saved workflows and prompts without them load): defaults.
-OPTIONAL_DEFAULTS = {"pixel_strength": 1.0, "semantic_strength": 1.0}
-SOCKET_TYPES = {
-    "model": "FIDESR_MODEL",
-    "image": "IMAGE",
-    "reference": "IMAGE",
-    "latent": "LATENT",
-    "positive": "CONDITIONING",
-}
+PINNED = load_snapshot()  # node id -> the promised interface (node_interface.py says what it holds)
 
 
 # ----------------------------------------------------------------------------- import and definitions
@@ -137,22 +37,12 @@ def _info(comfy, node_id: str) -> dict[str, Any]:
     return comfy.nodes[node_id].GET_NODE_INFO_V1()
 
 
-def _combo_options(spec: list | tuple) -> list | None:
-    """A combo's choices in either layout: V1 ``[choices, {...}]`` or V3 ``["COMBO", {"options": ...}]``."""
-    if isinstance(spec[0], list):
-        return spec[0]
-    return spec[1]["options"] if spec[0] == "COMBO" else None
-
-
 def test_pack_imports_by_file_path_under_a_mangled_name(comfy) -> None:
     pack = comfy.pack
     assert pack.__name__ == str(PACK_ROOT).replace(".", "_x_")
     # V3: ComfyUI asks comfy_entrypoint for the nodes, and would ignore it next to NODE_CLASS_MAPPINGS.
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
-    assert set(comfy.nodes) == set(EXPECTED_NODES)
-    assert {node_id: _info(comfy, node_id)["display_name"] for node_id in comfy.nodes} == {
-        node_id: spec[0] for node_id, spec in EXPECTED_NODES.items()
-    }
+    assert set(comfy.nodes) == set(PINNED)
     # The engine the nodes use is the pack's own copy, reached by relative imports.
     engine = comfy.module("fidesr_core.pipeline")
     assert engine.__name__ == f"{pack.__name__}.fidesr_core.pipeline"
@@ -202,41 +92,47 @@ def test_every_import_inside_the_pack_is_relative() -> None:
     assert {path: names for path, names in offending.items() if names} == {}
 
 
-@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
-def test_node_definition_matches_the_published_api(comfy, node_id: str) -> None:
-    info = _info(comfy, node_id)
-    _, required, optional, outputs = EXPECTED_NODES[node_id]
-    inputs = info["input"]
-    assert set(inputs) <= {"required", "optional"}
-    assert list(inputs["required"]) == list(required)
-    assert list(inputs.get("optional", {})) == optional
-    assert info["input_order"] == {section: list(values) for section, values in inputs.items()}
-    assert tuple(info["output"]) == outputs
-    assert info["category"] == CATEGORY and info["name"] == node_id
+def test_the_nodes_declare_the_pinned_interface(comfy) -> None:
+    declared = {node_id: interface_of(node_id, _info(comfy, node_id)) for node_id in comfy.nodes}
+    if os.environ.get("FIDESR_WRITE_NODE_INTERFACE"):
+        write_snapshot(declared)
+    problems = differences(load_snapshot(), declared)
+    assert not problems, "the nodes no longer declare the pinned interface:\n" + "\n".join([*problems, REGENERATE])
+
+
+@pytest.mark.parametrize("node_id", sorted(PINNED))
+def test_node_description_follows_the_rules(comfy, node_id: str) -> None:
+    info, pinned = _info(comfy, node_id), PINNED[node_id]
+    assert pinned["category"] == CATEGORY and not pinned["output_node"]
     assert isinstance(info["description"], str) and len(info["description"]) > 40
-    assert len(info["output_tooltips"]) == len(outputs) and all(info["output_tooltips"])
-    assert info["output_name"] == [output.lower().replace("fidesr_", "") for output in outputs]
-    for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
-        options = spec[1]
-        assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
-        if name in SOCKET_TYPES:
-            assert spec[0] == SOCKET_TYPES[name]
-        elif required.get(name) is not None:
-            assert options.get("default") == required[name]
-        elif name in optional:
-            assert options.get("default") == OPTIONAL_DEFAULTS[name], f"{node_id}.{name}"
-        if (node_id, name) in EXPECTED_COMBOS:
-            assert _combo_options(spec) == EXPECTED_COMBOS[(node_id, name)]
-        if spec[0] in ("INT", "FLOAT"):
-            assert options["min"] <= options["default"] <= options["max"]
-    node = comfy.nodes[node_id]
+    assert len(info["output_tooltips"]) == len(pinned["outputs"]) and all(info["output_tooltips"])
+    assert [o["name"] for o in pinned["outputs"]] == [
+        o["type"].lower().replace("fidesr_", "") for o in pinned["outputs"]
+    ]
+    specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    for item in pinned["inputs"]:
+        assert specs[item["name"]][1].get("tooltip"), f"{node_id}.{item['name']} has no tooltip"
+        if item["type"] in ("INT", "FLOAT"):
+            assert item["min"] <= item["default"] <= item["max"], f"{node_id}.{item['name']}"
+        if item.get("optional") and item["type"] in ("INT", "FLOAT", "COMBO"):
+            assert "default" in item  # prompts and workflows saved before it was appended run with the default
+    node, names = comfy.nodes[node_id], [item["name"] for item in pinned["inputs"]]
     parameters = inspect.signature(node.execute).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):  # the injection nodes
         fields = {field.name for field in dataclasses.fields(node.SETTINGS)}
-        assert list(parameters)[0] == "latent" and set(required) - {"latent"} <= fields
+        assert list(parameters)[0] == "latent" and set(names) - {"latent"} <= fields
     else:
-        assert list(parameters) == [*required, *optional]
+        assert list(parameters) == names
     json.dumps(info)  # /object_info must be able to serialise it
+
+
+def test_an_input_name_means_one_type_on_every_node() -> None:
+    types: dict[str, set[str]] = {}
+    for pinned in PINNED.values():
+        for item in pinned["inputs"]:
+            types.setdefault(item["name"], set()).add(item["type"])
+    assert {name: kinds for name, kinds in types.items() if len(kinds) > 1} == {}
+    assert types["model"] == {"FIDESR_MODEL"} and types["latent"] == {"LATENT"} and types["image"] == {"IMAGE"}
 
 
 def test_node_defaults_are_the_engines_defaults(comfy) -> None:

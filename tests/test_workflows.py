@@ -16,19 +16,19 @@ from workflow_graph import (
     FILE_RULES,
     WORKFLOWS,
     WORKFLOWS_DIR,
-    definitions_of,
+    interfaces,
     load_workflow,
     node_types,
     nodes_of_type,
     source_node,
     widget_value,
 )
-from workflow_validation import VIRTUAL_NODE_TYPES, validate_workflow, widget_slots
+from workflow_validation import FRONTEND_ONLY, validate_workflow, widget_slots
 
 
 @pytest.fixture(scope="module")
-def definitions(comfy) -> dict[str, dict[str, Any]]:
-    return definitions_of(comfy.nodes)
+def definitions() -> dict[str, dict[str, Any]]:
+    return interfaces()
 
 
 def test_the_required_workflows_are_shipped() -> None:
@@ -41,7 +41,7 @@ def test_workflow_is_valid_against_the_node_definitions(path: Path, definitions:
     workflow = load_workflow(path)
     assert validate_workflow(workflow, definitions, file_rules=FILE_RULES) == []
     # Only our nodes, ComfyUI core nodes recorded in the fixture and frontend-only notes.
-    assert set(node_types(workflow)) <= set(definitions) | VIRTUAL_NODE_TYPES
+    assert set(node_types(workflow)) <= set(definitions) | FRONTEND_ONLY
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -77,17 +77,17 @@ def test_workflow_seeds_are_fixed_and_values_are_the_defaults(path: Path, defini
         if node["type"] not in definitions or not node["type"].startswith("FiDeSR"):
             continue
         slots = widget_slots(definitions[node["type"]])
-        for (name, role, spec), value in zip(slots, node.get("widgets_values", []), strict=True):
+        for (name, role, item), value in zip(slots, node.get("widgets_values", []), strict=True):
             if role == "seed_control":
                 assert value == "fixed", f"{path.name}: {node['type']}.{name} should not re-roll the seed"
-            elif role == "value" and "default" in spec[1]:
-                expected = CHOSEN_VALUES.get((path.name, node["id"], name), spec[1]["default"])
+            elif role == "value" and "default" in item:
+                expected = CHOSEN_VALUES.get((path.name, node["id"], name), item["default"])
                 assert value == expected, f"{path.name}: {node['type']}.{name}"
 
 
 def test_one_node_workflow(definitions: dict[str, Any]) -> None:
     workflow = load_workflow(WORKFLOWS_DIR / "FiDeSR_upscale_one_node.json")
-    assert sorted(set(node_types(workflow)) - VIRTUAL_NODE_TYPES) == sorted(
+    assert sorted(set(node_types(workflow)) - FRONTEND_ONLY) == sorted(
         ["LoadImage", "FiDeSRModelLoader", "FiDeSRUpscale", "SaveImage"]
     )
     (upscale,) = nodes_of_type(workflow, "FiDeSRUpscale")

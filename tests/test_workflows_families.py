@@ -20,7 +20,7 @@ from ldm_export import write_diffusers_folder
 from workflow_graph import (
     FILE_RULES,
     WORKFLOWS_DIR,
-    definitions_of,
+    interfaces,
     load_workflow,
     nodes_of_type,
     source_node,
@@ -30,8 +30,8 @@ from workflow_validation import api_prompt, validate_workflow
 
 
 @pytest.fixture(scope="module")
-def definitions(comfy) -> dict[str, dict[str, Any]]:
-    return definitions_of(comfy.nodes)
+def definitions() -> dict[str, dict[str, Any]]:
+    return interfaces()
 
 
 PISA_SR = "PiSA-SR_upscale.json"

@@ -1,7 +1,8 @@
-"""The shipped workflows as graphs: where they are, the node definitions they are checked against, and lookups.
+"""The shipped workflows as graphs: where they are, the node interfaces they are checked against, and lookups.
 
-Node definitions: the pack's nodes as ComfyUI's ``/object_info`` describes them (built from the
-classes), ComfyUI's core nodes from a fixture recorded from a real ComfyUI.
+Node interfaces (``node_interface.py``): the pack's nodes as pinned in ``node_interface.json`` (which the
+nodes are checked against in ``test_nodes.py``), ComfyUI's core nodes read from ``/object_info`` entries
+recorded from a real ComfyUI (``fixtures/comfy_core_nodes.json``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from workflow_validation import load_core_definitions, node_info, widget_slots
+from node_interface import interface_of, load_snapshot
+from workflow_validation import widget_slots
 
 __all__ = [
     "WORKFLOWS_DIR",
     "WORKFLOWS",
     "CORE_FIXTURE",
     "FILE_RULES",
-    "definitions_of",
+    "interfaces",
     "load_workflow",
     "node_types",
     "nodes_of_type",
@@ -43,12 +45,14 @@ FILE_RULES = {
 }
 
 
-def definitions_of(pack_nodes: Mapping[str, type]) -> dict[str, dict[str, Any]]:
-    """``/object_info`` of the pack's node classes and ComfyUI's recorded core nodes, as JSON gives it."""
-    ours = {node_id: node_info(node_id, node_class) for node_id, node_class in pack_nodes.items()}
-    core = load_core_definitions(CORE_FIXTURE)
+def interfaces() -> dict[str, dict[str, Any]]:
+    """The interfaces of the pack's nodes (pinned) and of ComfyUI's recorded core nodes."""
+    core = {
+        node_id: interface_of(node_id, info) for node_id, info in json.loads(CORE_FIXTURE.read_text())["nodes"].items()
+    }
+    ours = load_snapshot()
     assert not set(ours) & set(core)
-    return json.loads(json.dumps({**core, **ours}))
+    return core | ours
 
 
 def load_workflow(path: Path) -> dict[str, Any]:
