@@ -55,10 +55,18 @@ class Ranks:
         return self.world_size > 1
 
     def start(self) -> None:
-        if self.distributed and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(
-                "gloo", rank=self.rank, world_size=self.world_size, timeout=_WAIT, init_method="env://"
-            )
+        if not self.distributed or torch.distributed.is_initialized():
+            return
+        # torch.distributed.nn binds the current default group as a default argument when first imported
+        # (torch._dynamo imports it while the model loads). Imported after the group started, it kept the group,
+        # and so its gloo worker threads, alive past destroy_process_group; a worker still releasing the last
+        # gather's tensors during interpreter shutdown then aborted the rank after its work was done
+        # ("terminate called without an active exception"). Imported first, it binds None.
+        from torch.distributed import nn  # noqa: F401
+
+        torch.distributed.init_process_group(
+            "gloo", rank=self.rank, world_size=self.world_size, timeout=_WAIT, init_method="env://"
+        )
 
     def stop(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
