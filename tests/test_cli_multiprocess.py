@@ -1,7 +1,7 @@
 """``upscale`` as several processes: two CPU ranks under torchrun, talking over gloo.
 
 This is the code path of ``torchrun --nproc_per_node N`` / ``accelerate launch`` on N GPUs with the
-device swapped for the CPU: rank 0 plans, each rank upscales its share, rank 0 prints one summary,
+device swapped for the CPU: rank 0 plans, each rank upscales its block of the plan, rank 0 prints one summary,
 and the outputs are byte for byte those of one process. A second run after losing outputs (what
 a killed run leaves) redoes only those.
 
@@ -118,10 +118,12 @@ def test_two_ranks_share_the_work_print_one_summary_and_match_one_process(worksp
         target = Path(name).with_suffix(".png")
         assert (tmp_path / "double" / target).read_bytes() == (tmp_path / "single" / target).read_bytes(), name
 
-    # What a killed run leaves: some outputs missing (writes are atomic, so never half a PNG under its name).
+    # What a killed run leaves: the last output of each rank's block missing (writes are atomic, so never
+    # half a PNG under its name). The same blocks again: each rank redoes its one.
     expected = {name: (tmp_path / "double" / name).read_bytes() for name in NAMES}
-    (tmp_path / "double" / "b.png").unlink()
+    (tmp_path / "double" / "c.png").unlink()
     (tmp_path / "double" / "d" / "f.png").unlink()
     resumed = _upscale(workspace, tmp_path / "double", ranks=2)
     assert resumed.stdout.count("written 2, skipped 3 (exist), failed 0") == 1
+    assert "rank 0 of 2, 1 image(s)" in resumed.stdout and "rank 1 of 2, 1 image(s)" in resumed.stdout
     assert {name: (tmp_path / "double" / name).read_bytes() for name in NAMES} == expected
