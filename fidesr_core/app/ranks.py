@@ -36,8 +36,8 @@ def joined_ranks() -> Iterator[PartialState]:
     """The ranks, joined for the block; when it ends the process group is gone, its gloo threads ended."""
     from accelerate import PartialState
 
-    if not _launched():  # one process: nothing distributed starts
-        yield PartialState(cpu=True)
+    if not _launched():  # one process: nothing distributed starts (and cpu=True would stick to the singleton)
+        yield PartialState()
         return
     # torch.distributed.nn binds the current default group as a default argument when first imported
     # (torch._dynamo imports it while the model loads). Imported after the group started, it kept the group,
