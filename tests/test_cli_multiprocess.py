@@ -1,9 +1,15 @@
 """``upscale`` as several processes: two CPU ranks under torchrun, talking over gloo.
 
 This is the code path of ``torchrun --nproc_per_node N`` / ``accelerate launch`` on N GPUs with the
-device swapped for the CPU: rank 0 plans, each rank upscales its share, rank 0 prints one summary,
+device swapped for the CPU: rank 0 plans, each rank upscales its block of the plan, rank 0 prints one summary,
 and the outputs are byte for byte those of one process. A second run after losing outputs (what
 a killed run leaves) redoes only those.
+
+Every two-rank run also shows that each rank's process group is gone when the command returns: no
+gloo thread is left. One left alive was what aborted ranks after their work was done (a gloo worker
+releasing the last gather's tensors while the interpreter shut down: "terminate called without an
+active exception", exit -6), a race that only shows now and then on a busy machine; the threads left
+show it every time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,16 @@ from fidesr_core.networks.tiny import tiny_fidesr_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("a.png", "b.png", "c.png", "d/e.png", "d/f.png")
+# `python -m fidesr_core upscale …`, then the names of the native threads still running in the rank (Linux).
+AFTER_THE_COMMAND = """
+import os, sys
+from fidesr_core.app.cli import main
+code = main(sys.argv[1:], prog="fidesr")
+tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
+names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks)
+print(f"rank {os.environ['RANK']} threads after the command: {names or 'not listed (no /proc)'}")
+sys.exit(code)
+"""
 
 
 def _free_port() -> int:
@@ -48,6 +64,8 @@ def workspace(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def _upscale(workspace: dict[str, Path], output: Path, ranks: int) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "fidesr_core"]
     if ranks > 1:
+        script = workspace["root"] / "after_the_command.py"
+        script.write_text(AFTER_THE_COMMAND)
         launcher = [
             sys.executable,
             "-m",
@@ -58,8 +76,7 @@ def _upscale(workspace: dict[str, Path], output: Path, ranks: int) -> subprocess
             "127.0.0.1",
             "--master_port",
             str(_free_port()),
-            "-m",
-            "fidesr_core",
+            str(script),
         ]
     command = [
         *launcher,
@@ -78,10 +95,15 @@ def _upscale(workspace: dict[str, Path], output: Path, ranks: int) -> subprocess
         "fp32",
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank; fp32 moves with threads
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     finished = subprocess.run(
         command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    if ranks > 1:
+        left = [line for line in finished.stdout.splitlines() if "threads after the command" in line]
+        assert len(left) == ranks, finished.stdout[-3000:]
+        assert not any("gloo" in line for line in left), left  # pt_gloo_runloop, gloo_tcp_loop
     return finished
 
 
@@ -96,10 +118,12 @@ def test_two_ranks_share_the_work_print_one_summary_and_match_one_process(worksp
         target = Path(name).with_suffix(".png")
         assert (tmp_path / "double" / target).read_bytes() == (tmp_path / "single" / target).read_bytes(), name
 
-    # What a killed run leaves: some outputs missing (writes are atomic, so never half a PNG under its name).
+    # What a killed run leaves: the last output of each rank's block missing (writes are atomic, so never
+    # half a PNG under its name). The same blocks again: each rank redoes its one.
     expected = {name: (tmp_path / "double" / name).read_bytes() for name in NAMES}
-    (tmp_path / "double" / "b.png").unlink()
+    (tmp_path / "double" / "c.png").unlink()
     (tmp_path / "double" / "d" / "f.png").unlink()
     resumed = _upscale(workspace, tmp_path / "double", ranks=2)
     assert resumed.stdout.count("written 2, skipped 3 (exist), failed 0") == 1
+    assert "rank 0 of 2, 1 image(s)" in resumed.stdout and "rank 1 of 2, 1 image(s)" in resumed.stdout
     assert {name: (tmp_path / "double" / name).read_bytes() for name in NAMES} == expected

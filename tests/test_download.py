@@ -20,7 +20,7 @@ from hub_stand_in import hub_stand_in
 from ldm_export import write_ldm_checkpoint
 from safetensors.torch import save_file
 
-from fidesr_core.app.download import FIDESR_WEIGHTS, SD21_BASE, DownloadError, fetch_known_file
+from fidesr_core.app.download import ELSEWHERE, FIDESR_WEIGHTS, SD21_BASE, DownloadError, fetch_known_file
 from fidesr_core.loading.identify import identify_model_file
 from fidesr_core.loading.weights import load_restorer_weights, save_restorer_weights
 from fidesr_core.networks.tiny import tiny_fidesr_weights
@@ -111,6 +111,10 @@ def test_without_a_network_one_line_per_source_an_exit_code_and_what_to_fetch_by
         assert line.startswith(f"{name} from {repo_id}: not fetched (") and "Connection refused" in line, line
     errors = done.stderr.splitlines()
     assert errors[0].startswith("error: could not fetch fidesr.pkl from any of 1 source(s)")
+    assert f"could not fetch {BASE_NAME} from any of 2 source(s)" in errors[0]
+    # README's other ways, said once for both files
+    assert errors[0].endswith(ELSEWHERE) and done.stderr.count("--source OWNER/NAME") == 1
+    assert "HF_ENDPOINT" in ELSEWHERE and "--source" in ELSEWHERE
     for repo_id, name in ((WEIGHTS_REPO, WEIGHTS_NAME), (FIRST_MIRROR, BASE_NAME), (SECOND_MIRROR, BASE_NAME)):
         assert f"  {endpoint}/{repo_id}/resolve/main/{name}" in errors
     assert f"  as {models / WEIGHTS_NAME} (for ComfyUI: ComfyUI/models/fidesr/{WEIGHTS_NAME})" in errors
@@ -145,6 +149,7 @@ def test_an_interrupted_download_resumes_where_it_stopped_with_byte_progress(
         with pytest.raises(DownloadError) as caught:
             fetch_known_file(FIDESR_WEIGHTS, tmp_path, progress=lambda *at: first.append(at), endpoint=hub.url)
         (attempt,) = caught.value.attempts
+        assert str(caught.value) == f"could not fetch {WEIGHTS_NAME} from any of 1 source(s); {ELSEWHERE}"
         assert attempt.startswith(f"{WEIGHTS_NAME} from {WEIGHTS_REPO}: not fetched (RemoteDisconnected: ")
         assert not (tmp_path / WEIGHTS_NAME).exists()
         assert first[-1] == (half, len(weights))

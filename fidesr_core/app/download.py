@@ -38,6 +38,7 @@ __all__ = [
     "OSEDIFF_WEIGHTS",
     "RELEASED_WEIGHTS",
     "DownloadError",
+    "ELSEWHERE",
     "ByteProgress",
     "is_repo_id",
     "file_url",
@@ -116,11 +117,19 @@ RELEASED_WEIGHTS: dict[str, KnownFile | ReleasedFile] = {
 }
 
 
+# The other ways README offers when the known sources fail; every DownloadError ends with them.
+ELSEWHERE = (
+    "try another Hub repository holding the same file names (fidesr download --source OWNER/NAME) "
+    "or a Hub mirror site (HF_ENDPOINT=URL), or fetch by hand"
+)
+
+
 class DownloadError(ModelFileError):
     """No source gave a good copy of a file; ``attempts`` has one line per source tried."""
 
-    def __init__(self, message: str, attempts: Sequence[str], by_hand: Sequence[str]) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, attempts: Sequence[str], by_hand: Sequence[str]) -> None:
+        super().__init__(f"{reason}; {ELSEWHERE}")
+        self.reason = reason  # without ELSEWHERE, to join several failures into one message
         self.attempts = list(attempts)
         self.by_hand = list(by_hand)
 
@@ -335,7 +344,7 @@ def download_models(
             failures.append(error)
     if failures:
         raise DownloadError(
-            "; ".join(str(failure) for failure in failures),
+            "; ".join(failure.reason for failure in failures),
             [line for failure in failures for line in failure.attempts],
             [line for failure in failures for line in failure.by_hand],
         )

@@ -1,7 +1,7 @@
 """The ``upscale`` command: every argument checked before the model loads, the batch, one summary.
 
 Under ``torchrun`` / ``accelerate launch`` (see ``ranks``) rank 0 plans the outputs, every rank
-upscales its share, and rank 0 prints the summary of all of them.
+upscales its block of the plan, and rank 0 prints the summary of all of them.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from ..errors import FiDeSRError, ImageInputError, SettingsError
 from ..settings import UpscaleSettings
 from .batch import BatchResult, pending, plan_outputs, upscale_files
-from .ranks import Ranks
+from .ranks import joined_ranks, rank_device
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "settings_from_args", "check_output_folder", "run"]
 
@@ -99,7 +103,7 @@ def _summary(result: BatchResult, planned: int, output: Path) -> None:
         print("interrupted (finished outputs are complete; nothing half-written was kept)", file=sys.stderr)
 
 
-def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: Ranks, todo: list) -> BatchResult:
+def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: PartialState, todo: list) -> BatchResult:
     from ..loading.base_model import load_base_model
     from ..loading.restorer import assemble_restorer
     from ..loading.weights import load_restorer_weights
@@ -112,11 +116,11 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: R
             f"argument --pixel-strength/--semantic-strength: applies to PiSA-SR's two LoRA sets; {args.weights} "
             f"holds {FAMILY_NAMES[weights.family]} weights, which have one"
         )
-    device = ranks.device(args.device)
+    device = rank_device(ranks, args.device)
     model = assemble_restorer(
         load_base_model(args.base), weights, prompt=args.prompt, precision=args.precision, device=device
     )
-    where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.distributed else ""
+    where = f"rank {ranks.process_index} of {ranks.num_processes}, " if ranks.num_processes > 1 else ""
     described = model.description
     from ..precision import precision_why  # why this precision (auto's reason)
 
@@ -130,7 +134,7 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: R
         settings,
         overwrite=args.overwrite,
         max_image_pixels=args.max_image_pixels,
-        show_progress=ranks.is_main,
+        show_progress=ranks.is_main_process,
     )
 
 
@@ -145,41 +149,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    ranks = Ranks.from_environment()
-    try:  # the same checks on every rank: only rank 0 says what is wrong
-        settings = settings_from_args(args)
-        if args.max_image_pixels < 0:
-            raise SettingsError(
-                f"argument --max-image-pixels: must be 0 (no limit) or more, got {args.max_image_pixels}"
-            )
-        check_output_folder(args.output)
-        try:
-            ranks.start()
-        except (RuntimeError, ValueError) as error:  # the launcher's variables are there, the others are not
-            raise SettingsError(f"cannot join the other ranks of {ranks.world_size} ({error})") from None
-        plan = ranks.from_main(_plan(args) if ranks.is_main else None)
-        if isinstance(plan, str):
-            raise ImageInputError(plan)
-    except (FiDeSRError, OSError) as error:
-        ranks.stop()
-        if args.verbose:
-            raise
-        if ranks.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        share = ranks.share(plan)
-        todo = pending(share, overwrite=args.overwrite)
-        to_write = {target for _, target in todo}
-        result = BatchResult(skipped=[target for _, target in share if target not in to_write])
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    with joined_ranks() as ranks:
+        try:  # the same checks on every rank: only rank 0 says what is wrong
+            settings = settings_from_args(args)
+            if args.max_image_pixels < 0:
+                raise SettingsError(
+                    f"argument --max-image-pixels: must be 0 (no limit) or more, got {args.max_image_pixels}"
+                )
+            check_output_folder(args.output)
+            (plan,) = broadcast_object_list([_plan(args) if ranks.is_main_process else None])
+            if isinstance(plan, str):
+                raise ImageInputError(plan)
+        except (FiDeSRError, OSError) as error:
+            if args.verbose:
+                raise
+            if ranks.is_main_process:
+                print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        with ranks.split_between_processes(plan) as share:
+            todo = pending(share, overwrite=args.overwrite)
+            to_write = {target for _, target in todo}
+            result = BatchResult(skipped=[target for _, target in share if target not in to_write])
         if todo:
             result.merge(_upscale_share(args, settings, ranks, todo))
         total = BatchResult()
-        for part in ranks.gather(result):
+        for part in gather_object([result]):
             total.merge(part)
-    finally:
-        ranks.stop()
-    if ranks.is_main:
+    if ranks.is_main_process:
         _summary(total, len(plan), args.output)
     if total.interrupted:
         return EXIT_INTERRUPTED
