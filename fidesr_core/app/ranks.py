@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Ranks"]
-
 T = TypeVar("T")
 
 # Ranks with very different shares wait for each other at the end; gloo's default (30 min) is too short.

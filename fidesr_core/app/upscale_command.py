@@ -18,8 +18,6 @@ from ..settings import UpscaleSettings
 from .batch import BatchResult, pending, plan_outputs, upscale_files
 from .ranks import Ranks
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "settings_from_args", "check_output_folder", "run"]
-
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # (flag, the setting it sets, help): the parser takes each flag's default, type and choices from the setting.
