@@ -9,6 +9,9 @@ Typical use::
     model = load_restorer("v2-1_512-ema-pruned.safetensors", "pisa_sr.pkl")  # or fidesr.pkl, osediff.pkl
     image = upscale(model, lq, UpscaleSettings(latent_mode="mode"))  # [B, 3, 4H, 4W] in [0, 1]
     model.family  # "fidesr", "pisa-sr" or "osediff"
+
+The stages one by one (``pipeline.encode_stage`` ... ``decode_stage``), the numerical operations
+(``ops``), loading (``loading``) and the tiled VAE (``tiled_vae``) are imported from their modules.
 """
 
 from __future__ import annotations
@@ -19,60 +22,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    # errors
-    "FiDeSRError": "errors",
-    "ModelFileError": "errors",
-    "BaseModelError": "errors",
-    "WeightsFileError": "errors",
-    "ImageInputError": "errors",
-    "SettingsError": "errors",
-    "OutOfMemory": "errors",
-    "Cancelled": "errors",
-    # models and files
-    "SCALING_FACTOR": "networks.model",
-    "BaseModel": "networks.model",
-    "FiDeSRModel": "networks.model",
-    "OneStepRestorer": "networks.model",
-    "FAMILIES": "networks.families",
-    "FamilyRecipe": "networks.families",
-    "recipe_for": "networks.families",
-    "LoraSet": "networks.families",
-    "RestorerWeights": "networks.families",
-    "LRRB": "networks.lrrb",
-    "load_base_model": "loading.base_model",
-    "identify_model_file": "loading.identify",
-    "load_restorer_weights": "loading.weights",
-    "save_restorer_weights": "loading.weights",
-    "convert_restorer_weights": "loading.weights",
-    "describe_restorer_weights": "loading.weights",
-    "assemble_restorer": "loading.restorer",
     "load_restorer": "loading.restorer",
-    "prompt_embedding_for": "loading.restorer",
-    "resolve_device": "precision",
-    "resolve_dtype": "precision",
-    # the numerical operations
-    "prepare_lq": "ops.preprocess",
-    "encode_image": "ops.vae_codec",
-    "decode_latent": "ops.vae_codec",
-    "predict_residual": "ops.restoration",
-    "refine_residual": "ops.restoration",
-    "spatial_gate": "ops.injection",
-    "low_frequency_delta": "ops.injection",
-    "high_frequency_delta": "ops.injection",
-    "apply_color_fix": "ops.color_fix",
-    # settings, the flow and how it runs
+    "load_restorer_weights": "loading.weights",
+    "OneStepRestorer": "networks.model",
     "UpscaleSettings": "settings",
     "LowFrequencySettings": "settings",
     "HighFrequencySettings": "settings",
     "upscale": "pipeline",
-    "Latents": "pipeline",
-    "encode_stage": "pipeline",
-    "residual_stage": "pipeline",
-    "refine_stage": "pipeline",
-    "injection_stage": "pipeline",
-    "decode_stage": "pipeline",
     "Runtime": "runtime",
-    "STAGES": "runtime",
+    "FiDeSRError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,9 +10,6 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic"]
-
-
 _TEMP_EXTRA = len(".") + len(".") + 12 + len(".part")  # what the temporary name adds to the target's
 
 

@@ -7,17 +7,6 @@ line and ComfyUI can show it on the node.
 
 from __future__ import annotations
 
-__all__ = [
-    "FiDeSRError",
-    "ModelFileError",
-    "BaseModelError",
-    "WeightsFileError",
-    "ImageInputError",
-    "SettingsError",
-    "OutOfMemory",
-    "Cancelled",
-]
-
 
 class FiDeSRError(Exception):
     """Base class of every error the engine raises on purpose."""

@@ -24,17 +24,6 @@ from .ops.vae_codec import decode_latent, encode_image, vae_device
 from .runtime import Runtime, run_stage, working_memory_bytes
 from .settings import ColorFixMethod, HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 
-__all__ = [
-    "Latents",
-    "upscale",
-    "encode_stage",
-    "residual_stage",
-    "refine_stage",
-    "injection_stage",
-    "decode_stage",
-    "finish_image",
-]
-
 # Smallest tiles tried after running out of memory (the U-Net and VAE downsample by 8).
 MIN_ENCODE_TILE = 128  # image pixels
 MIN_LATENT_TILE = 16  # latent pixels

@@ -8,18 +8,6 @@ import torch
 
 from .errors import SettingsError
 
-__all__ = [
-    "Precision",
-    "PRECISIONS",
-    "cpu_has_native_bf16",
-    "auto_dtype",
-    "precision_reason",
-    "precision_why",
-    "resolve_device",
-    "resolve_dtype",
-    "dtype_name",
-]
-
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

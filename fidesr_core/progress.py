@@ -6,8 +6,6 @@ from collections.abc import Callable
 
 from .errors import Cancelled
 
-__all__ = ["ProgressCallback", "StageProgress", "CancelCheck", "check_cancelled"]
-
 # Called as ``progress(done, total)`` after each unit of work (a tile); it may raise to stop.
 ProgressCallback = Callable[[int, int], None]
 # Called as ``progress(stage, done, total)``; stages are named in ``runtime.STAGES``.

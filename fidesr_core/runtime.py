@@ -19,8 +19,6 @@ import torch
 from .errors import OutOfMemory
 from .progress import CancelCheck, ProgressCallback, StageProgress, check_cancelled
 
-__all__ = ["STAGES", "Runtime", "working_memory_bytes", "run_stage"]
-
 # The stages of an upscale, in order; progress, errors, the CLI, benchmarks and the nodes name them so.
 STAGES: tuple[str, ...] = ("encode", "residual", "refine", "lf", "hf", "decode")
 logger = logging.getLogger(__name__)

@@ -17,21 +17,6 @@ from typing import Any, Literal
 from .errors import SettingsError
 from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
 
-__all__ = [
-    "COLOR_FIX_METHODS",
-    "FILTER_GEOMETRIES",
-    "LATENT_MODES",
-    "PROCESS_SIZE",
-    "ColorFixMethod",
-    "FilterGeometry",
-    "LatentMode",
-    "Rule",
-    "rule_of",
-    "LowFrequencySettings",
-    "HighFrequencySettings",
-    "UpscaleSettings",
-]
-
 ColorFixMethod = Literal["adain", "wavelet", "none"]
 COLOR_FIX_METHODS: tuple[str, ...] = ("adain", "wavelet", "none")
 FilterGeometry = Literal["official", "radial"]

@@ -22,16 +22,6 @@ from ..fidesr_core.networks.families import FamilyRecipe
 from ..fidesr_core.pipeline import Latents
 from .errors import node_error
 
-__all__ = [
-    "STATE_KEY",
-    "NODE_OF_STAGE",
-    "ChainState",
-    "mismatched_images",
-    "state_of_latent",
-    "check_stage",
-    "latent_of_state",
-]
-
 STATE_KEY = "fidesr"
 # The node that runs each stage, as messages name it.
 NODE_OF_STAGE = {

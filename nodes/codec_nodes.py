@@ -35,8 +35,6 @@ from .inputs import (
 from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import ComfyRuntime
 
-__all__ = ["FiDeSREncode", "FiDeSRDecode"]
-
 ENCODE_NODE, DECODE_NODE = NODE_OF_STAGE["encode"], NODE_OF_STAGE["decode"]
 
 

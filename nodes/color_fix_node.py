@@ -11,8 +11,6 @@ from .errors import node_error
 from .images import image_from_engine, image_to_engine
 from .inputs import image_output, schema
 
-__all__ = ["FiDeSRColorFix", "COLOR_FIX_NODE_METHODS"]
-
 COLOR_FIX_NODE = "FiDeSR Color Fix"
 COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
 

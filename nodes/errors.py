@@ -12,8 +12,6 @@ from contextlib import contextmanager
 
 from ..fidesr_core.errors import FiDeSRError, ModelFileError
 
-__all__ = ["FiDeSRNodeError", "node_error", "engine_errors"]
-
 
 class FiDeSRNodeError(Exception):
     """An input a FiDeSR node cannot use, or an engine error, attributed to the node."""

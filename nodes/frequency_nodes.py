@@ -20,8 +20,6 @@ from .errors import engine_errors
 from .inputs import latent_output, number_input, schema
 from .runtime import ComfyRuntime
 
-__all__ = ["FiDeSRLowFrequencyInject", "FiDeSRHighFrequencyInject"]
-
 _CONNECT_TO = f"{NODE_OF_STAGE['refine']} (or {NODE_OF_STAGE['residual']})"
 
 

@@ -11,8 +11,6 @@ import torch
 
 from .errors import node_error
 
-__all__ = ["image_to_engine", "image_from_engine"]
-
 
 def image_to_engine(image: Any, node: str, input_name: str = "image") -> torch.Tensor:
     """``[B, H, W, 3 or 4]`` -> ``[B, 3, H, W]`` float32 (an alpha channel is dropped)."""

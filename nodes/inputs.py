@@ -11,26 +11,6 @@ from comfy_api.v0_0_2 import io
 from ..fidesr_core.settings import COLOR_FIX_METHODS, LATENT_MODES
 from .model_handle import FIDESR_MODEL
 
-__all__ = [
-    "CATEGORY",
-    "schema",
-    "MAX_SEED",
-    "FiDeSRModelType",
-    "model_input",
-    "lq_image_input",
-    "upscale_by_input",
-    "latent_mode_input",
-    "seed_input",
-    "color_fix_input",
-    "tile_size_input",
-    "tile_overlap_input",
-    "positive_input",
-    "pixel_strength_input",
-    "semantic_strength_input",
-    "image_output",
-    "latent_output",
-]
-
 CATEGORY = "image/upscaling/FiDeSR"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 FiDeSRModelType = io.Custom(FIDESR_MODEL)

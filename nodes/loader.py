@@ -38,8 +38,6 @@ from .model_folders import (
 )
 from .model_handle import FiDeSRModelHandle
 
-__all__ = ["LOADER_NODE", "FiDeSRModelLoader", "auto_precision", "loader_choices"]
-
 LOADER_NODE = "Load FiDeSR Model"
 
 logger = logging.getLogger("FiDeSR")

@@ -24,8 +24,6 @@ from ..fidesr_core.app.download import FIDESR_WEIGHTS, SD21_BASE, DownloadError,
 from ..fidesr_core.errors import Cancelled, FiDeSRError
 from .errors import node_error
 
-__all__ = ["DOWNLOADABLE", "download_entry", "known_file_of", "fetch_entry", "folder_list"]
-
 logger = logging.getLogger("FiDeSR")
 
 DOWNLOADABLE: tuple[KnownFile, ...] = (FIDESR_WEIGHTS, SD21_BASE)

@@ -25,22 +25,6 @@ from ..fidesr_core.app.download import FIDESR_WEIGHTS, RELEASED_WEIGHTS, SD21_BA
 from .errors import node_error
 from .model_downloads import download_entry, fetch_entry, folder_list, known_file_of
 
-__all__ = [
-    "FIDESR_FOLDER",
-    "FIDESR_EXTENSIONS",
-    "DIFFUSERS_PREFIX",
-    "CHECKPOINTS_PREFIX",
-    "register_fidesr_folder",
-    "fidesr_weight_choices",
-    "diffusers_folder_names",
-    "base_model_choices",
-    "resolve_base_model",
-    "resolve_fidesr_weights",
-    "is_known_choice",
-    "WEIGHTS_SOURCES",
-    "BASE_SOURCES",
-]
-
 FIDESR_FOLDER = "fidesr"
 FIDESR_EXTENSIONS = frozenset({".pkl", ".safetensors"})
 DIFFUSERS_PREFIX = "diffusers/"

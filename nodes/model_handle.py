@@ -30,14 +30,6 @@ from ..fidesr_core.networks.families import FamilyRecipe
 from ..fidesr_core.networks.model import OneStepRestorer
 from .errors import node_error
 
-__all__ = [
-    "FIDESR_MODEL",
-    "FiDeSRModelHandle",
-    "make_castable",
-    "network_patcher",
-    "require_handle",
-]
-
 FIDESR_MODEL = "FIDESR_MODEL"  # the custom ComfyUI socket type
 
 # torch layer class -> the name of ComfyUI's castable class that replaces it

@@ -29,8 +29,6 @@ from .inputs import (
 from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import ComfyRuntime
 
-__all__ = ["FiDeSRResidual", "FiDeSRRefine", "prompt_embedding_from_conditioning"]
-
 ENCODE_NODE, RESIDUAL_NODE, REFINE_NODE = (NODE_OF_STAGE[stage] for stage in ("encode", "residual", "refine"))
 
 

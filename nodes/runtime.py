@@ -23,8 +23,6 @@ import torch
 from ..fidesr_core.runtime import Runtime
 from .model_handle import FiDeSRModelHandle
 
-__all__ = ["ComfyRuntime", "interrupt_check"]
-
 
 def interrupt_check() -> bool:
     """Engine ``should_cancel``: raises ComfyUI's interrupt itself, so it never needs to return True."""

@@ -36,8 +36,6 @@ from .model_handle import FiDeSRModelHandle, require_handle
 from .restoration_nodes import prompt_embedding_from_conditioning
 from .runtime import ComfyRuntime
 
-__all__ = ["FiDeSRUpscale"]
-
 UPSCALE_NODE = "FiDeSR Upscale"
 _ENGINE_DEFAULTS = UpscaleSettings()
 

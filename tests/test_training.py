@@ -233,7 +233,8 @@ def test_checkpoint_layout_and_keep_last(workspace, tmp_path: Path) -> None:
 
 
 def test_checkpoints_load_in_fidesr_core_in_both_formats(workspace, tmp_path: Path) -> None:
-    from fidesr_core import assemble_restorer, load_restorer_weights
+    from fidesr_core.loading.restorer import assemble_restorer
+    from fidesr_core.loading.weights import load_restorer_weights
     from fidesr_core.pipeline import upscale
     from fidesr_core.settings import UpscaleSettings
     from training.validation import training_model_view

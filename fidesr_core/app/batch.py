@@ -23,8 +23,6 @@ from ..runtime import Runtime
 from ..settings import UpscaleSettings
 from .image_io import IMAGE_EXTENSIONS, image_files_in, is_complete_png, load_image, save_png_atomic
 
-__all__ = ["BatchResult", "plan_outputs", "pending", "describe_failure", "upscale_file", "upscale_files"]
-
 logger = logging.getLogger(__name__)
 
 

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["build_parser", "main"]
-
 _EXIT_FAILED, _EXIT_USAGE, _EXIT_NOT_FETCHED, _EXIT_INTERRUPTED = 1, 2, 3, 130
 _PIL_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as shipped (1024**3 // 4 // 3)
 

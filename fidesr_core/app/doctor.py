@@ -14,8 +14,6 @@ import torch
 from ..errors import FiDeSRError
 from ..precision import dtype_name, precision_reason, resolve_device
 
-__all__ = ["run_doctor"]
-
 _PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers", "safetensors", "numpy", "pillow", "tqdm")
 
 

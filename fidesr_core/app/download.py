@@ -29,23 +29,6 @@ from pathlib import Path
 from ..errors import Cancelled, FiDeSRError, ModelFileError, WeightsFileError
 from ..progress import CancelCheck, check_cancelled
 
-__all__ = [
-    "FIDESR_WEIGHTS",
-    "SD21_BASE",
-    "KnownFile",
-    "ReleasedFile",
-    "PISA_SR_WEIGHTS",
-    "OSEDIFF_WEIGHTS",
-    "RELEASED_WEIGHTS",
-    "DownloadError",
-    "ELSEWHERE",
-    "ByteProgress",
-    "is_repo_id",
-    "file_url",
-    "fetch_known_file",
-    "download_models",
-]
-
 ByteProgress = Callable[[int, "int | None"], None]  # (bytes so far, total bytes or None)
 Report = Callable[[str], None]
 

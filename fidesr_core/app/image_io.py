@@ -22,17 +22,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..atomic_write import write_atomic
 from ..errors import ImageInputError
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "DATASET_IMAGE_EXTENSIONS",
-    "LoadedImage",
-    "image_files_in",
-    "collect_image_files",
-    "is_complete_png",
-    "load_image",
-    "save_png_atomic",
-]
-
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # what the CLI upscales
 # Training and evaluation sets also come as BMP or TIFF (PIL reads them all).
 DATASET_IMAGE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | {".bmp", ".tif", ".tiff"}

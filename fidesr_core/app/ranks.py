@@ -20,8 +20,6 @@ from ..errors import SettingsError
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-__all__ = ["joined_ranks", "rank_device"]
-
 # Ranks with very different shares wait for each other at the end; gloo's default (30 min) is too short.
 _WAIT = datetime.timedelta(days=7)
 

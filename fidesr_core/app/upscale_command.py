@@ -22,8 +22,6 @@ from .ranks import joined_ranks, rank_device
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "settings_from_args", "check_output_folder", "run"]
-
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # (flag, the setting it sets, help): the parser takes each flag's default, type and choices from the setting.

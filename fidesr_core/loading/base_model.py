@@ -27,8 +27,6 @@ from .clip_tokenizer import tokenizer_folder
 from .files import Container, load_pickle, read_header, read_tensors, state_dict_tensors
 from .identify import ModelIdentity, identify_header, identify_model_file
 
-__all__ = ["SD21_BASE_CONFIG_DIR", "SD21_BASE_MIRRORS", "SD21_BASE_HINT", "load_base_model", "check_base_model"]
-
 logger = logging.getLogger(__name__)
 
 SD21_BASE_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base"

@@ -20,8 +20,6 @@ from ..errors import ModelFileError
 if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: it takes seconds
     from transformers import CLIPTokenizer
 
-__all__ = ["BUNDLED_TOKENIZER_DIR", "tokenizer_folder", "load_clip_tokenizer", "prompt_ids"]
-
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base" / "tokenizer"
 _FILES = ("vocab.json", "merges.txt")
 

@@ -23,17 +23,6 @@ import torch
 
 from ..errors import ModelFileError
 
-__all__ = [
-    "SAFETENSORS_SUFFIXES",
-    "PICKLE_SUFFIXES",
-    "Container",
-    "Header",
-    "load_pickle",
-    "read_header",
-    "read_tensors",
-    "state_dict_tensors",
-]
-
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
 _ZIP_MAGIC = b"PK\x03\x04"  # a torch.save zip archive starts with this

@@ -28,8 +28,6 @@ from ..networks.families import FAMILY_NAMES
 from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, Container, Header, read_header
 from .layouts import family_of
 
-__all__ = ["ModelFamily", "ModelIdentity", "identify_header", "identify_model_file"]
-
 
 class ModelFamily(str, Enum):
     """What a model file or folder holds."""

@@ -18,8 +18,6 @@ from ..networks.families import Family
 from ..networks.lora import ADAPTER_NAMES
 from .files import Header
 
-__all__ = ["META", "FORMAT_VERSION", "SetLayout", "Layout", "LAYOUTS", "adapter_of", "family_of"]
-
 META = "fidesr."  # reserved metadata prefix of our .safetensors
 FORMAT_VERSION = 1
 _LORA_KEY = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")

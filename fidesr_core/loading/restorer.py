@@ -35,16 +35,6 @@ from .clip_tokenizer import prompt_ids
 from .layouts import LAYOUTS
 from .weights import load_restorer_weights
 
-__all__ = [
-    "NEGATED_SUFFIX",
-    "sd21_alpha_bar",
-    "prompt_embedding_for",
-    "use_channels_last",
-    "place_networks",
-    "assemble_restorer",
-    "load_restorer",
-]
-
 NEGATED_SUFFIX = "_negated"  # adapter names of PiSA-SR's sign-flipped semantic set
 
 

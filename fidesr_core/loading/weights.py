@@ -24,14 +24,6 @@ from .files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from .layouts import FORMAT_VERSION, LAYOUTS, META, Layout
 from .weights_reading import load_restorer_weights, validate_weights
 
-__all__ = [
-    "load_restorer_weights",
-    "validate_weights",
-    "save_restorer_weights",
-    "convert_restorer_weights",
-    "describe_restorer_weights",
-]
-
 
 def _format_of(path: Path) -> Literal["pkl", "safetensors"]:
     suffix = path.suffix.lower()

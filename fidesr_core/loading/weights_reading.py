@@ -25,8 +25,6 @@ from .files import read_header, read_tensors
 from .identify import ModelIdentity, identify_header, identify_model_file
 from .layouts import FORMAT_VERSION, LAYOUTS, META, Layout, adapter_of, family_of
 
-__all__ = ["load_restorer_weights", "validate_weights"]
-
 _EXPECTED = "FiDeSR, PiSA-SR or OSEDiff weights (the authors' .pkl, or a .safetensors written by this package)"
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _CONV_IN_NAMES = ("conv_in.base_layer.", "conv_in.")  # OSEDiff's: peft's name when conv_in carries a LoRA, else plain

@@ -19,20 +19,6 @@ import torch
 
 from .lora import RELEASED_LORA_ALPHA
 
-__all__ = [
-    "Family",
-    "FAMILIES",
-    "FAMILY_NAMES",
-    "UnetOutput",
-    "FamilyRecipe",
-    "FIDESR_RECIPE",
-    "PISA_SR_RECIPE",
-    "OSEDIFF_RECIPE",
-    "recipe_for",
-    "LoraSet",
-    "RestorerWeights",
-]
-
 Family = Literal["fidesr", "pisa-sr", "osediff"]
 FAMILIES: tuple[str, ...] = ("fidesr", "pisa-sr", "osediff")
 FAMILY_NAMES: dict[str, str] = {"fidesr": "FiDeSR", "pisa-sr": "PiSA-SR", "osediff": "OSEDiff"}

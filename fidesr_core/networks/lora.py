@@ -20,19 +20,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = [
-    "ADAPTER_NAMES",
-    "RELEASED_LORA_ALPHA",
-    "LORA_TARGET_PATTERNS",
-    "lora_target_modules",
-    "add_lora_adapters",
-    "load_lora_state",
-    "lora_state_dict",
-    "merge_lora",
-    "negated_lora_state",
-    "adapters_switched_on",
-]
-
 ADAPTER_NAMES: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 RELEASED_LORA_ALPHA = 8  # peft's LoraConfig default, which the released trainer and test script rely on

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DenseBlock", "LRRB"]
-
 
 class DenseBlock(nn.Module):
     """Five 3x3 convs; each sees the block input and every earlier output."""

@@ -14,8 +14,6 @@ if TYPE_CHECKING:  # annotations only: importing diffusers/transformers takes se
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-__all__ = ["SCALING_FACTOR", "BaseModel", "OneStepRestorer", "FiDeSRModel"]
-
 SCALING_FACTOR = 0.18215  # SD 2.x VAE latent scale
 
 

@@ -15,8 +15,6 @@ from ..errors import SettingsError
 if TYPE_CHECKING:  # annotation only; transformers is imported by whoever built the text encoder
     from transformers import CLIPTextModel
 
-__all__ = ["encode_token_ids", "batch_prompt_embedding"]
-
 
 @torch.no_grad()
 def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:

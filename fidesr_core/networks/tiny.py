@@ -15,17 +15,6 @@ from .lora import ADAPTER_NAMES, add_lora_adapters, lora_state_dict, lora_target
 from .lrrb import LRRB
 from .model import BaseModel
 
-__all__ = [
-    "TINY_UNET_CONFIG",
-    "TINY_VAE_CONFIG",
-    "TINY_TEXT_CONFIG",
-    "tiny_base_model",
-    "tiny_fidesr_weights",
-    "tiny_pisa_sr_weights",
-    "tiny_osediff_weights",
-    "vae_encoder_lora_modules",
-]
-
 TINY_UNET_CONFIG: dict = {
     "sample_size": 8,
     "in_channels": 4,

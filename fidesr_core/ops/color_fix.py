@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from ..settings import ColorFixMethod
 
-__all__ = ["adain_color_fix", "wavelet_color_fix", "apply_color_fix"]
-
 _WAVELET_LEVELS = 5
 
 

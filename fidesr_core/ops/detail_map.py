@@ -19,17 +19,6 @@ import torch.nn.functional as F
 
 from .row_strips import by_row_strips
 
-__all__ = [
-    "luminance",
-    "box_blur3",
-    "sobel_magnitude",
-    "laplacian_magnitude",
-    "local_variance",
-    "exact_quantile",
-    "percentile_normalize",
-    "detail_map",
-]
-
 _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 _LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 

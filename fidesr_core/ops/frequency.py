@@ -21,13 +21,6 @@ import torch
 
 from ..settings import FilterGeometry
 
-__all__ = [
-    "frequency_radius",
-    "butterworth_lowpass_mask",
-    "butterworth_lowpass",
-    "butterworth_highpass",
-]
-
 
 def frequency_radius(
     height: int, width: int, *, geometry: FilterGeometry = "official", device: torch.device | None = None

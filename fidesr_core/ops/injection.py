@@ -20,15 +20,6 @@ from ..settings import FilterGeometry, HighFrequencySettings, LowFrequencySettin
 from .detail_map import detail_map, percentile_normalize
 from .frequency import butterworth_highpass, butterworth_lowpass
 
-__all__ = [
-    "spatial_gate",
-    "channel_gate",
-    "residual_magnitude_map",
-    "low_frequency_delta",
-    "high_frequency_delta",
-    "inject_frequencies",
-]
-
 
 def spatial_gate(upscaled_lq: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """``M_sp``: detail map of the upscaled LQ ``[B, 3, H, W]`` (in [-1, 1]) at latent size ``[B, 1, h, w]``."""

@@ -22,8 +22,6 @@ import torch
 
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 
-__all__ = ["tile_starts", "gaussian_tile_weight", "needs_tiling", "run_tiled"]
-
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets covering ``[0, length)`` with tiles of ``tile``; last tile flush with the end."""

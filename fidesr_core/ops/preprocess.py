@@ -47,19 +47,6 @@ from ..errors import ImageInputError
 from ..settings import PROCESS_SIZE, ColorFixMethod
 from .color_fix import apply_color_fix
 
-__all__ = [
-    "MAX_PRESCALE_ASPECT",
-    "MAX_PROCESSING_PIXELS",
-    "PreparedImage",
-    "check_unit_range",
-    "eight_bit_images",
-    "processing_size",
-    "resize_image",
-    "prepare_lq",
-    "color_fix_decoded",
-    "resize_to_output",
-]
-
 MAX_PRESCALE_ASPECT = 16  # the min-side rule stretches the long side to at most 16x the short-side target
 # A 16384 x 16384 network input; the whole-image tensors cost about 170 bytes per processing pixel
 # (fp32, CPU, measured), so this is about 45 GB: anything larger is refused, not attempted.

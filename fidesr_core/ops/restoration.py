@@ -25,8 +25,6 @@ from ..progress import CancelCheck, ProgressCallback
 from .latent_tiling import run_tiled
 from .row_strips import by_row_strips
 
-__all__ = ["RESIDUAL_TIMESTEP", "predict_residual", "refine_residual", "restored_latent", "noise_to_residual"]
-
 RESIDUAL_TIMESTEP = 1  # FiDeSR's and PiSA-SR's
 LRRB_HALO = 16  # latent rows: three dense blocks of five chained 3x3 convolutions see 15 rows each way
 logger = logging.getLogger(__name__)

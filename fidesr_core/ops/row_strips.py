@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["STRIP_ELEMENTS", "by_row_strips"]
-
 STRIP_ELEMENTS = 1 << 20  # input elements per strip (rows × width × batch × channels)
 
 

@@ -11,8 +11,6 @@ from ..progress import CancelCheck, ProgressCallback
 from ..settings import LatentMode
 from ..tiled_vae.budget import MemoryBudget
 
-__all__ = ["encode_image", "decode_latent", "latent_noise", "vae_device"]
-
 logger = logging.getLogger(__name__)
 
 

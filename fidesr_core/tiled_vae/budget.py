@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from ..errors import SettingsError
 
-__all__ = ["MAP_MEMORY_MB", "MemoryBudget"]
-
 _MIB = 1 << 20
 MAP_MEMORY_MB = 512  # whole-image maps in RAM: 4096² output needs ~2 GB beyond the weights with it
 

@@ -62,8 +62,6 @@ from .budget import MemoryBudget
 from .program import Program, decoder_program, encoder_program
 from .runner import map_channels, map_sizes, run_program
 
-__all__ = ["encode_moments", "decode_latents"]
-
 
 def _check_no_autograd(tensor: torch.Tensor) -> None:
     if torch.is_grad_enabled() and tensor.requires_grad:

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GroupStats"]
-
 # Largest float32 temporary (elements) made while gathering the statistics of a half-precision tile.
 _CHUNK_ELEMENTS = 1 << 24
 

@@ -19,20 +19,6 @@ from torch import nn
 
 from ..errors import BaseModelError
 
-__all__ = [
-    "Box",
-    "Layer",
-    "Activation",
-    "Conv",
-    "Upsample",
-    "MidBlockAttention",
-    "Norm",
-    "Save",
-    "Add",
-    "Step",
-    "unsupported",
-]
-
 _ACTIVATIONS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU, nn.Identity, nn.Dropout)
 
 

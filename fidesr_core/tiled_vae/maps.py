@@ -22,8 +22,6 @@ from ..errors import SettingsError
 from .budget import MemoryBudget
 from .layers import Box
 
-__all__ = ["MapStore", "WholeMap", "TensorMap", "FileMap"]
-
 
 class WholeMap:
     """A whole-image map ``[B, C, H, W]`` read and written one box at a time."""

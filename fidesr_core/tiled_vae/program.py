@@ -14,8 +14,6 @@ from torch import nn
 
 from .layers import Activation, Add, Conv, MidBlockAttention, Norm, Save, Step, Upsample, unsupported
 
-__all__ = ["ATTENTION_CONTEXT", "Program", "encoder_program", "decoder_program"]
-
 # Extra latent pixels around a tile's core that its mid-block attention sees (the one approximation).
 ATTENTION_CONTEXT = 16
 

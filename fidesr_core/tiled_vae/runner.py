@@ -20,8 +20,6 @@ from .layers import Add, Box, Conv, Layer, MidBlockAttention, Norm, Save, Step
 from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
 
-__all__ = ["map_sizes", "map_channels", "run_program", "run_program_in"]
-
 
 def map_sizes(steps: list[Step], size: tuple[int, int]) -> tuple[list[tuple[int, int]], dict[int, tuple[int, int]]]:
     """Whole-image size of ``h`` before each step (and after the last one), and of each saved value."""
