@@ -1,9 +1,6 @@
-"""The weights of the three families: read and checked (``weights_reading``), written and described here,
-by one generic code over the layout table (``layouts.LAYOUTS``, docs/algorithm.md §6, §9).
-
-A ``.pkl`` is written with exactly the authors' keys, so their scripts load ours (that layout has no
-place for metadata or for an alpha other than peft's default 8); our ``.safetensors`` (version 1)
-hold the same tensors plus string metadata.  Every write is atomic and refuses invalid weights.
+"""The weights of the three families: read and checked in ``weights_reading``, written and described here,
+over the layout table (docs/algorithm.md §6).  A ``.pkl`` gets exactly the authors' keys, so their scripts
+load ours; every write is atomic and refuses invalid weights.
 """
 
 from __future__ import annotations
@@ -110,9 +107,6 @@ def convert_restorer_weights(source: str | os.PathLike, destination: str | os.Pa
         weights.metadata.setdefault("converted_from", Path(source).name)
     save_restorer_weights(weights, destination, file_format=destination_format)
     return weights
-
-
-# --------------------------------------------------------------------------- describing
 
 
 def describe_restorer_weights(weights: RestorerWeights) -> dict[str, object]:

@@ -1,9 +1,5 @@
-"""Reading and checking the weights of the three families, by one generic code over the layout table
-(``layouts.LAYOUTS``, docs/algorithm.md §6, §9); ``weights`` writes and describes them (and is where
-callers import all of it from).
-
-The authors' ``.pkl`` files are read only with ``torch.load(weights_only=True)``, and each file is
-unpickled once.  The family and the format are told by content, not by the file name.
+"""Reading and checking the weights of the three families over the layout table (docs/algorithm.md §6, §9):
+pickles only through ``torch.load(weights_only=True)``, each file unpickled once, family and format told by content.
 """
 
 from __future__ import annotations
@@ -11,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from functools import cache
 from pathlib import Path
 
@@ -19,18 +14,14 @@ import torch
 
 from ..errors import ModelFileError, WeightsFileError
 from ..networks.families import FAMILY_NAMES, LoraSet, RestorerWeights
-from ..networks.lora import RELEASED_LORA_ALPHA
+from ..networks.lora import PEFT_KEY, RELEASED_LORA_ALPHA
 from ..networks.lrrb import LRRB
 from .files import read_header, read_tensors
 from .identify import ModelIdentity, identify_header, identify_model_file
 from .layouts import FORMAT_VERSION, LAYOUTS, META, Layout, adapter_of, family_of
 
 _EXPECTED = "FiDeSR, PiSA-SR or OSEDiff weights (the authors' .pkl, or a .safetensors written by this package)"
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _CONV_IN_NAMES = ("conv_in.base_layer.", "conv_in.")  # OSEDiff's: peft's name when conv_in carries a LoRA, else plain
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def _as_list(value: object) -> object:
@@ -156,9 +147,6 @@ def load_restorer_weights(path: str | os.PathLike) -> RestorerWeights:
     return weights
 
 
-# --------------------------------------------------------------------------- checking
-
-
 @cache
 def _lrrb_shapes() -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in LRRB().state_dict().items()}
@@ -192,7 +180,7 @@ def _lora_problem(lora: LoraSet, adapters: list[str], network: str) -> str | Non
         return f"the LoRA state is a {type(state).__name__}, expected a dict of tensors"
     found: dict[tuple[str, str], set[str]] = {}  # (adapter, module) -> {"A", "B"}
     for key, tensor in state.items():
-        match = _PEFT_KEY.match(key) if isinstance(key, str) else None
+        match = PEFT_KEY.match(key) if isinstance(key, str) else None
         if match is None:
             return f"LoRA tensor {key!r} is not named <module>.lora_A|lora_B.<adapter>.weight"
         module, part, adapter = match["module"], match["part"], match["adapter"]
