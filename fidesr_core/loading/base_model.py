@@ -143,12 +143,9 @@ def _from_pretrained(model_class: type, folder: Path, component: str, what: str)
 
 
 def load_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None) -> BaseModel:
-    """Load SD 2.1-base from a diffusers folder or a single checkpoint file (float32, CPU, eval, frozen).
-
-    ``config_dir`` replaces the bundled SD 2.1-base configs used to read a single file (a folder with
-    unet/, vae/ and text_encoder/ config.json).  Anything else than an SD 2.x text-to-image model raises
-    ``BaseModelError`` saying what the input looks like instead.
-    """
+    """SD 2.1-base from a diffusers folder or a single checkpoint file (float32, CPU, eval, frozen); anything
+    else raises ``BaseModelError`` saying what the input looks like.  ``config_dir`` replaces the bundled
+    configs a single file is read with (a folder with unet/, vae/ and text_encoder/ config.json)."""
     path = Path(path).expanduser()
     if path.name == "model_index.json" and path.is_file():
         path = path.parent
@@ -175,10 +172,8 @@ def load_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | 
 
 
 def check_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None) -> ModelIdentity:
-    """What ``path`` looks like; when that is a usable SD 2.x model, proven by loading it (then let go).
-
-    Raises ``BaseModelError`` (or ``ModelFileError`` when it cannot be identified at all) when it does not load.
-    """
+    """What ``path`` looks like; when that is a usable SD 2.x model, proven by loading it (then let go): raises
+    ``BaseModelError`` when it does not load (``ModelFileError`` when it cannot be identified at all)."""
     path = Path(path).expanduser()
     identity = identify_model_file(path.parent if path.name == "model_index.json" else path)
     if identity.is_sd2:

@@ -17,14 +17,13 @@ if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: it tak
     from transformers import CLIPTokenizer
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base" / "tokenizer"
-_FILES = ("vocab.json", "merges.txt")
 
 
 def tokenizer_folder(base_path: str | os.PathLike | None = None) -> Path:
     """``<base>/tokenizer`` when ``base_path`` is a diffusers folder that has one, else the bundled tokenizer."""
     if base_path is not None:
         candidate = Path(base_path).expanduser() / "tokenizer"
-        if candidate.is_dir() and all((candidate / name).is_file() for name in _FILES):
+        if candidate.is_dir() and all((candidate / name).is_file() for name in ("vocab.json", "merges.txt")):
             return candidate
     return BUNDLED_TOKENIZER_DIR
 

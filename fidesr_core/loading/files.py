@@ -120,8 +120,6 @@ def read_header(path: Path) -> tuple[Header, dict | None]:
     """The header of a single file, and for a pickle the dict it holds (memory-mapped when it is a zip)."""
     if not path.exists():
         raise ModelFileError(f"{path} does not exist")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path} is empty (0 bytes): an incomplete download or copy?")
     if _container(path) is Container.SAFETENSORS:

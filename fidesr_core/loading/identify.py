@@ -123,10 +123,8 @@ def _sd_refusal(word: str, container: Container, sd1: list[str], channels: int, 
     family, version = (ModelFamily.SD1, "SD 1.x") if sd1 else (ModelFamily.SD2_VARIANT, "SD 2.x")
     if channels != 4:
         variant = _VARIANTS.get(channels, "other-input")
-        text_to_image = "the text-to-image model takes 4"
-        return ModelIdentity(
-            family, container, f"an {version} {variant} {word} ({channels} input channels; {text_to_image})"
-        )
+        description = f"an {version} {variant} {word} ({channels} input channels; the text-to-image model takes 4)"
+        return ModelIdentity(family, container, description)
     if sd1:
         return ModelIdentity(family, container, f"an SD 1.x {word} ({', '.join(sd1)})")
     return ModelIdentity(family, container, f"an SD 2.x unCLIP {word} (image-embedding label_emb)") if unclip else None
@@ -164,16 +162,11 @@ def _ldm_checkpoint(header: Header) -> ModelIdentity | None:
     if context is None:
         return ModelIdentity(ModelFamily.UNKNOWN, container, "an original-layout U-Net without cross-attention")
     meta = header.metadata
+    ema = "the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used"
+    named_768 = "768" in header.path.name + meta.get("modelspec.architecture", "")
     notes = _found(
-        (
-            "the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used",
-            sum(k.startswith("model_ema.") for k in shapes) > 100,
-        ),
-        (
-            _768_V,
-            "768" in header.path.name + meta.get("modelspec.architecture", "")
-            or meta.get("modelspec.prediction_type") == "v",
-        ),
+        (ema, sum(k.startswith("model_ema.") for k in shapes) > 100),
+        (_768_V, named_768 or meta.get("modelspec.prediction_type") == "v"),
     )
     missing = _found(
         ("VAE (first_stage_model.*)", not any(key.startswith("first_stage_model.") for key in shapes)),
@@ -252,9 +245,8 @@ def _identify_folder(folder: Path) -> ModelIdentity:
     if "transformer" in present or "StableDiffusion3" in pipeline or "Flux" in pipeline:
         description = f"a diffusion-transformer diffusers folder ({pipeline or 'transformer/'}), not SD 2.x"
         return ModelIdentity(ModelFamily.OTHER_MODEL, kind, description)
-    if missing := [
-        problem for part in ("unet", "vae", "text_encoder") if (problem := _component_problem(folder, part))
-    ]:
+    missing = [problem for part in ("unet", "vae", "text_encoder") if (problem := _component_problem(folder, part))]
+    if missing:
         return ModelIdentity(
             ModelFamily.UNKNOWN, kind, f"an incomplete diffusers folder (missing {', '.join(missing)})"
         )
@@ -287,12 +279,7 @@ def _identify_folder(folder: Path) -> ModelIdentity:
 
 
 def identify_model_file(path: str | Path) -> ModelIdentity:
-    """What ``path`` (a single file or a diffusers folder) looks like, from headers, key names and configs.
-
-    Raises ``ModelFileError`` when the path is missing or cannot be read at all (truncated, damaged,
-    a refused pickle).
-    """
+    """What ``path`` (a single file or a diffusers folder) looks like, from headers, key names and configs;
+    ``ModelFileError`` when it is missing or cannot be read at all (truncated, damaged, a refused pickle)."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelFileError(f"{path} does not exist")
     return _identify_folder(path) if path.is_dir() else identify_header(read_header(path)[0])

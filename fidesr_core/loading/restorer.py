@@ -44,9 +44,7 @@ def prompt_embedding_for(base: BaseModel, family: str, prompt: str = "") -> torc
 def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     """NHWC for half-precision convolutions on CUDA (tensor-core kernels want it) and for bf16 on CPU,
     where oneDNN's native bf16 kernels want it; fp32 on CPU stays NCHW (no reliable gain, see benchmarks/)."""
-    if dtype == torch.float32:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    return dtype != torch.float32 and (device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16))
 
 
 def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, base: BaseModel) -> None:
