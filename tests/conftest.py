@@ -28,7 +28,7 @@ from comfy_stub import import_pack, install_comfy_stubs, node_classes, remove_fr
 from node_helpers import PACK_ROOT, chain
 
 from fidesr_core.loading.restorer import assemble_restorer
-from fidesr_core.networks.model import BaseModel, FiDeSRModel
+from fidesr_core.networks.model import BaseModel, OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 
 
@@ -39,7 +39,7 @@ def tiny() -> BaseModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> FiDeSRModel:
+def tiny_model() -> OneStepRestorer:
     """A tiny FiDeSR model, fp32 on the CPU (base seed 1, weights seed 2)."""
     base = tiny_base_model(seed=1)
     return assemble_restorer(base, tiny_fidesr_weights(base, seed=2), precision="fp32", device="cpu")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fidesr_core.errors import Cancelled, ImageInputError, SettingsError, WeightsFileError
 from fidesr_core.loading.restorer import assemble_restorer
-from fidesr_core.networks.model import FiDeSRModel
+from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
 from fidesr_core.ops.preprocess import prepare_lq, processing_size, resize_image, resize_to_output
@@ -122,7 +122,7 @@ def test_empty_prompt_token_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def model_and_vae(tiny_model: FiDeSRModel) -> tuple[FiDeSRModel, torch.nn.Module]:
+def model_and_vae(tiny_model: OneStepRestorer) -> tuple[OneStepRestorer, torch.nn.Module]:
     """The shared tiny model and a copy of its VAE to compare against."""
     return tiny_model, copy.deepcopy(tiny_model.vae)
 
@@ -139,7 +139,7 @@ def test_tiny_weights_leave_base_untouched_and_are_reproducible() -> None:
     assert all(float(v.abs().max()) > 0 for v in weights.lrrb_state.values())
 
 
-def test_assembled_model_has_merged_lora(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_assembled_model_has_merged_lora(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, _ = model_and_vae
     assert not any("lora" in name for name in model.unet.state_dict())
     assert model.prompt_embedding.shape == (1, 77, 32) and model.dtype == torch.float32
@@ -153,7 +153,7 @@ def test_assemble_rejects_wrong_lrrb() -> None:
         assemble_restorer(base, weights, precision="fp32", device="cpu")
 
 
-def test_encode_modes(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_encode_modes(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, vae = model_and_vae
     pixels = torch.rand(1, 3, 64, 48) * 2 - 1
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_encode_modes(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> Non
     assert torch.equal(sample, again) and not torch.equal(sample, other)
 
 
-def test_decode_latent_is_clamped_unit_range(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_decode_latent_is_clamped_unit_range(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, vae = model_and_vae
     latent = torch.randn(2, 4, 6, 5) * 3
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_decode_latent_is_clamped_unit_range(model_and_vae: tuple[FiDeSRModel, t
     torch.testing.assert_close(decoded, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_restoration_steps(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_restoration_steps(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, _ = model_and_vae
     z_lq = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_restoration_steps(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -
     assert not torch.allclose(per_item, both)
 
 
-def test_upscale_stages_cancel_and_seed(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_upscale_stages_cancel_and_seed(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, _ = model_and_vae
     image = torch.rand(1, 3, 16, 16)
     stages: list[str] = []
@@ -221,7 +221,7 @@ def test_upscale_settings_validation() -> None:
     assert (defaults.encode_tile_size, defaults.decode_tile_size) == (1024, 224)
 
 
-def test_upscale_batch_items_are_independent(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_upscale_batch_items_are_independent(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, _ = model_and_vae
     images = torch.rand(2, 3, 16, 16)
     settings = UpscaleSettings(latent_mode="mode")
@@ -230,7 +230,7 @@ def test_upscale_batch_items_are_independent(model_and_vae: tuple[FiDeSRModel, t
     assert F.mse_loss(both[0], both[1]) > 0
 
 
-def test_process_size_sets_the_min_side_rule(model_and_vae: tuple[FiDeSRModel, torch.nn.Module]) -> None:
+def test_process_size_sets_the_min_side_rule(model_and_vae: tuple[OneStepRestorer, torch.nn.Module]) -> None:
     model, _ = model_and_vae
     image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
     seen: list[tuple[int, ...]] = []

@@ -37,7 +37,7 @@ from reference_impl import (
 from fidesr_core.app import cli
 from fidesr_core.loading.restorer import assemble_restorer
 from fidesr_core.loading.weights import save_restorer_weights
-from fidesr_core.networks.model import FiDeSRModel
+from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 from fidesr_core.ops.injection import inject_frequencies, spatial_gate
 from fidesr_core.ops.preprocess import prepare_lq
@@ -54,7 +54,7 @@ LQ_SIZE = (33, 50)
 class Pair:
     """The engine's assembled model and the reference's independently built pieces, from one set of weights."""
 
-    model: FiDeSRModel
+    model: OneStepRestorer
     unet: torch.nn.Module
     vae: torch.nn.Module
     lrrb_state: dict[str, torch.Tensor]

@@ -24,7 +24,7 @@ from torch import nn
 
 from fidesr_core.app.image_io import image_files_in, load_image, save_png_atomic
 from fidesr_core.errors import SettingsError
-from fidesr_core.networks.model import FiDeSRModel
+from fidesr_core.networks.model import OneStepRestorer
 from fidesr_core.pipeline import upscale
 from fidesr_core.settings import UpscaleSettings
 
@@ -70,9 +70,11 @@ def psnr(restored: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def training_model_view(generator: FiDeSRGenerator, prompt_embedding: torch.Tensor, dtype: torch.dtype) -> FiDeSRModel:
-    """A ``FiDeSRModel`` sharing the generator's networks (LoRA active, not merged) for ``fidesr_core`` calls."""
-    return FiDeSRModel(
+def training_model_view(
+    generator: FiDeSRGenerator, prompt_embedding: torch.Tensor, dtype: torch.dtype
+) -> OneStepRestorer:
+    """A ``OneStepRestorer`` sharing the generator's networks (LoRA active, not merged) for ``fidesr_core`` calls."""
+    return OneStepRestorer(
         unet=generator.unet,
         vae=generator.vae,
         lrrb=generator.lrrb,

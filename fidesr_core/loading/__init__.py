@@ -1,4 +1,2 @@
-"""Everything that opens a user's model file: safe reading and identification (``files``, ``identify``),
-the base model (``base_model``), the weights of the three families (``layouts``, ``weights``), the CLIP
-tokenizer and putting a restorer together (``restorer``).
-"""
+"""Everything that opens a user's model file: safe reading and identification, the base model, the
+families' weights (one layout table), the CLIP tokenizer and the assembled restorer."""

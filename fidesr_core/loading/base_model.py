@@ -1,11 +1,6 @@
-"""Loading Stable Diffusion 2.1-base offline: a diffusers folder or one original (LDM) checkpoint file.
-
-Nothing here talks to the Hugging Face Hub.  Every input is identified first (``identify``) and
-refused before any weight is read unless it is an SD 2.x text-to-image model.  A diffusers folder is
-read by the libraries' ``from_pretrained(local_files_only=True)``; a single file is read once into
-memory and handed, as a state dict, to diffusers' single-file loaders (``from_single_file`` with the
-bundled SD 2.1-base configs, or those of ``config_dir``; ``create_diffusers_clip_model_from_ldm``
-for the OpenCLIP text encoder).  Weights end up float32 on the CPU.
+"""Loading Stable Diffusion 2.1-base offline: a diffusers folder through ``from_pretrained``, or one original
+(LDM) checkpoint file through diffusers' single-file loaders and the bundled configs (docs/algorithm.md §1).
+Every input is identified first (``identify``) and refused unless it is an SD 2.x text-to-image model.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from transformers import CLIPTextModel
 from ..errors import BaseModelError, ModelFileError
 from ..networks.model import BaseModel
 from .clip_tokenizer import tokenizer_folder
-from .files import Container, load_pickle, read_header, read_tensors, state_dict_tensors
+from .files import Container, Header, load_pickle, read_header, read_tensors, state_dict_tensors
 from .identify import ModelIdentity, identify_header, identify_model_file
 
 logger = logging.getLogger(__name__)
@@ -84,24 +79,18 @@ def _component(what: str, source: Path, build: Callable[[], torch.nn.Module]) ->
         ) from None
 
 
-def _reader(path: Path, identity: ModelIdentity) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+def _reader(path: Path, container: Container) -> Callable[[list[str]], dict[str, torch.Tensor]]:
     """Keys -> their tensors in float32 memory of their own; each tensor of the file is read once."""
-    if identity.container is Container.SAFETENSORS:
+    if container is Container.SAFETENSORS:
         return lambda keys: read_tensors(path, keys, torch.float32)
     tensors = state_dict_tensors(load_pickle(path, mmap=False))  # read, not mapped: these become the weights
     return lambda keys: {key: tensors.pop(key).float() for key in keys}  # a cast frees each original as it goes
 
 
-def _load_single_file(path: Path, config_dir: Path) -> BaseModel:
+def _load_single_file(path: Path, header: Header, config_dir: Path) -> BaseModel:
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-    header, _ = read_header(path)  # a zip pickle is memory-mapped: cheap to identify
-    identity = identify_header(header)
-    if not identity.is_sd2:
-        raise BaseModelError(f"{path} looks like {identity.description}; {SD21_BASE_HINT}")
-    for note in identity.notes:
-        logger.warning("%s: %s", path, note)
-    read = _reader(path, identity)
+    read = _reader(path, header.container)
     # Float32 tensors of the models' own dtype become their weights as they are (no copy, no cast).  The text
     # encoder comes first and alone: its converter copies q, k, v out of each packed in_proj, a peak best paid
     # before the U-Net and VAE are read (0.3 GB less at SD 2.1's size: benchmarks/bench_loading.py).
@@ -154,29 +143,27 @@ def _from_pretrained(model_class: type, folder: Path, component: str, what: str)
 
 
 def load_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None) -> BaseModel:
-    """Load SD 2.1-base from a diffusers folder or a single checkpoint file (float32, CPU, eval, frozen).
-
-    ``config_dir`` replaces the bundled SD 2.1-base configs used to read a single file (a folder with
-    unet/, vae/ and text_encoder/ config.json).  Anything else than an SD 2.x text-to-image model raises
-    ``BaseModelError`` saying what the input looks like instead.
-    """
+    """SD 2.1-base from a diffusers folder or a single checkpoint file (float32, CPU, eval, frozen); anything
+    else raises ``BaseModelError`` saying what the input looks like.  ``config_dir`` replaces the bundled
+    configs a single file is read with (a folder with unet/, vae/ and text_encoder/ config.json)."""
     path = Path(path).expanduser()
     if path.name == "model_index.json" and path.is_file():
         path = path.parent
     if not path.exists():
         raise BaseModelError(f"{path}: no such file or folder; {SD21_BASE_HINT}")
     try:
-        if not path.is_dir():
-            return _load_single_file(path, Path(config_dir) if config_dir is not None else SD21_BASE_CONFIG_DIR)
-        identity = identify_model_file(path)
+        header = None if path.is_dir() else read_header(path)[0]  # a zip pickle is memory-mapped: cheap to identify
+        identity = identify_model_file(path) if header is None else identify_header(header)
+        if not identity.is_sd2:
+            raise BaseModelError(f"{path} looks like {identity.description}; {SD21_BASE_HINT}")
+        for note in identity.notes:
+            logger.warning("%s: %s", path, note)
+        if header is not None:
+            return _load_single_file(path, header, Path(config_dir) if config_dir is not None else SD21_BASE_CONFIG_DIR)
     except BaseModelError:
         raise
     except ModelFileError as error:
         raise BaseModelError(f"{error}; {SD21_BASE_HINT}") from error
-    if not identity.is_sd2:
-        raise BaseModelError(f"{path} looks like {identity.description}; {SD21_BASE_HINT}")
-    for note in identity.notes:
-        logger.warning("%s: %s", path, note)
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", "U-Net")
     vae = _from_pretrained(AutoencoderKL, path, "vae", "VAE")
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", "text encoder")
@@ -185,10 +172,8 @@ def load_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | 
 
 
 def check_base_model(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None) -> ModelIdentity:
-    """What ``path`` looks like; when that is a usable SD 2.x model, proven by loading it (then let go).
-
-    Raises ``BaseModelError`` (or ``ModelFileError`` when it cannot be identified at all) when it does not load.
-    """
+    """What ``path`` looks like; when that is a usable SD 2.x model, proven by loading it (then let go): raises
+    ``BaseModelError`` when it does not load (``ModelFileError`` when it cannot be identified at all)."""
     path = Path(path).expanduser()
     identity = identify_model_file(path.parent if path.name == "model_index.json" else path)
     if identity.is_sd2:

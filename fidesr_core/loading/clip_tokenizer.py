@@ -1,9 +1,5 @@
-"""SD 2's CLIP tokenizer, for every prompt (docs/algorithm.md §2.2, §9.4): the base model folder's own, else
-the copy the package ships.
-
-A diffusers folder has ``tokenizer/`` (``vocab.json``, ``merges.txt``); a single checkpoint file has
-none, so ``configs/sd21_base/tokenizer/`` holds CLIP's BPE vocabulary (MIT licence, see its README)
-with SD 2's settings (77 tokens, padding ``!`` = id 0).
+"""SD 2's CLIP tokenizer for every prompt: a diffusers base folder's own ``tokenizer/``, else the copy shipped
+in ``configs/sd21_base/tokenizer/`` (docs/algorithm.md §9.4).
 """
 
 from __future__ import annotations
@@ -21,22 +17,24 @@ if TYPE_CHECKING:  # transformers is imported when a tokenizer is needed: it tak
     from transformers import CLIPTokenizer
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "configs" / "sd21_base" / "tokenizer"
-_FILES = ("vocab.json", "merges.txt")
 
 
 def tokenizer_folder(base_path: str | os.PathLike | None = None) -> Path:
     """``<base>/tokenizer`` when ``base_path`` is a diffusers folder that has one, else the bundled tokenizer."""
     if base_path is not None:
         candidate = Path(base_path).expanduser() / "tokenizer"
-        if candidate.is_dir() and all((candidate / name).is_file() for name in _FILES):
+        if candidate.is_dir() and all((candidate / name).is_file() for name in ("vocab.json", "merges.txt")):
             return candidate
     return BUNDLED_TOKENIZER_DIR
 
 
 @cache
-def _tokenizer(folder: Path) -> CLIPTokenizer:
+def load_clip_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
+    """The CLIP tokenizer in ``folder`` (None: the bundled one), cached per argument; ModelFileError naming
+    the folder if it is unusable."""
     from transformers import CLIPTokenizer
 
+    folder = Path(folder) if folder is not None else BUNDLED_TOKENIZER_DIR
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -44,12 +42,6 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
     if folder == BUNDLED_TOKENIZER_DIR or tokenizer.model_max_length > 1000:  # an unset maximum reads as 1e30
         tokenizer.model_max_length = 77
     return tokenizer
-
-
-def load_clip_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer in ``folder`` (None: the bundled one), loaded once per folder; ModelFileError naming
-    the folder if it is unusable."""
-    return _tokenizer(Path(folder) if folder is not None else BUNDLED_TOKENIZER_DIR)
 
 
 def prompt_ids(text: str, folder: str | os.PathLike | None = None, *, length: int = 77) -> torch.Tensor:

@@ -1,10 +1,7 @@
-"""Opening the model files users bring, without trusting them.
-
-Pickles (``.ckpt``/``.pt``/``.pth``/``.bin``/``.pkl``) are read only with
-``torch.load(weights_only=True)``: a file that asks for a Python object is refused before anything
-in it runs.  safetensors files are read with the safetensors library, the header alone when names
-and shapes are enough.  What a file is stored as is told by its content first, its name second.
-Every way a file can fail becomes one ``ModelFileError`` sentence naming the file.
+"""Opening the model files users bring without trusting them: pickles only through
+``torch.load(weights_only=True)``, safetensors through its library (the header alone when names and
+shapes suffice).  The container is told by content first, name second; every failure is one
+``ModelFileError`` naming the file.
 """
 
 from __future__ import annotations
@@ -123,8 +120,6 @@ def read_header(path: Path) -> tuple[Header, dict | None]:
     """The header of a single file, and for a pickle the dict it holds (memory-mapped when it is a zip)."""
     if not path.exists():
         raise ModelFileError(f"{path} does not exist")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path} is empty (0 bytes): an incomplete download or copy?")
     if _container(path) is Container.SAFETENSORS:

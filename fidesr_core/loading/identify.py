@@ -63,8 +63,8 @@ class ModelIdentity:
 
     family: ModelFamily
     container: Container
-    is_sd2: bool
     description: str
+    is_sd2: bool = False
     notes: tuple[str, ...] = ()
 
 
@@ -105,10 +105,6 @@ _BY_KEY_NAMES: tuple[tuple[ModelFamily, str, Callable[[Header], bool]], ...] = (
 )  # fmt: skip
 
 
-def _refused(family: ModelFamily, container: Container, description: str) -> ModelIdentity:
-    return ModelIdentity(family, container, False, description)
-
-
 def _found(*checks: tuple[str, bool]) -> list[str]:
     return [reason for reason, holds in checks if holds]
 
@@ -127,13 +123,11 @@ def _sd_refusal(word: str, container: Container, sd1: list[str], channels: int, 
     family, version = (ModelFamily.SD1, "SD 1.x") if sd1 else (ModelFamily.SD2_VARIANT, "SD 2.x")
     if channels != 4:
         variant = _VARIANTS.get(channels, "other-input")
-        text_to_image = "the text-to-image model takes 4"
-        return _refused(
-            family, container, f"an {version} {variant} {word} ({channels} input channels; {text_to_image})"
-        )
+        description = f"an {version} {variant} {word} ({channels} input channels; the text-to-image model takes 4)"
+        return ModelIdentity(family, container, description)
     if sd1:
-        return _refused(family, container, f"an SD 1.x {word} ({', '.join(sd1)})")
-    return _refused(family, container, f"an SD 2.x unCLIP {word} (image-embedding label_emb)") if unclip else None
+        return ModelIdentity(family, container, f"an SD 1.x {word} ({', '.join(sd1)})")
+    return ModelIdentity(family, container, f"an SD 2.x unCLIP {word} (image-embedding label_emb)") if unclip else None
 
 
 def _sd2(container: Container, word: str, context: object, notes: list[str], missing: list[str]) -> ModelIdentity:
@@ -142,7 +136,7 @@ def _sd2(container: Container, word: str, context: object, notes: list[str], mis
         notes.insert(0, f"text context {context} differs from SD 2.1-base (1024): not the released model's sizes")
     complete = f"an SD 2.x {word} (text context {context})"
     description = f"an incomplete SD 2.x checkpoint (no {', '.join(missing)})" if missing else complete
-    return ModelIdentity(ModelFamily.SD2, container, not missing, description, tuple(notes))
+    return ModelIdentity(ModelFamily.SD2, container, description, not missing, tuple(notes))
 
 
 def _ldm_checkpoint(header: Header) -> ModelIdentity | None:
@@ -157,7 +151,7 @@ def _ldm_checkpoint(header: Header) -> ModelIdentity | None:
         ("conditioner.embedders", _has(header, "conditioner.embedders.")),
         (f"text context {context}", label_emb and context in (1280, 2048)),
     ):
-        return _refused(ModelFamily.SDXL, container, f"an SDXL checkpoint ({', '.join(sdxl)})")
+        return ModelIdentity(ModelFamily.SDXL, container, f"an SDXL checkpoint ({', '.join(sdxl)})")
     sd1 = _found(
         ("text context 768", context == 768),
         ("conv proj_in", any(k.endswith(".proj_in.weight") and len(s) == 4 for k, s in unet.items())),
@@ -166,18 +160,13 @@ def _ldm_checkpoint(header: Header) -> ModelIdentity | None:
     if refused := _sd_refusal("checkpoint", container, sd1, shapes[_CONV_IN][1], label_emb):
         return refused
     if context is None:
-        return _refused(ModelFamily.UNKNOWN, container, "an original-layout U-Net without cross-attention")
+        return ModelIdentity(ModelFamily.UNKNOWN, container, "an original-layout U-Net without cross-attention")
     meta = header.metadata
+    ema = "the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used"
+    named_768 = "768" in header.path.name + meta.get("modelspec.architecture", "")
     notes = _found(
-        (
-            "the file also holds EMA weights (model_ema.*); the model.diffusion_model.* weights are used",
-            sum(k.startswith("model_ema.") for k in shapes) > 100,
-        ),
-        (
-            _768_V,
-            "768" in header.path.name + meta.get("modelspec.architecture", "")
-            or meta.get("modelspec.prediction_type") == "v",
-        ),
+        (ema, sum(k.startswith("model_ema.") for k in shapes) > 100),
+        (_768_V, named_768 or meta.get("modelspec.prediction_type") == "v"),
     )
     missing = _found(
         ("VAE (first_stage_model.*)", not any(key.startswith("first_stage_model.") for key in shapes)),
@@ -191,24 +180,21 @@ def identify_header(header: Header) -> ModelIdentity:
     container = header.container
     if family := family_of(header):
         description = f"{FAMILY_NAMES[family]} weights, not a base model: give them as the weights (--weights)"
-        return _refused(ModelFamily(f"{family}-weights"), container, description)
+        return ModelIdentity(ModelFamily(f"{family}-weights"), container, description)
     kind = _diffusers_type(header.shapes)
     if kind not in _UNET_TYPES:
         default = (ModelFamily.OTHER_MODEL, f"a {kind} (as diffusers names it)")
         family, name = next(((f, n) for prefix, f, n in _DIFFUSERS_NAMES if kind.startswith(prefix)), default)
-        return _refused(family, container, f"{name} checkpoint, not SD 2.x")
+        return ModelIdentity(family, container, f"{name} checkpoint, not SD 2.x")
     if identity := _ldm_checkpoint(header):
         return identity
     for family, description, holds in _BY_KEY_NAMES:
         if holds(header):
-            return _refused(family, container, description)
+            return ModelIdentity(family, container, description)
     examples = ", ".join(sorted(header.shapes)[:3])
-    return _refused(
+    return ModelIdentity(
         ModelFamily.UNKNOWN, container, f"no Stable Diffusion checkpoint we recognise (keys such as {examples})"
     )
-
-
-# --------------------------------------------------------------------------- diffusers folders
 
 
 def read_json_object(path: Path) -> dict:
@@ -242,7 +228,7 @@ def _not_a_diffusers_folder(folder: Path) -> ModelIdentity:
         description = "an empty folder"
     else:
         description = "a folder without model_index.json or unet/, vae/, text_encoder/ subfolders"
-    return _refused(ModelFamily.UNKNOWN, Container.FOLDER, description)
+    return ModelIdentity(ModelFamily.UNKNOWN, Container.FOLDER, description)
 
 
 def _identify_folder(folder: Path) -> ModelIdentity:
@@ -255,21 +241,22 @@ def _identify_folder(folder: Path) -> ModelIdentity:
     if not pipeline and not present - {"text_encoder_2"}:
         return _not_a_diffusers_folder(folder)
     if "XL" in pipeline or {"text_encoder_2", "unet"} <= present:
-        return _refused(ModelFamily.SDXL, kind, f"an SDXL diffusers folder ({pipeline or 'text_encoder_2/'})")
+        return ModelIdentity(ModelFamily.SDXL, kind, f"an SDXL diffusers folder ({pipeline or 'text_encoder_2/'})")
     if "transformer" in present or "StableDiffusion3" in pipeline or "Flux" in pipeline:
         description = f"a diffusion-transformer diffusers folder ({pipeline or 'transformer/'}), not SD 2.x"
-        return _refused(ModelFamily.OTHER_MODEL, kind, description)
-    if missing := [
-        problem for part in ("unet", "vae", "text_encoder") if (problem := _component_problem(folder, part))
-    ]:
-        return _refused(ModelFamily.UNKNOWN, kind, f"an incomplete diffusers folder (missing {', '.join(missing)})")
+        return ModelIdentity(ModelFamily.OTHER_MODEL, kind, description)
+    missing = [problem for part in ("unet", "vae", "text_encoder") if (problem := _component_problem(folder, part))]
+    if missing:
+        return ModelIdentity(
+            ModelFamily.UNKNOWN, kind, f"an incomplete diffusers folder (missing {', '.join(missing)})"
+        )
     unet = read_json_object(folder / "unet" / "config.json")
     text = read_json_object(folder / "text_encoder" / "config.json")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json_object(scheduler_path) if scheduler_path.is_file() else None
     context = unet.get("cross_attention_dim")
     if unet.get("addition_embed_type") == "text_time":
-        return _refused(ModelFamily.SDXL, kind, "an SDXL diffusers folder (unet addition_embed_type text_time)")
+        return ModelIdentity(ModelFamily.SDXL, kind, "an SDXL diffusers folder (unet addition_embed_type text_time)")
     sd1 = _found(
         ("text context 768", context == 768),
         ("text encoder hidden size 768", text.get("hidden_size") == 768),
@@ -286,18 +273,13 @@ def _identify_folder(folder: Path) -> ModelIdentity:
             f"an SD 2.x 768-v diffusers folder ({', '.join(v_evidence)}: a v-prediction 768 px model, while FiDeSR "
             "was trained on 2.1-base, epsilon prediction at 512 px)"
         )
-        return _refused(ModelFamily.SD2_768_V, kind, description)
+        return ModelIdentity(ModelFamily.SD2_768_V, kind, description)
     no_scheduler = "no scheduler/scheduler_config.json: epsilon prediction (2.1-base, not 768-v) is assumed"
     return _sd2(kind, "diffusers folder", context, _found((no_scheduler, scheduler is None)), [])
 
 
 def identify_model_file(path: str | Path) -> ModelIdentity:
-    """What ``path`` (a single file or a diffusers folder) looks like, from headers, key names and configs.
-
-    Raises ``ModelFileError`` when the path is missing or cannot be read at all (truncated, damaged,
-    a refused pickle).
-    """
+    """What ``path`` (a single file or a diffusers folder) looks like, from headers, key names and configs;
+    ``ModelFileError`` when it is missing or cannot be read at all (truncated, damaged, a refused pickle)."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelFileError(f"{path} does not exist")
     return _identify_folder(path) if path.is_dir() else identify_header(read_header(path)[0])

@@ -1,26 +1,18 @@
-"""Where each part of a family's weights lives in its files: one table (docs/algorithm.md §6, §9).
-
-A checkpoint holds LoRA sets and, for some families, plain state dicts (FiDeSR's LRRB, OSEDiff's
-``conv_in``).  The authors' ``.pkl`` is a ``torch.save`` dict with fixed keys; ours is a
-``.safetensors`` (version 1) whose tensors sit under one prefix per part and whose string
-metadata holds ``fidesr.format`` (the family's marker), ``fidesr.format_version`` = ``"1"`` and,
-under ``fidesr.<name>``, each set's rank, alpha and module lists (JSON); other metadata keys are
-free-form.  ``family_of`` tells a file's family from its keys alone, so identification
-(``identify``) and the reader (``weights``) name a file alike.
+"""Where each part of a family's weights lives in the authors' ``.pkl`` and in our ``.safetensors``: one table
+(both formats: docs/algorithm.md §6).  ``family_of`` tells a file's family from its keys alone, so
+identification and the reader name a file alike.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..networks.families import Family
-from ..networks.lora import ADAPTER_NAMES
+from ..networks.lora import ADAPTER_NAMES, PEFT_KEY
 from .files import Header
 
 META = "fidesr."  # reserved metadata prefix of our .safetensors
 FORMAT_VERSION = 1
-_LORA_KEY = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +78,7 @@ LAYOUTS: dict[str, Layout] = {
 
 def adapter_of(key: object) -> str | None:
     """The adapter of a peft LoRA tensor name (``<module>.lora_A.<adapter>.weight``), else None."""
-    match = _LORA_KEY.search(key) if isinstance(key, str) else None
+    match = PEFT_KEY.match(key) if isinstance(key, str) else None
     return match["adapter"] if match else None
 
 

@@ -1,18 +1,5 @@
-"""Putting a base model and weights of any family together into one ``OneStepRestorer`` (docs/algorithm.md §9).
-
-Every LoRA is merged into its network in float32 before the cast, so half-precision models carry no
-extra rounding from it:
-
-- FiDeSR: the U-Net LoRA, and the LRRB beside the U-Net.
-- PiSA-SR: the pixel set, then the semantic set (the released default mode).  For the adjustable
-  mode the semantic set is added once more with its sign flipped as switched-off peft adapters,
-  which, switched on, give the pixel-only U-Net without a second copy of it.
-- OSEDiff: the trained ``conv_in`` replaces the base model's, the U-Net LoRA is merged on top
-  (the released script runs it unmerged: float rounding apart, the same), and the VAE encoder
-  LoRA is merged into the encoder (the decoder has none).
-
-The prompt embedding is computed here, from the family's released prompt around the user's
-``prompt``, tokenized by the base model's CLIP tokenizer (``clip_tokenizer``).
+"""Putting a base model and weights of any family together into one ``OneStepRestorer``: every LoRA merged
+in float32 before the cast, PiSA-SR's pixel-only adapters, the prompt embedding (docs/algorithm.md §9).
 """
 
 from __future__ import annotations
@@ -57,22 +44,7 @@ def prompt_embedding_for(base: BaseModel, family: str, prompt: str = "") -> torc
 def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     """NHWC for half-precision convolutions on CUDA (tensor-core kernels want it) and for bf16 on CPU,
     where oneDNN's native bf16 kernels want it; fp32 on CPU stays NCHW (no reliable gain, see benchmarks/)."""
-    if dtype == torch.float32:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
-
-
-def place_networks(
-    unet: nn.Module, vae: nn.Module, device: torch.device, dtype: torch.dtype
-) -> tuple[nn.Module, nn.Module]:
-    """Cast and move the U-Net and VAE (channels-last where it pays), frozen in eval mode."""
-    memory_format = torch.channels_last if use_channels_last(device, dtype) else torch.contiguous_format
-    # nn.Module.to, not diffusers' override: it warns about keeping modules in fp32 that SD 2.1 does not have.
-    unet = nn.Module.to(unet, device=device, dtype=dtype, memory_format=memory_format)
-    vae = nn.Module.to(vae, device=device, dtype=dtype, memory_format=memory_format)
-    unet.eval().requires_grad_(False)
-    vae.eval().requires_grad_(False)
-    return unet, vae
+    return dtype != torch.float32 and (device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16))
 
 
 def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, base: BaseModel) -> None:
@@ -138,7 +110,10 @@ def assemble_restorer(
         lrrb = LRRB(latent_channels=unet.config.in_channels)
         _load_state(lrrb, weights.lrrb_state, "LRRB", source, base)
         lrrb = lrrb.float().eval().requires_grad_(False).to(target_device)
-    unet, vae = place_networks(unet, vae, target_device, dtype)
+    memory_format = torch.channels_last if use_channels_last(target_device, dtype) else torch.contiguous_format
+    for network in (unet, vae):  # nn.Module.to: diffusers' own warns of fp32 modules that SD 2.1 does not have
+        nn.Module.to(network, device=target_device, dtype=dtype, memory_format=memory_format)
+        network.eval().requires_grad_(False)
     ranks = [f"{labels[part].split(' LoRA')[0]} {lora_set.rank}" for part, lora_set in weights.lora.items()]
     description = {
         "family": recipe.name,

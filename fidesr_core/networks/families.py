@@ -1,13 +1,5 @@
-"""The three one-step SD 2.1-base restorers this engine runs, and what each one's checkpoint holds.
-
-FiDeSR, PiSA-SR and OSEDiff all fine-tune the same U-Net with LoRA and restore in one U-Net
-call; they differ in a few choices, collected per family in a ``FamilyRecipe``
-(docs/algorithm.md §9): the timestep, whether the U-Net predicts the residual itself or noise
-that one DDPM step turns into the clean latent, whether an LRRB refines the residual, the prompt
-text of the released script, and the released latent tiler's layout.
-
-``RestorerWeights`` holds what a checkpoint of any of them carries; reading and writing the files
-lives in ``fidesr_core.loading.weights``.
+"""The three one-step SD 2.1-base restorers (FiDeSR, PiSA-SR, OSEDiff): what differs per family
+(``FamilyRecipe``, docs/algorithm.md §9) and what a checkpoint of each holds (``RestorerWeights``, §6).
 """
 
 from __future__ import annotations
@@ -20,9 +12,7 @@ import torch
 from .lora import RELEASED_LORA_ALPHA
 
 Family = Literal["fidesr", "pisa-sr", "osediff"]
-FAMILIES: tuple[str, ...] = ("fidesr", "pisa-sr", "osediff")
 FAMILY_NAMES: dict[str, str] = {"fidesr": "FiDeSR", "pisa-sr": "PiSA-SR", "osediff": "OSEDiff"}
-UnetOutput = Literal["residual", "noise"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +29,7 @@ class FamilyRecipe:
 
     family: Family
     timestep: int
-    unet_output: UnetOutput
+    unet_output: Literal["residual", "noise"]
     uses_lrrb: bool
     prompt_template: str = "{prompt}"
     square_tiles: bool = False
@@ -73,7 +63,7 @@ _RECIPES = {recipe.family: recipe for recipe in (FIDESR_RECIPE, PISA_SR_RECIPE, 
 def recipe_for(family: str) -> FamilyRecipe:
     """The recipe of ``family`` ("fidesr", "pisa-sr" or "osediff")."""
     if family not in _RECIPES:
-        raise ValueError(f"unknown restorer family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown restorer family {family!r}; expected one of {tuple(_RECIPES)}")
     return _RECIPES[family]
 
 

@@ -1,13 +1,6 @@
-"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft (docs/algorithm.md §5).
-
-Three adapters split the U-Net: ``default_encoder`` (down blocks and
-``conv_in``), ``default_decoder`` (up blocks and ``conv_out``) and
-``default_others`` (the mid block).  For SD 2.1 that is 94 / 148 / 16 modules.
-
-LoRA scale is ``alpha / rank`` (docs/algorithm.md §5).  The paper says ``lora_alpha = rank``; the
-released code sets no alpha, so peft's default of 8 applies: scale 1 at the
-released rank 8 (where both agree) and ``8 / rank`` otherwise.  We follow the
-code.  peft is imported where it is used, so reading weight files stays fast.
+"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft: three adapters
+(``ADAPTER_NAMES``), targets by the released rule, scale ``alpha / rank`` with peft's default alpha 8
+as the released code has it (docs/algorithm.md §5).  peft is imported where it is used.
 """
 
 from __future__ import annotations
@@ -21,7 +14,7 @@ import torch
 from torch import nn
 
 ADAPTER_NAMES: tuple[str, str, str] = ("default_encoder", "default_decoder", "default_others")
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
+PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>[^.]+)\.weight$")
 RELEASED_LORA_ALPHA = 8  # peft's LoraConfig default, which the released trainer and test script rely on
 LORA_TARGET_PATTERNS: tuple[str, ...] = (
     "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
@@ -78,15 +71,10 @@ def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     Raises ``KeyError`` naming missing or unexpected keys and ``ValueError`` on shape mismatch.
     """
     expected = lora_state_dict(unet)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
-        raise KeyError("LoRA tensors do not match the adapters: " + ", ".join(parts))
+    problems = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
+    if any(problems.values()):
+        found = ", ".join(f"{len(keys)} {what} (first: {keys[0]})" for what, keys in problems.items() if keys)
+        raise KeyError(f"LoRA tensors do not match the adapters: {found}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
@@ -113,7 +101,7 @@ def negated_lora_state(state: Mapping[str, torch.Tensor], renamed: Mapping[str, 
     """
     negated = {}
     for key, tensor in state.items():
-        match = _PEFT_KEY.match(key)
+        match = PEFT_KEY.match(key)
         if match is None:
             raise KeyError(f"LoRA tensor {key!r} is not named <module>.lora_A|lora_B.<adapter>.weight")
         new_key = f"{match['module']}.lora_{match['part']}.{renamed[match['adapter']]}.weight"

@@ -26,9 +26,7 @@ class BaseModel:
     text_encoder: CLIPTextModel
     source: str  # what it was loaded from, for messages
     kind: str  # e.g. "diffusers folder", "single file (.safetensors)", "tiny random"
-    tokenizer_dir: str | None = (
-        None  # a diffusers folder's tokenizer/; None: the CLIP tokenizer bundled with the package
-    )
+    tokenizer_dir: str | None = None  # a diffusers folder's tokenizer/; None: the bundled CLIP tokenizer
 
 
 @dataclass(eq=False)
@@ -62,26 +60,12 @@ class OneStepRestorer:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def _networks(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae) if self.lrrb is None else (self.unet, self.vae, self.lrrb)
-
     def to(self, device: torch.device | str) -> OneStepRestorer:
         """Move every network to ``device`` (in place) and return self."""
         device = torch.device(device)
         if self.device != device:
-            for module in self._networks():
-                module.to(device)
+            for module in (self.unet, self.vae, self.lrrb):
+                if module is not None:
+                    module.to(device)
             self.prompt_embedding = self.prompt_embedding.to(device)
         return self
-
-    def memory_bytes(self) -> int:
-        """Bytes held by parameters and buffers of all networks."""
-        total = 0
-        for module in self._networks():
-            for tensor in (*module.parameters(), *module.buffers()):
-                total += tensor.numel() * tensor.element_size()
-        return total
-
-
-# The restorer's name before PiSA-SR and OSEDiff joined; kept so callers written for FiDeSR keep working.
-FiDeSRModel = OneStepRestorer
