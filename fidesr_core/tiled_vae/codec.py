@@ -1,52 +1,8 @@
-"""Tiled VAE encode/decode: accelerator memory bounded by one tile at any image size, and no seams.
+"""Tiled VAE encode/decode: memory bounded by one tile at any image size, and no seams.
 
-An input that fits in one tile, and whose untiled activations fit the memory
-budget, goes through the stock diffusers path unchanged.
-A larger one is cut into a grid of tiles whose *cores* partition the latent
-(and, scaled by 2, 4 and 8, every feature map of the encoder or decoder). The
-network is flattened into primitive steps (convolution, GroupNorm, activation,
-residual save/add, nearest ×2 upsampling, mid-block attention), read from the
-diffusers module structure, and cut into *segments* at every GroupNorm. Each
-segment runs tile after tile:
-
-* a tile reads, from the whole-image maps the previous segment left, its core
-  plus the halo its convolutions need. The halo is derived exactly by walking
-  the segment backwards through each conv's kernel, stride and padding
-  (Downsample2D's one-sided padding included); cores sit on the 8-pixel grid,
-  so strided convs sample the same grid as untiled, and zero padding is only
-  applied at the true image border;
-* it writes only its core into the new whole-image maps and adds the float32
-  mean/variance of that core (per sample and group, merged with Chan's
-  formula, so halos are never counted twice) to the statistics of the next
-  GroupNorm, which therefore normalises with whole-image statistics.
-
-Without attention the tiled result thus equals the untiled one up to float
-rounding. A segment spans one or two convolutions, so halos are a pixel or two:
-hardly any work is repeated and overlapping tile copies are never stored.
-
-The one approximation is the mid-block self-attention: it attends within the
-tile's core plus ``ATTENTION_CONTEXT`` latent pixels around it rather than
-over the whole latent (global attention over a 4096² output's 512² latent is
-far too slow). Each position keeps the value of the tile that owns it, so
-every map stays single-valued and tiles cannot drift apart.
-
-Memory is bounded by the tile, not the image. Each segment picks its own
-grid: a tile's widest activation stays under ``MemoryBudget.tile_bytes``, so
-the wide maps at full resolution run in smaller tiles than the latent-level
-ones (the attention keeps the caller's tile, which its result depends on).
-The whole-image maps between segments wait in host memory up to
-``MemoryBudget.map_bytes`` and in unlinked temporary files beyond it (see
-``maps``): the numbers are the same either way, so the result does not depend
-on the budget, and host memory (or an accelerator's, which only ever holds one
-tile's working set) stays flat as the image grows; what grows is disk traffic
-through the page cache. The untiled diffusers path is taken only while its own
-widest activation fits ``MemoryBudget.stock_bytes``. The tiled path runs
-without autograd, and the VAE module is neither modified nor hooked.
-
-This module holds the entry points; ``program`` reads the diffusers VAE into the flat program of
-steps, ``steps`` holds the steps and their regions, ``group_norm`` the GroupNorm statistics,
-``maps`` the whole-image maps and ``runner`` the segment-by-segment runner. Those five are
-internal to the package; ``budget`` holds ``MemoryBudget``, the setting callers may pass.
+The method is docs/algorithm.md §2.10. This module holds the entry points; ``program`` reads the
+diffusers VAE into a flat list of the steps in ``layers``, which ``runner`` runs segment by segment
+with ``group_norm``'s whole-image statistics and ``maps``' whole-image maps.
 """
 
 from __future__ import annotations

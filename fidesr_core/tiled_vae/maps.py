@@ -1,13 +1,11 @@
 """Where the tiled VAE's whole-image maps wait between segments: in memory up to a budget, then in files.
 
-Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method). A segment reads
-each tile's region from the maps the previous segment left and writes the tile's core into new
-ones, so a map is only ever touched one tile-sized box at a time. That lets a map live in an
-unlinked temporary file once the maps in memory reach ``MemoryBudget.map_bytes``: the working set
-in memory is then the budget plus one tile, whatever the image size, and the result is the same
-(the file holds the same numbers). Files are read and written with ``pread``/``pwrite`` rather than
-mapped, so their pages never count as the process's memory; the operating system's page cache
-keeps what fits and writes the rest to disk.
+A segment reads each tile's region from the maps the previous segment left and writes the tile's
+core into new ones, so a map is only ever touched one tile-sized box at a time. That lets a map live
+in an unlinked temporary file once the maps in memory reach ``MemoryBudget.map_bytes``: the memory
+held is then the budget plus one tile, whatever the image size, and the result is the same. Files
+are read and written with ``pread``/``pwrite`` rather than mapped, so their pages never count as the
+process's memory (docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations

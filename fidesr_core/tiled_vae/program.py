@@ -1,4 +1,4 @@
-"""The diffusers encoder or decoder read into one flat list of tiled-VAE steps (see ``codec`` for the method)."""
+"""The diffusers encoder or decoder read into one flat list of tiled-VAE steps (docs/algorithm.md §2.10)."""
 
 from __future__ import annotations
 

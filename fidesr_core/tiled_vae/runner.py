@@ -1,9 +1,8 @@
 """Running a flat program of tiled-VAE steps on a whole image, segment by segment and tile by tile.
 
-Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method): the program is cut
-into segments at every GroupNorm; for each tile the runner walks a segment backwards to find the
-regions it reads, runs it, writes the tile's core into new whole-image maps and adds the core's
-statistics for the next GroupNorm.
+The program is cut into segments at every GroupNorm; for each tile the runner walks a segment
+backwards to find the regions it reads, runs it, writes the tile's core into new whole-image maps
+and adds the core's statistics for the next GroupNorm (docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations
