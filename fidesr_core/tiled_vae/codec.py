@@ -15,29 +15,33 @@ from diffusers import AutoencoderKL
 from ..errors import BaseModelError, ImageInputError, SettingsError
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 from .budget import MemoryBudget
+from .maps import MapStore
 from .program import Program, decoder_program, encoder_program
-from .runner import map_channels, map_sizes, run_program
+from .runner import map_shapes, run_program
 
 
-def _check_no_autograd(tensor: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and tensor.requires_grad:
-        raise SettingsError("the tiled VAE runs without autograd; use tile_size=0 to back-propagate through the VAE")
-
-
-def _fits_one_tile(height: int, width: int, tile_size: int) -> bool:
-    return tile_size == 0 or (height <= tile_size and width <= tile_size)
-
-
-def _stock_fits(build: Callable[[], Program], source: torch.Tensor, budget: MemoryBudget) -> bool:
-    """True when the untiled path's widest activation fits ``budget.stock_bytes`` (or the VAE cannot be tiled)."""
+def _tiled_program(
+    build: Callable[[], Program], source: torch.Tensor, tile_size: int, budget: MemoryBudget
+) -> Program | None:
+    """The program to run ``source`` in tiles, or ``None`` for the stock path: ``tile_size`` 0, or ``source`` within
+    one tile with the stock path's widest activation under ``budget.stock_bytes`` (or a VAE that cannot be tiled)."""
+    if tile_size == 0:
+        return None
+    one_tile = source.shape[-2] <= tile_size and source.shape[-1] <= tile_size
     try:
         program = build()
     except BaseModelError:
-        return True  # not tileable: the stock path is the only one
-    sizes, _ = map_sizes(program.steps, tuple(source.shape[-2:]))
-    channels, _ = map_channels(program.steps, source.shape[1])
-    widest = max(c * h * w for c, (h, w) in zip(channels, sizes, strict=True))
-    return widest * source.shape[0] * source.element_size() <= budget.stock_bytes
+        if one_tile:
+            return None  # not tileable: the stock path is the only one
+        raise
+    if one_tile:
+        shapes, _ = map_shapes(program.steps, source.shape[1], tuple(source.shape[-2:]))
+        widest = max(c * h * w for c, (h, w) in shapes)
+        if widest * source.shape[0] * source.element_size() <= budget.stock_bytes:
+            return None
+    if torch.is_grad_enabled() and source.requires_grad:
+        raise SettingsError("the tiled VAE runs without autograd; use tile_size=0 to back-propagate through the VAE")
+    return program
 
 
 def _run_untiled(
@@ -74,21 +78,19 @@ def encode_moments(
         raise ImageInputError(
             f"VAE encode needs pixels [B, {channels}, H, W] with H, W multiples of 8, got {tuple(pixels.shape)}"
         )
-    height, width = pixels.shape[-2:]
-    if tile_size == 0 or (
-        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: encoder_program(vae), pixels, budget)
-    ):
+    program = _tiled_program(lambda: encoder_program(vae), pixels, tile_size, budget)
+    if program is None:
         return _run_untiled(lambda: vae.encode(pixels).latent_dist.parameters, progress, should_cancel)
-    program = encoder_program(vae)
-    latent_height = map_sizes(program.steps, (height, width))[0][-1][0]
+    height, width = pixels.shape[-2:]
+    _, (latent_height, _) = map_shapes(program.steps, channels, (height, width))[0][-1]
     factor = height // latent_height
     if factor * latent_height != height or tile_size < factor:
         raise SettingsError(
             f"tiled VAE encode: {height}x{width} px or tile_size {tile_size} do not fit the ×{factor} VAE"
         )
-    _check_no_autograd(pixels)
-    with torch.no_grad():
-        return run_program(program, pixels, tile_size // factor, progress, should_cancel, budget)
+    return run_program(
+        program, pixels, tile_size // factor, progress, should_cancel, MapStore(budget, program.layout())
+    )
 
 
 def decode_latents(
@@ -113,12 +115,7 @@ def decode_latents(
     channels = vae.config.latent_channels
     if latents.dim() != 4 or latents.shape[1] != channels:
         raise ImageInputError(f"VAE decode needs latents [B, {channels}, h, w], got {tuple(latents.shape)}")
-    height, width = latents.shape[-2:]
-    if tile_size == 0 or (
-        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: decoder_program(vae), latents, budget)
-    ):
+    program = _tiled_program(lambda: decoder_program(vae), latents, tile_size, budget)
+    if program is None:
         return _run_untiled(lambda: vae.decode(latents).sample, progress, should_cancel)
-    program = decoder_program(vae)
-    _check_no_autograd(latents)
-    with torch.no_grad():
-        return run_program(program, latents, tile_size, progress, should_cancel, budget)
+    return run_program(program, latents, tile_size, progress, should_cancel, MapStore(budget, program.layout()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.downsampling import Downsample2D
@@ -45,6 +46,16 @@ class Program:
                 self.steps += [Save(key), Norm(attention.group_norm), MidBlockAttention(attention, ATTENTION_CONTEXT)]
                 self.steps.append(Add(key, None, attention.rescale_output_factor))
             self.resnet(resnet)
+
+    def layout(self) -> torch.memory_format:
+        """channels_last when the VAE's convolutions are (maps in that format feed them without a copy)."""
+        for step in self.steps:
+            if isinstance(step, Conv):
+                weight = step.conv.weight
+                nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+                if nhwc != nchw:  # a 1×1 kernel (or one input channel) is both: look further
+                    return torch.channels_last if nhwc else torch.contiguous_format
+        return torch.contiguous_format
 
     def _key(self) -> int:
         self.keys += 1
