@@ -10,6 +10,7 @@ process's memory (docs/algorithm.md §2.10).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import weakref
@@ -29,8 +30,7 @@ class WholeMap:
 
     @property
     def nbytes(self) -> int:
-        batch, channels, height, width = self.shape
-        return batch * channels * height * width * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, box: Box, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
@@ -119,17 +119,17 @@ class MapStore:
         self.live_bytes = self.peak_bytes = self.file_bytes = self.peak_file_bytes = 0
 
     def new_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> WholeMap:
-        nbytes = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
-        if self.live_bytes + nbytes <= self.budget.map_bytes:
-            whole: WholeMap = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            weakref.finalize(whole, self._released, nbytes, False)
-        else:
-            whole = FileMap(shape, dtype, self.budget.spill_folder, self.layout)
+        nbytes = math.prod(shape) * dtype.itemsize
+        in_file = self.live_bytes + nbytes > self.budget.map_bytes
+        if in_file:
+            whole: WholeMap = FileMap(shape, dtype, self.budget.spill_folder, self.layout)
             self.file_bytes += nbytes
             self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
-            weakref.finalize(whole, self._released, nbytes, True)
+        else:
+            whole = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(whole, self._released, nbytes, in_file)
         return whole
 
     def output_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> WholeMap:
