@@ -18,7 +18,7 @@ from fidesr_core.tiled_vae.budget import MemoryBudget
 from fidesr_core.tiled_vae.codec import decode_latents, encode_moments
 from fidesr_core.tiled_vae.maps import MapStore
 from fidesr_core.tiled_vae.program import decoder_program
-from fidesr_core.tiled_vae.runner import run_program_in
+from fidesr_core.tiled_vae.runner import run_program
 
 _ALL_IN_FILES = MemoryBudget(map_bytes=0)
 
@@ -57,11 +57,11 @@ def test_maps_in_files_give_the_same_numbers(vae: AutoencoderKL, dtype: torch.dt
 def test_maps_in_memory_stay_within_their_budget(vae: AutoencoderKL) -> None:
     latents = _latents(1, 12, 16)
     unbounded = MapStore(MemoryBudget(map_bytes=1 << 40))
-    reference = run_program_in(decoder_program(vae), latents, 4, None, None, unbounded)
+    reference = run_program(decoder_program(vae), latents, 4, None, None, unbounded)
     assert unbounded.peak_file_bytes == 0
     budget = unbounded.peak_bytes // 4  # a quarter of what the maps need at once
     bounded = MapStore(MemoryBudget(map_bytes=budget))
-    result = run_program_in(decoder_program(vae), latents, 4, None, None, bounded)
+    result = run_program(decoder_program(vae), latents, 4, None, None, bounded)
     assert 0 < bounded.peak_bytes <= budget < unbounded.peak_bytes
     assert bounded.peak_file_bytes > 0
     assert bounded.live_bytes == bounded.file_bytes == 0  # everything released at the end

@@ -1,52 +1,8 @@
-"""Tiled VAE encode/decode: accelerator memory bounded by one tile at any image size, and no seams.
+"""Tiled VAE encode/decode: memory bounded by one tile at any image size, and no seams.
 
-An input that fits in one tile, and whose untiled activations fit the memory
-budget, goes through the stock diffusers path unchanged.
-A larger one is cut into a grid of tiles whose *cores* partition the latent
-(and, scaled by 2, 4 and 8, every feature map of the encoder or decoder). The
-network is flattened into primitive steps (convolution, GroupNorm, activation,
-residual save/add, nearest ×2 upsampling, mid-block attention), read from the
-diffusers module structure, and cut into *segments* at every GroupNorm. Each
-segment runs tile after tile:
-
-* a tile reads, from the whole-image maps the previous segment left, its core
-  plus the halo its convolutions need. The halo is derived exactly by walking
-  the segment backwards through each conv's kernel, stride and padding
-  (Downsample2D's one-sided padding included); cores sit on the 8-pixel grid,
-  so strided convs sample the same grid as untiled, and zero padding is only
-  applied at the true image border;
-* it writes only its core into the new whole-image maps and adds the float32
-  mean/variance of that core (per sample and group, merged with Chan's
-  formula, so halos are never counted twice) to the statistics of the next
-  GroupNorm, which therefore normalises with whole-image statistics.
-
-Without attention the tiled result thus equals the untiled one up to float
-rounding. A segment spans one or two convolutions, so halos are a pixel or two:
-hardly any work is repeated and overlapping tile copies are never stored.
-
-The one approximation is the mid-block self-attention: it attends within the
-tile's core plus ``ATTENTION_CONTEXT`` latent pixels around it rather than
-over the whole latent (global attention over a 4096² output's 512² latent is
-far too slow). Each position keeps the value of the tile that owns it, so
-every map stays single-valued and tiles cannot drift apart.
-
-Memory is bounded by the tile, not the image. Each segment picks its own
-grid: a tile's widest activation stays under ``MemoryBudget.tile_bytes``, so
-the wide maps at full resolution run in smaller tiles than the latent-level
-ones (the attention keeps the caller's tile, which its result depends on).
-The whole-image maps between segments wait in host memory up to
-``MemoryBudget.map_bytes`` and in unlinked temporary files beyond it (see
-``maps``): the numbers are the same either way, so the result does not depend
-on the budget, and host memory (or an accelerator's, which only ever holds one
-tile's working set) stays flat as the image grows; what grows is disk traffic
-through the page cache. The untiled diffusers path is taken only while its own
-widest activation fits ``MemoryBudget.stock_bytes``. The tiled path runs
-without autograd, and the VAE module is neither modified nor hooked.
-
-This module holds the entry points; ``program`` reads the diffusers VAE into the flat program of
-steps, ``steps`` holds the steps and their regions, ``group_norm`` the GroupNorm statistics,
-``maps`` the whole-image maps and ``runner`` the segment-by-segment runner. Those five are
-internal to the package; ``budget`` holds ``MemoryBudget``, the setting callers may pass.
+The method is docs/algorithm.md §2.10. This module holds the entry points; ``program`` reads the
+diffusers VAE into a flat list of the steps in ``layers``, which ``runner`` runs segment by segment
+with ``group_norm``'s whole-image statistics and ``maps``' whole-image maps.
 """
 
 from __future__ import annotations
@@ -59,29 +15,33 @@ from diffusers import AutoencoderKL
 from ..errors import BaseModelError, ImageInputError, SettingsError
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 from .budget import MemoryBudget
+from .maps import MapStore
 from .program import Program, decoder_program, encoder_program
-from .runner import map_channels, map_sizes, run_program
+from .runner import map_shapes, run_program
 
 
-def _check_no_autograd(tensor: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and tensor.requires_grad:
-        raise SettingsError("the tiled VAE runs without autograd; use tile_size=0 to back-propagate through the VAE")
-
-
-def _fits_one_tile(height: int, width: int, tile_size: int) -> bool:
-    return tile_size == 0 or (height <= tile_size and width <= tile_size)
-
-
-def _stock_fits(build: Callable[[], Program], source: torch.Tensor, budget: MemoryBudget) -> bool:
-    """True when the untiled path's widest activation fits ``budget.stock_bytes`` (or the VAE cannot be tiled)."""
+def _tiled_program(
+    build: Callable[[], Program], source: torch.Tensor, tile_size: int, budget: MemoryBudget
+) -> Program | None:
+    """The program to run ``source`` in tiles, or ``None`` for the stock path: ``tile_size`` 0, or ``source`` within
+    one tile with the stock path's widest activation under ``budget.stock_bytes`` (or a VAE that cannot be tiled)."""
+    if tile_size == 0:
+        return None
+    one_tile = source.shape[-2] <= tile_size and source.shape[-1] <= tile_size
     try:
         program = build()
     except BaseModelError:
-        return True  # not tileable: the stock path is the only one
-    sizes, _ = map_sizes(program.steps, tuple(source.shape[-2:]))
-    channels, _ = map_channels(program.steps, source.shape[1])
-    widest = max(c * h * w for c, (h, w) in zip(channels, sizes, strict=True))
-    return widest * source.shape[0] * source.element_size() <= budget.stock_bytes
+        if one_tile:
+            return None  # not tileable: the stock path is the only one
+        raise
+    if one_tile:
+        shapes, _ = map_shapes(program.steps, source.shape[1], tuple(source.shape[-2:]))
+        widest = max(c * h * w for c, (h, w) in shapes)
+        if widest * source.shape[0] * source.element_size() <= budget.stock_bytes:
+            return None
+    if torch.is_grad_enabled() and source.requires_grad:
+        raise SettingsError("the tiled VAE runs without autograd; use tile_size=0 to back-propagate through the VAE")
+    return program
 
 
 def _run_untiled(
@@ -118,21 +78,19 @@ def encode_moments(
         raise ImageInputError(
             f"VAE encode needs pixels [B, {channels}, H, W] with H, W multiples of 8, got {tuple(pixels.shape)}"
         )
-    height, width = pixels.shape[-2:]
-    if tile_size == 0 or (
-        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: encoder_program(vae), pixels, budget)
-    ):
+    program = _tiled_program(lambda: encoder_program(vae), pixels, tile_size, budget)
+    if program is None:
         return _run_untiled(lambda: vae.encode(pixels).latent_dist.parameters, progress, should_cancel)
-    program = encoder_program(vae)
-    latent_height = map_sizes(program.steps, (height, width))[0][-1][0]
+    height, width = pixels.shape[-2:]
+    _, (latent_height, _) = map_shapes(program.steps, channels, (height, width))[0][-1]
     factor = height // latent_height
     if factor * latent_height != height or tile_size < factor:
         raise SettingsError(
             f"tiled VAE encode: {height}x{width} px or tile_size {tile_size} do not fit the ×{factor} VAE"
         )
-    _check_no_autograd(pixels)
-    with torch.no_grad():
-        return run_program(program, pixels, tile_size // factor, progress, should_cancel, budget)
+    return run_program(
+        program, pixels, tile_size // factor, progress, should_cancel, MapStore(budget, program.layout())
+    )
 
 
 def decode_latents(
@@ -157,12 +115,7 @@ def decode_latents(
     channels = vae.config.latent_channels
     if latents.dim() != 4 or latents.shape[1] != channels:
         raise ImageInputError(f"VAE decode needs latents [B, {channels}, h, w], got {tuple(latents.shape)}")
-    height, width = latents.shape[-2:]
-    if tile_size == 0 or (
-        _fits_one_tile(height, width, tile_size) and _stock_fits(lambda: decoder_program(vae), latents, budget)
-    ):
+    program = _tiled_program(lambda: decoder_program(vae), latents, tile_size, budget)
+    if program is None:
         return _run_untiled(lambda: vae.decode(latents).sample, progress, should_cancel)
-    program = decoder_program(vae)
-    _check_no_autograd(latents)
-    with torch.no_grad():
-        return run_program(program, latents, tile_size, progress, should_cancel, budget)
+    return run_program(program, latents, tile_size, progress, should_cancel, MapStore(budget, program.layout()))

@@ -1,8 +1,7 @@
 """Whole-image GroupNorm statistics for the tiled VAE, gathered tile by tile and applied to one tile.
 
-Internal to ``fidesr_core.tiled_vae.codec``: each tile adds the float32 mean and variance of its
-core (merged with Chan's formula, so halos are never counted twice); the next GroupNorm then
-normalises every tile with the statistics of the whole map.
+Each tile adds the float32 mean and variance of its core (merged with Chan's formula, so halos are
+never counted twice); the next GroupNorm then normalises every tile with the statistics of the whole map.
 """
 
 from __future__ import annotations

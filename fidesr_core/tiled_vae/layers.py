@@ -1,10 +1,8 @@
 """The primitive steps a tiled VAE run is made of, and the map regions they read and write.
 
-Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method): ``Box`` is a
-rectangle of a whole-image map; the ``Layer`` steps (activation, zero-padded convolution,
-nearest ×2 upsampling, mid-block attention) know which input region a wanted output region
-needs and run on one tile; ``Norm``, ``Save`` and ``Add`` are markers the runner handles
-itself. None of this is API outside the package.
+``Box`` is a rectangle of a whole-image map; the ``Layer`` steps (activation, zero-padded convolution,
+nearest ×2 upsampling, mid-block attention) know which input region a wanted output region needs and
+run on one tile; ``Norm``, ``Save`` and ``Add`` are markers the runner handles itself.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """Where the tiled VAE's whole-image maps wait between segments: in memory up to a budget, then in files.
 
-Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method). A segment reads
-each tile's region from the maps the previous segment left and writes the tile's core into new
-ones, so a map is only ever touched one tile-sized box at a time. That lets a map live in an
-unlinked temporary file once the maps in memory reach ``MemoryBudget.map_bytes``: the working set
-in memory is then the budget plus one tile, whatever the image size, and the result is the same
-(the file holds the same numbers). Files are read and written with ``pread``/``pwrite`` rather than
-mapped, so their pages never count as the process's memory; the operating system's page cache
-keeps what fits and writes the rest to disk.
+A segment reads each tile's region from the maps the previous segment left and writes the tile's
+core into new ones, so a map is only ever touched one tile-sized box at a time. That lets a map live
+in an unlinked temporary file once the maps in memory reach ``MemoryBudget.map_bytes``: the memory
+held is then the budget plus one tile, whatever the image size, and the result is the same. Files
+are read and written with ``pread``/``pwrite`` rather than mapped, so their pages never count as the
+process's memory (docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import weakref
@@ -31,8 +30,7 @@ class WholeMap:
 
     @property
     def nbytes(self) -> int:
-        batch, channels, height, width = self.shape
-        return batch * channels * height * width * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, box: Box, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
@@ -121,17 +119,17 @@ class MapStore:
         self.live_bytes = self.peak_bytes = self.file_bytes = self.peak_file_bytes = 0
 
     def new_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> WholeMap:
-        nbytes = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
-        if self.live_bytes + nbytes <= self.budget.map_bytes:
-            whole: WholeMap = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            weakref.finalize(whole, self._released, nbytes, False)
-        else:
-            whole = FileMap(shape, dtype, self.budget.spill_folder, self.layout)
+        nbytes = math.prod(shape) * dtype.itemsize
+        in_file = self.live_bytes + nbytes > self.budget.map_bytes
+        if in_file:
+            whole: WholeMap = FileMap(shape, dtype, self.budget.spill_folder, self.layout)
             self.file_bytes += nbytes
             self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
-            weakref.finalize(whole, self._released, nbytes, True)
+        else:
+            whole = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(whole, self._released, nbytes, in_file)
         return whole
 
     def output_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> WholeMap:

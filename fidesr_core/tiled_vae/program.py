@@ -1,9 +1,12 @@
-"""The diffusers encoder or decoder read into one flat list of tiled-VAE steps (see ``codec`` for the method)."""
+"""The diffusers encoder or decoder read into one flat list of tiled-VAE steps (docs/algorithm.md §2.10)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import count
 
+import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.downsampling import Downsample2D
@@ -23,14 +26,14 @@ class Program:
     """The steps of an encoder or decoder, in order, as a flat list."""
 
     steps: list[Step] = field(default_factory=list)
-    keys: int = 0
+    keys: Iterator[int] = field(default_factory=count)  # for the saved values (Save and Add)
 
     def resnet(self, block: nn.Module) -> None:
         plain = type(block) is ResnetBlock2D and block.upsample is None and block.downsample is None
         # without a time embedding, "default" and "group" both run a plain norm2
         if not plain or block.time_emb_proj is not None or block.time_embedding_norm not in ("default", "group"):
             raise unsupported(f"the residual block {type(block).__name__}")
-        key, act = self._key(), Activation(block.nonlinearity)
+        key, act = next(self.keys), Activation(block.nonlinearity)
         shortcut = None if block.conv_shortcut is None else Conv(block.conv_shortcut)
         self.steps += [Save(key), Norm(block.norm1), act, Conv(block.conv1), Norm(block.norm2), act]
         self.steps += [Activation(block.dropout), Conv(block.conv2), Add(key, shortcut, block.output_scale_factor)]
@@ -41,14 +44,20 @@ class Program:
         self.resnet(block.resnets[0])
         for attention, resnet in zip(block.attentions, block.resnets[1:], strict=True):
             if attention is not None:
-                key = self._key()
+                key = next(self.keys)
                 self.steps += [Save(key), Norm(attention.group_norm), MidBlockAttention(attention, ATTENTION_CONTEXT)]
                 self.steps.append(Add(key, None, attention.rescale_output_factor))
             self.resnet(resnet)
 
-    def _key(self) -> int:
-        self.keys += 1
-        return self.keys
+    def layout(self) -> torch.memory_format:
+        """channels_last when the VAE's convolutions are (maps in that format feed them without a copy)."""
+        for step in self.steps:
+            if isinstance(step, Conv):
+                weight = step.conv.weight
+                nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+                if nhwc != nchw:  # a 1×1 kernel (or one input channel) is both: look further
+                    return torch.channels_last if nhwc else torch.contiguous_format
+        return torch.contiguous_format
 
 
 def encoder_program(vae: AutoencoderKL) -> Program:

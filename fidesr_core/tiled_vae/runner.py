@@ -1,44 +1,36 @@
 """Running a flat program of tiled-VAE steps on a whole image, segment by segment and tile by tile.
 
-Internal to ``fidesr_core.tiled_vae.codec`` (whose docstring explains the method): the program is cut
-into segments at every GroupNorm; for each tile the runner walks a segment backwards to find the
-regions it reads, runs it, writes the tile's core into new whole-image maps and adds the core's
-statistics for the next GroupNorm.
+The program is cut into segments at every GroupNorm; for each tile the runner walks a segment
+backwards to find the regions it reads, runs it, writes the tile's core into new whole-image maps
+and adds the core's statistics for the next GroupNorm (docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from ..progress import CancelCheck, ProgressCallback, check_cancelled
 from .budget import MemoryBudget
 from .group_norm import GroupStats
-from .layers import Add, Box, Conv, Layer, MidBlockAttention, Norm, Save, Step
+from .layers import Add, Box, Layer, MidBlockAttention, Norm, Save, Step
 from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
 
+MapShape = tuple[int, tuple[int, int]]  # channels, (height, width)
 
-def map_sizes(steps: list[Step], size: tuple[int, int]) -> tuple[list[tuple[int, int]], dict[int, tuple[int, int]]]:
-    """Whole-image size of ``h`` before each step (and after the last one), and of each saved value."""
-    sizes, saved = [size], {}
+
+def map_shapes(steps: list[Step], channels: int, size: tuple[int, int]) -> tuple[list[MapShape], dict[int, MapShape]]:
+    """Whole-image channels and size of ``h`` before each step (and after the last one), and of each saved value."""
+    shapes, saved = [(channels, size)], {}
     for step in steps:
         if isinstance(step, Save):
-            saved[step.key] = sizes[-1]
-        sizes.append(step.out_size(sizes[-1]) if isinstance(step, Layer) else sizes[-1])
-    return sizes, saved
-
-
-def map_channels(steps: list[Step], channels: int) -> tuple[list[int], dict[int, int]]:
-    """Channels of ``h`` before each step (and after the last one), and of each saved value."""
-    found, saved = [channels], {}
-    for step in steps:
-        if isinstance(step, Save):
-            saved[step.key] = found[-1]
-        found.append(step.out_channels(found[-1]) if isinstance(step, Layer) else found[-1])
-    return found, saved
+            saved[step.key] = shapes[-1]
+        elif isinstance(step, Layer):
+            channels, size = step.out_channels(channels), step.out_size(size)
+        shapes.append((channels, size))
+    return shapes, saved
 
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:
@@ -98,26 +90,7 @@ def _spare_maps(maps: dict, owned: set, consumed: set, plans: list, saved_sizes:
     ]
 
 
-def _store(
-    maps: dict,
-    key: str | int,
-    piece: torch.Tensor,
-    target: Box,
-    reuse: list,
-    make: Callable[[tuple, torch.dtype], WholeMap],
-) -> None:
-    """Write a tile's core ``piece`` (covering ``target``) into ``maps[key]``, made on first use (from
-    ``reuse`` when one of those maps has the right shape, else by ``make``)."""
-    if key not in maps:
-        shape = (*piece.shape[:2], target.height, target.width)
-        fits = [m for m in reuse if m.shape == shape and m.dtype == piece.dtype]
-        maps[key] = fits[0] if fits else make(shape, piece.dtype)
-    maps[key].write(target, piece)
-
-
-def _core_side(
-    segment: list[Step], maps: list[tuple[int, tuple[int, int]]], latent: tuple, tile: int, budget: int
-) -> int:
+def _core_side(segment: list[Step], maps: list[MapShape], latent: tuple, tile: int, budget: int) -> int:
     """The tile side (latent pixels) of one segment: ``tile``, or less where a tile of its widest map (of
     ``maps``: channels and size) would pass ``budget`` elements. The attention keeps ``tile``: its context,
     hence its result, depends on it."""
@@ -127,54 +100,30 @@ def _core_side(
     return max(1, min(tile, math.isqrt(budget // max(1, per_latent_pixel))))
 
 
+@torch.no_grad()
 def run_program(
     program: Program,
     source: torch.Tensor,
     tile: int,
     progress: ProgressCallback | None,
     should_cancel: CancelCheck | None,
-    budget: MemoryBudget | None = None,
+    store: MapStore | None = None,
 ) -> torch.Tensor:
     """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels.
 
-    Whole-image maps wait in host memory or files as ``budget`` allows (see ``maps``); the result is
-    a tensor on ``source``'s device.
+    Whole-image maps are made by ``store`` (whose peaks then tell what the run held; by default, in host memory
+    or files as the default budget allows); the result is a tensor on ``source``'s device.
     """
-    return run_program_in(
-        program, source, tile, progress, should_cancel, MapStore(budget or MemoryBudget(), _layout(program))
-    )
-
-
-def _layout(program: Program) -> torch.memory_format:
-    """channels_last when the VAE's convolutions are (maps in that format feed them without a copy)."""
-    for step in program.steps:
-        if isinstance(step, Conv):
-            weight = step.conv.weight
-            nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
-            if nhwc != nchw:  # a 1×1 kernel (or one input channel) is both: look further
-                return torch.channels_last if nhwc else torch.contiguous_format
-    return torch.contiguous_format
-
-
-def run_program_in(
-    program: Program,
-    source: torch.Tensor,
-    tile: int,
-    progress: ProgressCallback | None,
-    should_cancel: CancelCheck | None,
-    store: MapStore,
-) -> torch.Tensor:
-    """``run_program`` with the maps made by ``store`` (whose peaks then tell what the run held)."""
+    store = store or MapStore(MemoryBudget(), program.layout())
     steps, device = program.steps, source.device
-    sizes, saved_sizes = map_sizes(steps, tuple(source.shape[-2:]))
-    channels, saved_channels = map_channels(steps, source.shape[1])
+    shapes, saved_shapes = map_shapes(steps, source.shape[1], tuple(source.shape[-2:]))
+    sizes, saved_sizes = [size for _, size in shapes], {key: size for key, (_, size) in saved_shapes.items()}
     latent = sizes[-1] if sizes[-1][0] < sizes[0][0] else sizes[0]  # the encoder's output, the decoder's input
     item_bytes = source.shape[0] * source.element_size()
     bounds = [0] + [i for i, step in enumerate(steps) if isinstance(step, Norm)] + [len(steps)]
     grids = {}
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        touched = list(zip(channels[start : stop + 1], sizes[start : stop + 1], strict=True))
-        touched += [(saved_channels[s.key], saved_sizes[s.key]) for s in steps[start:stop] if isinstance(s, Add)]
+        touched = shapes[start : stop + 1] + [saved_shapes[s.key] for s in steps[start:stop] if isinstance(s, Add)]
         side = _core_side(steps[start:stop], touched, latent, tile, store.budget.tile_bytes // item_bytes)
         grids[start] = [
             Box(*rows, *cols, *latent) for rows in _spans(latent[0], side) for cols in _spans(latent[1], side)
@@ -204,9 +153,14 @@ def run_program_in(
                 piece = box.crop(value, target)
                 if key == "h" and next_stats is not None:
                     next_stats.add(piece)
-                reuse = [maps[k] for k in spare] if key == "h" else []
-                make = (lambda shape, dtype: store.output_map(shape, dtype, device)) if last else store.new_map
-                _store(new_maps, key, piece, target, reuse, make)
+                if key not in new_maps:  # made on first use: a spare map of the right shape, else a new one
+                    shape, dtype = (*piece.shape[:2], target.height, target.width), piece.dtype
+                    fits = [maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)]
+                    if fits:
+                        new_maps[key] = fits[0]
+                    else:
+                        new_maps[key] = store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
+                new_maps[key].write(target, piece)
             del values
             done += 1
             if progress is not None:
