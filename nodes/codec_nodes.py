@@ -1,11 +1,5 @@
-"""FiDeSR VAE Encode and FiDeSR VAE Decode.
-
-Encode prepares the LQ image as the released test script does (min-side rule,
-bicubic ×``upscale_by``, sides to multiples of 8) on the device the VAE runs
-on, encodes it and starts the FiDeSR state (with the injections' spatial
-gate).  Decode turns any FiDeSR latent back into an image, colour-fixed
-against the upscaled input and resized to exactly ``upscale_by`` × the input.
-Both load only the VAE.
+"""FiDeSR VAE Encode (the released script's preparation of the LQ image, then the VAE) and FiDeSR VAE Decode
+(the VAE, the colour fix, the resize to exactly ``upscale_by`` × the input).  Both load only the VAE.
 """
 
 from __future__ import annotations

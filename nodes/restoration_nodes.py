@@ -1,8 +1,6 @@
-"""FiDeSR One-Step U-Net (the LoRA U-Net's one step, for every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
+"""FiDeSR One-Step U-Net (the LoRA U-Net's one step, every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
 
-Each loads only its own network; the step order, and that the model is of the family that
-encoded the latent, are checked by ``chain``.  A latent of a model without an LRRB (PiSA-SR,
-OSEDiff) passes LRRB Refine unchanged.
+Each loads only its own network; ``chain`` checks the stage order and the model's family.
 """
 
 from __future__ import annotations
