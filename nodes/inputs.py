@@ -1,8 +1,4 @@
-"""Inputs shared by several FiDeSR nodes (names, defaults and tooltips are user-facing API).
-
-Each is a function because ComfyUI builds a node's schema afresh whenever it
-describes the node.
-"""
+"""Inputs shared by several nodes: functions, because ComfyUI builds a schema afresh whenever it describes a node."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ from ..fidesr_core.settings import COLOR_FIX_METHODS, LATENT_MODES
 from .model_handle import FIDESR_MODEL
 
 CATEGORY = "image/upscaling/FiDeSR"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 FiDeSRModelType = io.Custom(FIDESR_MODEL)
 
 
@@ -65,7 +60,11 @@ def latent_mode_input() -> io.Input:
 
 def seed_input() -> io.Input:
     return io.Int.Input(
-        "seed", default=0, min=0, max=MAX_SEED, tooltip="Seed of the VAE latent sample (latent_mode = sample)."
+        "seed",
+        default=0,
+        min=0,
+        max=0xFFFFFFFFFFFFFFFF,
+        tooltip="Seed of the VAE latent sample (latent_mode = sample).",
     )
 
 

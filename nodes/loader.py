@@ -125,7 +125,6 @@ class FiDeSRModelLoader(io.ComfyNode):
         base_path = resolve_base_model(base_model, node)
         weights_path = resolve_fidesr_weights(fidesr_weights, node)
         load_device = model_management.get_torch_device()
-        offload_device = model_management.unet_offload_device()
         chosen = auto_precision(load_device) if precision == "auto" else precision
         # diffusers and transformers take seconds to import: pay for them when a model is loaded,
         # not at every ComfyUI start.
@@ -139,7 +138,7 @@ class FiDeSRModelLoader(io.ComfyNode):
         with engine_errors(node, sources=BASE_SOURCES):
             base = load_base_model(base_path)
         with engine_errors(node):
-            model = assemble_restorer(base, weights, precision=chosen, device=offload_device)
+            model = assemble_restorer(base, weights, precision=chosen, device=model_management.unet_offload_device())
         handle = FiDeSRModelHandle.wrap(model, base_name=base_model, weights_name=fidesr_weights)
         summary = f"{handle.family_name}: {fidesr_weights} on {base_model}, {chosen}, runs on {load_device}"
         logger.info("FiDeSR pack loaded %s", summary)
