@@ -153,7 +153,4 @@ def check_stage(state: ChainState, stage: str, recipe: FamilyRecipe | None) -> N
 def latent_of_state(state: ChainState, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A new LATENT dict: ``base``'s other keys (if any), the state's ``samples`` and the state."""
     resting = state.to(model_management.intermediate_device())
-    latent = dict(base) if base is not None else {}
-    latent["samples"] = resting.samples
-    latent[STATE_KEY] = resting
-    return latent
+    return {**(base or {}), "samples": resting.samples, STATE_KEY: resting}
