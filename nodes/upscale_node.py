@@ -15,22 +15,7 @@ from ..fidesr_core.pipeline import upscale
 from ..fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
-from .inputs import (
-    color_fix_input,
-    image_output,
-    latent_mode_input,
-    lq_image_input,
-    model_input,
-    number_input,
-    pixel_strength_input,
-    positive_input,
-    schema,
-    seed_input,
-    semantic_strength_input,
-    tile_overlap_input,
-    tile_size_input,
-    upscale_by_input,
-)
+from .inputs import image_output, number_input, schema, shared_inputs
 from .model_handle import FiDeSRModelHandle, require_handle
 from .restoration_nodes import prompt_embedding_from_conditioning
 from .runtime import ComfyRuntime
@@ -58,19 +43,11 @@ class FiDeSRUpscale(io.ComfyNode):
             "result as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and "
             "VAE Decode.",
             [
-                model_input(),
-                lq_image_input(),
-                upscale_by_input(),
+                *shared_inputs("model", "image", "upscale_by"),
                 _strength_input("lf_strength", "low-frequency (structure)"),
                 _strength_input("hf_strength", "high-frequency (detail)"),
-                color_fix_input(),
-                latent_mode_input(),
-                seed_input(),
-                tile_size_input(),
-                tile_overlap_input(),
-                positive_input(),
-                pixel_strength_input(),
-                semantic_strength_input(),
+                *shared_inputs("color_fix", "latent_mode", "seed", "tile_size", "tile_overlap"),
+                *shared_inputs("positive", "pixel_strength", "semantic_strength"),
             ],
             [image_output("The restored, upscaled image.")],
         )
