@@ -1,12 +1,8 @@
-"""What a FiDeSR LATENT carries between the chain nodes, and the checks that keep a chain sound.
+"""The ``ChainState`` a FiDeSR LATENT carries between the chain nodes, and the checks that keep a chain sound.
 
-A FiDeSR LATENT stays an ordinary ComfyUI latent: ``samples`` holds UNSCALED SD 2.1 VAE latents
-(``z / scaling_factor``), so ComfyUI's own VAE Decode and previews work on it.  Under the one
-extra key ``"fidesr"`` rides a ``ChainState``: the engine's ``Latents``, the family that encoded
-them, the stages that ran, and what another node changed in ``samples`` in between.  A change
-that still shows the same images (scaling, light noise: the fingerprint below) is kept as an
-edit; another size, batch or image is refused with a message that names the node to connect.
-The state rests on ``model_management.intermediate_device()`` as ComfyUI's latents do.
+``samples`` stay ordinary unscaled SD 2.1 latents; the state under ``"fidesr"`` holds the engine's
+``Latents``, the family that encoded them, the stages that ran and any edit another node made to
+``samples`` (kept while the fingerprint still shows the same images; otherwise refused).
 """
 
 from __future__ import annotations
@@ -157,7 +153,4 @@ def check_stage(state: ChainState, stage: str, recipe: FamilyRecipe | None) -> N
 def latent_of_state(state: ChainState, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A new LATENT dict: ``base``'s other keys (if any), the state's ``samples`` and the state."""
     resting = state.to(model_management.intermediate_device())
-    latent = dict(base) if base is not None else {}
-    latent["samples"] = resting.samples
-    latent[STATE_KEY] = resting
-    return latent
+    return {**(base or {}), "samples": resting.samples, STATE_KEY: resting}

@@ -1,11 +1,5 @@
-"""FiDeSR VAE Encode and FiDeSR VAE Decode.
-
-Encode prepares the LQ image as the released test script does (min-side rule,
-bicubic ×``upscale_by``, sides to multiples of 8) on the device the VAE runs
-on, encodes it and starts the FiDeSR state (with the injections' spatial
-gate).  Decode turns any FiDeSR latent back into an image, colour-fixed
-against the upscaled input and resized to exactly ``upscale_by`` × the input.
-Both load only the VAE.
+"""FiDeSR VAE Encode (the released script's preparation of the LQ image, then the VAE) and FiDeSR VAE Decode
+(the VAE, the colour fix, the resize to exactly ``upscale_by`` × the input).  Both load only the VAE.
 """
 
 from __future__ import annotations
@@ -20,18 +14,7 @@ from ..fidesr_core.settings import UpscaleSettings
 from .chain import NODE_OF_STAGE, ChainState, latent_of_state, state_of_latent
 from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
-from .inputs import (
-    color_fix_input,
-    image_output,
-    latent_mode_input,
-    latent_output,
-    lq_image_input,
-    model_input,
-    number_input,
-    schema,
-    seed_input,
-    upscale_by_input,
-)
+from .inputs import image_output, latent_output, number_input, schema, shared_inputs
 from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import ComfyRuntime
 
@@ -49,11 +32,7 @@ class FiDeSREncode(io.ComfyNode):
             "what the later FiDeSR nodes need, including which family encoded it (the later nodes need the same "
             "model).",
             [
-                model_input(),
-                lq_image_input(),
-                upscale_by_input(),
-                latent_mode_input(),
-                seed_input(),
+                *shared_inputs("model", "image", "upscale_by", "latent_mode", "seed"),
                 number_input(
                     *("tile_size", 1024, 0, 8192, 64),
                     "VAE encoder tile in pixels of the upscaled image (the authors use 1024); 0 encodes it in one "
@@ -95,9 +74,9 @@ class FiDeSRDecode(io.ComfyNode):
             "Decodes a FiDeSR latent with the SD 2.1 VAE (tiled), corrects its colours against the "
             "upscaled input and resizes it to exactly upscale_by × the input size.",
             [
-                model_input(),
+                *shared_inputs("model"),
                 io.Latent.Input("latent", tooltip="A latent from a FiDeSR node (it carries the FiDeSR state)."),
-                color_fix_input(),
+                *shared_inputs("color_fix"),
                 number_input(
                     *("tile_size", 224, 0, 2048, 8),
                     "VAE decoder tile in latent pixels, 8 image pixels each (the authors use 224); 0 decodes in one "

@@ -12,7 +12,6 @@ from .images import image_from_engine, image_to_engine
 from .inputs import image_output, schema
 
 COLOR_FIX_NODE = "FiDeSR Color Fix"
-COLOR_FIX_NODE_METHODS = ("adain", "wavelet")
 
 
 class FiDeSRColorFix(io.ComfyNode):
@@ -31,7 +30,7 @@ class FiDeSRColorFix(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "method",
-                    options=list(COLOR_FIX_NODE_METHODS),
+                    options=["adain", "wavelet"],
                     default="adain",
                     tooltip="adain: match each channel's mean and std. wavelet: the image's high frequencies plus "
                     "the reference's low frequencies.",

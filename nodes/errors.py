@@ -1,9 +1,5 @@
-"""Errors the nodes raise, with messages that start with the node's display name.
-
-ComfyUI shows an exception's message on the node that raised it and keeps
-serving, so every message says which node failed, what value was wrong and
-what was expected.  Engine errors (``FiDeSRError``) are re-raised the same way.
-"""
+"""Errors the nodes raise: ComfyUI shows the message on the node, so each starts with the node's display name
+and says what value was wrong and what was expected.  Engine errors (``FiDeSRError``) are re-raised so."""
 
 from __future__ import annotations
 
@@ -28,10 +24,7 @@ def node_error(node: str, message: str) -> FiDeSRNodeError:
 
 @contextmanager
 def engine_errors(node: str, *, sources: str | None = None) -> Iterator[None]:
-    """Re-raise engine errors as ``FiDeSRNodeError`` naming ``node`` (the original is chained).
-
-    ``sources``: where the right files come from, added to the message of a model-file error.
-    """
+    """Re-raise engine errors naming ``node``; ``sources`` (where the right files come from) ends model-file errors."""
     try:
         yield
     except FiDeSRError as error:

@@ -1,10 +1,7 @@
 """FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4).
 
-Each node adds its branch's delta to the latent.  Both deltas are computed from the chain state
-(the restored latent ``z = z_L − r̃``, ``z_L`` and the spatial gate the encode stage computed
-once), never from ``samples``, so the two nodes commute and each can be used alone.  They run on
-ComfyUI's torch device.  Strengths are effective strengths: LF 0.1 + HF 0.1 equals the released
-script's ``--lf_scale 0.2 --hf_scale 0.2``.
+Each adds its branch's delta, computed from the chain state (never from ``samples``), so the two
+commute and each can be used alone.  LF 0.1 + HF 0.1 equals the released ``--lf_scale 0.2 --hf_scale 0.2``.
 """
 
 from __future__ import annotations
@@ -14,10 +11,10 @@ from typing import Any
 from comfy_api.v0_0_2 import io
 
 from ..fidesr_core.pipeline import injection_stage
-from ..fidesr_core.settings import FILTER_GEOMETRIES, HighFrequencySettings, LowFrequencySettings
+from ..fidesr_core.settings import HighFrequencySettings, LowFrequencySettings
 from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors
-from .inputs import latent_output, number_input, schema
+from .inputs import latent_output, number_input, schema, shared_inputs
 from .runtime import ComfyRuntime
 
 _CONNECT_TO = f"{NODE_OF_STAGE['refine']} (or {NODE_OF_STAGE['residual']})"
@@ -32,50 +29,13 @@ def _branch_inputs(branch: str, supplies: str, cutoff: float, what: str) -> list
             f"supplies {supplies}.",
         ),
         number_input(
-            "strength",
-            0.1,
-            0.0,
-            2.0,
-            0.01,
+            *("strength", 0.1, 0.0, 2.0, 0.01),
             f"Effective strength of the {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 equals the authors' "
             "script defaults (--lf_scale 0.2 --hf_scale 0.2, merged 50/50).",
         ),
         number_input("cutoff", cutoff, 0.01, 1.0, 0.01, f"{what} cutoff as a fraction of the highest frequency."),
         io.Int.Input("order", default=2, min=1, max=8, tooltip=f"Butterworth order of the {what.lower()} (steepness)."),
     ]
-
-
-def _shared_inputs() -> dict[str, io.Input]:
-    """Inputs both branches have (fresh objects each time: ComfyUI builds a schema whenever it describes a node)."""
-    return {
-        "gamma": number_input(
-            "gamma",
-            1.2,
-            0.1,
-            10.0,
-            0.05,
-            "Exponent applied to the spatial mask; larger values confine the injection to fewer places.",
-        ),
-        "channel_tau": number_input(
-            "channel_tau",
-            0.8,
-            0.0,
-            1.0,
-            0.01,
-            "Channel gate threshold: latent channels whose low-pass energy share is above it count as low-frequency "
-            "ones.",
-        ),
-        "channel_sharpness": number_input(
-            "channel_sharpness", 10.0, 0.0, 100.0, 0.1, "Channel gate sharpness (slope of its sigmoid)."
-        ),
-        "filter": io.Combo.Input(
-            "filter",
-            options=list(FILTER_GEOMETRIES),
-            default="official",
-            tooltip="official reproduces the released code's Butterworth filter (orientation-selective; the weights "
-            "were tuned with it); radial is the rotation-symmetric filter.",
-        ),
-    }
 
 
 class _Injection(io.ComfyNode):
@@ -108,7 +68,7 @@ class FiDeSRLowFrequencyInject(_Injection):
             "Commutes with the HF injection.",
             [
                 *_branch_inputs("low-frequency", "z_L, the residual and the detail map", 0.10, "Low-pass"),
-                *(_shared_inputs()[name] for name in ("channel_tau", "channel_sharpness", "gamma", "filter")),
+                *shared_inputs("channel_tau", "channel_sharpness", "gamma", "filter"),
             ],
             [latent_output("The latent plus the LF delta.")],
         )
@@ -127,16 +87,12 @@ class FiDeSRHighFrequencyInject(_Injection):
             "Commutes with the LF injection.",
             [
                 *_branch_inputs("high-frequency", "z_L, the restored latent and the detail map", 0.32, "High-pass"),
-                _shared_inputs()["gamma"],
+                *shared_inputs("gamma"),
                 number_input(
-                    "channel_cutoff",
-                    0.10,
-                    0.01,
-                    1.0,
-                    0.01,
+                    *("channel_cutoff", 0.10, 0.01, 1.0, 0.01),
                     "Low-pass cutoff used to measure each channel's low-frequency share.",
                 ),
-                *(_shared_inputs()[name] for name in ("channel_tau", "channel_sharpness", "filter")),
+                *shared_inputs("channel_tau", "channel_sharpness", "filter"),
             ],
             [latent_output("The latent plus the HF delta.")],
         )

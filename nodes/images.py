@@ -1,7 +1,4 @@
-"""Layout conversion between ComfyUI IMAGE and the engine's images.
-
-ComfyUI: ``[B, H, W, C]`` float32 in [0, 1] on the CPU.  Engine: ``[B, 3, H, W]``.
-"""
+"""Layout conversion between ComfyUI IMAGE (``[B, H, W, C]`` float32 in [0, 1] on the CPU) and the engine's."""
 
 from __future__ import annotations
 

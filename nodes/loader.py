@@ -1,17 +1,8 @@
-"""Load FiDeSR Model: SD 2.1-base plus FiDeSR, PiSA-SR or OSEDiff weights, as one ``FIDESR_MODEL``.
+"""Load FiDeSR Model: SD 2.1-base plus FiDeSR, PiSA-SR or OSEDiff weights (the family told from the file).
 
-The family is told from the weights file (``load_restorer_weights``); the node shows it as
-its text output and in ComfyUI's log.  A download entry in either list fetches the released
-file first (``model_downloads``); ``validate_inputs`` accepts those entries and the files
-present, and names the folders searched for anything else.
-
-``precision = auto`` follows ComfyUI's own choice of U-Net dtype for its torch
-device (``model_management.unet_dtype``), so ``--cpu``, ``--force-fp16``,
-``--fp32-unet``, ``--bf16-unet`` and MPS behave as they do for ComfyUI's
-models.  The model is assembled on ComfyUI's offload device; its networks go
-to ComfyUI's memory manager (see ``model_handle``), which loads each onto the
-torch device when a node needs it.  ComfyUI caches node outputs, so the same
-inputs never load twice.
+``precision = auto`` follows ComfyUI's U-Net dtype for its device (``model_management.unet_dtype``), so
+``--cpu``, ``--force-fp16``, ``--fp32-unet``, ``--bf16-unet`` and MPS behave as for ComfyUI's models.
+The model is assembled on ComfyUI's offload device and handed to its memory manager (``model_handle``).
 """
 
 from __future__ import annotations
@@ -23,16 +14,16 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from ..fidesr_core.precision import PRECISIONS, dtype_name
-from .errors import engine_errors, node_error
-from .inputs import CATEGORY, FiDeSRModelType
-from .model_downloads import folder_list
+from .errors import engine_errors
+from .inputs import FiDeSRModelType, schema
 from .model_folders import (
     BASE_SOURCES,
     FIDESR_FOLDER,
     WEIGHTS_SOURCES,
     base_model_choices,
     fidesr_weight_choices,
-    is_known_choice,
+    folder_list,
+    known_file_of,
     resolve_base_model,
     resolve_fidesr_weights,
 )
@@ -67,11 +58,10 @@ class FiDeSRModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         choices = loader_choices()
-        return io.Schema(
-            node_id="FiDeSRModelLoader",
-            display_name=LOADER_NODE,
-            category=CATEGORY,
-            description="Loads Stable Diffusion 2.1-base and the weights of one of three one-step restorers on it, "
+        return schema(
+            "FiDeSRModelLoader",
+            LOADER_NODE,
+            "Loads Stable Diffusion 2.1-base and the weights of one of three one-step restorers on it, "
             "told from the file: FiDeSR (fidesr.pkl; LoRA U-Net plus LRRB), PiSA-SR (pisa_sr.pkl; pixel and "
             "semantic LoRA sets) or OSEDiff (osediff.pkl; U-Net and VAE-encoder LoRA). The family it found is "
             "shown on the node after it runs and in ComfyUI's log. Put the weights in models/fidesr/, and SD "
@@ -79,7 +69,7 @@ class FiDeSRModelLoader(io.ComfyNode):
             "models/diffusers/. While those folders lack them, the lists offer the released files as "
             "'(download from ...)' entries: choosing one fetches the file on the next run (nothing is fetched "
             "otherwise).",
-            inputs=[
+            [
                 io.Combo.Input(
                     "base_model",
                     options=choices["base_model"],
@@ -105,7 +95,7 @@ class FiDeSRModelLoader(io.ComfyNode):
                     "--bf16-unet).",
                 ),
             ],
-            outputs=[
+            [
                 FiDeSRModelType.Output(
                     display_name="model",
                     tooltip="The restorer (FiDeSR, PiSA-SR or OSEDiff): connect it to the other FiDeSR nodes.",
@@ -116,12 +106,12 @@ class FiDeSRModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, base_model: str, fidesr_weights: str) -> bool | str:
         """ComfyUI's list check for the two file inputs, plus download entries listed earlier (their file may be here now)."""
-        if not is_known_choice(fidesr_weights, fidesr_weight_choices()):
+        if fidesr_weights not in fidesr_weight_choices() and not known_file_of(fidesr_weights):
             return (
                 f"fidesr_weights {fidesr_weights!r} is not in the fidesr model folders ({folder_list(FIDESR_FOLDER)}); "
                 f"put it there ({WEIGHTS_SOURCES}) and refresh (R)"
             )
-        if not is_known_choice(base_model, base_model_choices()):
+        if base_model not in base_model_choices() and not known_file_of(base_model):
             return (
                 f"base_model {base_model!r} is not in the checkpoints ({folder_list('checkpoints')}) or diffusers "
                 f"({folder_list('diffusers')}) model folders; put Stable Diffusion 2.1-base there ({BASE_SOURCES}) "
@@ -132,12 +122,9 @@ class FiDeSRModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, base_model: str, fidesr_weights: str, precision: str = "auto") -> io.NodeOutput:
         node = LOADER_NODE
-        if precision not in PRECISIONS:
-            raise node_error(node, f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         base_path = resolve_base_model(base_model, node)
         weights_path = resolve_fidesr_weights(fidesr_weights, node)
         load_device = model_management.get_torch_device()
-        offload_device = model_management.unet_offload_device()
         chosen = auto_precision(load_device) if precision == "auto" else precision
         # diffusers and transformers take seconds to import: pay for them when a model is loaded,
         # not at every ComfyUI start.
@@ -151,7 +138,7 @@ class FiDeSRModelLoader(io.ComfyNode):
         with engine_errors(node, sources=BASE_SOURCES):
             base = load_base_model(base_path)
         with engine_errors(node):
-            model = assemble_restorer(base, weights, precision=chosen, device=offload_device)
+            model = assemble_restorer(base, weights, precision=chosen, device=model_management.unet_offload_device())
         handle = FiDeSRModelHandle.wrap(model, base_name=base_model, weights_name=fidesr_weights)
         summary = f"{handle.family_name}: {fidesr_weights} on {base_model}, {chosen}, runs on {load_device}"
         logger.info("FiDeSR pack loaded %s", summary)

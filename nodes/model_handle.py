@@ -1,20 +1,10 @@
-"""``FIDESR_MODEL``: what the loader hands to the other nodes.
+"""``FIDESR_MODEL``: the engine's ``OneStepRestorer`` and one ComfyUI ``ModelPatcher`` per network.
 
-A handle wraps the engine's ``OneStepRestorer`` (FiDeSR, PiSA-SR or OSEDiff)
-and one ComfyUI ``ModelPatcher`` per network (U-Net, VAE, and FiDeSR's LRRB),
-so ComfyUI's memory manager places each of them like its own models: a
-network is loaded onto the torch device when a node needs it
-(``model_management.load_models_gpu``), stays there between nodes and prompts
-while memory allows, is evicted when another model needs the room, and is
-released by "Unload models".  The text encoder is not part of it: the
-family's prompt embedding was computed when the model was assembled.
-
-The U-Net's layers are given ComfyUI's castable layer classes
-(``comfy.ops.disable_weight_init``), which behave exactly like torch's until
-the memory manager loads the U-Net only partly (``--lowvram``, or a small GPU);
-then they fetch the weights left on the offload device layer by layer.  The
-VAE and the LRRB are loaded whole: the tiled VAE reads its layers' weights
-directly, and the LRRB is small.
+ComfyUI's memory manager places each network (U-Net, VAE, FiDeSR's LRRB) like its own models.
+The U-Net's layers get ComfyUI's castable classes (``comfy.ops.disable_weight_init``), identical
+to torch's until the U-Net is loaded only partly (``--lowvram``, a small GPU): then they fetch the
+offloaded weights layer by layer.  The VAE (whose tiles read its weights directly) and the small
+LRRB are loaded whole.
 """
 
 from __future__ import annotations
@@ -42,11 +32,8 @@ _CASTABLE_LAYERS = {
 
 
 class FiDeSRNetwork(torch.nn.Module):
-    """One network as the memory manager holds it.
-
-    ``ModelPatcher`` records the device on the module it manages; diffusers
-    modules do not allow that attribute, so the network sits one level down.
-    """
+    """One network as the memory manager holds it: ``ModelPatcher`` records the device on the module it
+    manages, which diffusers modules do not allow, so the network sits one level down."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
@@ -76,12 +63,6 @@ def make_castable(network: torch.nn.Module) -> bool:
     return all(id(parameter) in castable for parameter in network.parameters())
 
 
-def network_patcher(
-    container: FiDeSRNetwork, load_device: torch.device, offload_device: torch.device
-) -> comfy.model_patcher.ModelPatcher:
-    return comfy.model_patcher.ModelPatcher(container, load_device=load_device, offload_device=offload_device)
-
-
 @dataclass(eq=False)
 class FiDeSRModelHandle:
     model: OneStepRestorer
@@ -93,16 +74,18 @@ class FiDeSRModelHandle:
     @classmethod
     def wrap(cls, model: OneStepRestorer, *, base_name: str, weights_name: str) -> FiDeSRModelHandle:
         """Patchers on ComfyUI's devices for ``model``'s networks (which rest on the offload device)."""
-        unet_device, vae_device = model_management.get_torch_device(), model_management.vae_device()
-        patchers = {
-            "unet": network_patcher(FiDeSRUNet(model.unet), unet_device, model_management.unet_offload_device()),
-            "vae": network_patcher(FiDeSRVAE(model.vae), vae_device, model_management.vae_offload_device()),
+        unet_devices = model_management.get_torch_device(), model_management.unet_offload_device()
+        networks = {
+            "unet": (FiDeSRUNet(model.unet), *unet_devices),
+            "vae": (FiDeSRVAE(model.vae), model_management.vae_device(), model_management.vae_offload_device()),
         }
-        partial = {"unet": make_castable(model.unet), "vae": False}
         if model.lrrb is not None:
-            lrrb = FiDeSRLRRB(model.lrrb)
-            patchers["lrrb"] = network_patcher(lrrb, unet_device, model_management.unet_offload_device())
-            partial["lrrb"] = False
+            networks["lrrb"] = (FiDeSRLRRB(model.lrrb), *unet_devices)
+        patchers = {
+            name: comfy.model_patcher.ModelPatcher(network, load_device=load, offload_device=offload)
+            for name, (network, load, offload) in networks.items()
+        }
+        partial = dict.fromkeys(patchers, False) | {"unet": make_castable(model.unet)}
         return cls(model=model, patchers=patchers, partial_load=partial, base_name=base_name, weights_name=weights_name)
 
     @property
@@ -119,15 +102,12 @@ class FiDeSRModelHandle:
         return self.model.dtype
 
     @property
-    def load_device(self) -> torch.device:
-        return self.patchers["unet"].load_device
-
-    @property
     def cross_attention_dim(self) -> int:
         return int(self.model.unet.config.cross_attention_dim)
 
     def __str__(self) -> str:
-        return f"{self.family_name}({self.base_name} + {self.weights_name}, {self.dtype}, runs on {self.load_device})"
+        device = self.patchers["unet"].load_device
+        return f"{self.family_name}({self.base_name} + {self.weights_name}, {self.dtype}, runs on {device})"
 
 
 def require_handle(value: object, node: str) -> FiDeSRModelHandle:

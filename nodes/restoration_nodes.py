@@ -1,8 +1,6 @@
-"""FiDeSR One-Step U-Net (the LoRA U-Net's one step, for every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
+"""FiDeSR One-Step U-Net (the LoRA U-Net's one step, every family) and FiDeSR LRRB Refine (FiDeSR's LRRB).
 
-Each loads only its own network; the step order, and that the model is of the family that
-encoded the latent, are checked by ``chain``.  A latent of a model without an LRRB (PiSA-SR,
-OSEDiff) passes LRRB Refine unchanged.
+Each loads only its own network; ``chain`` checks the stage order and the model's family.
 """
 
 from __future__ import annotations
@@ -16,16 +14,7 @@ from ..fidesr_core.pipeline import refine_stage, residual_stage
 from ..fidesr_core.settings import UpscaleSettings
 from .chain import NODE_OF_STAGE, check_stage, latent_of_state, state_of_latent
 from .errors import engine_errors, node_error
-from .inputs import (
-    latent_output,
-    model_input,
-    pixel_strength_input,
-    positive_input,
-    schema,
-    semantic_strength_input,
-    tile_overlap_input,
-    tile_size_input,
-)
+from .inputs import latent_output, schema, shared_inputs
 from .model_handle import FiDeSRModelHandle, require_handle
 from .runtime import ComfyRuntime
 
@@ -73,13 +62,9 @@ class FiDeSRResidual(io.ComfyNode):
             "noise at timestep 999 and one DDPM step gives the clean latent x0, r = z_L − x0. PiSA-SR's "
             "pixel/semantic strengths pick its default or adjustable mode. Outputs z_L − r.",
             [
-                model_input(),
+                *shared_inputs("model"),
                 io.Latent.Input("latent", tooltip=f"The output of {ENCODE_NODE}."),
-                tile_size_input(),
-                tile_overlap_input(),
-                positive_input(),
-                pixel_strength_input(),
-                semantic_strength_input(),
+                *shared_inputs("tile_size", "tile_overlap", "positive", "pixel_strength", "semantic_strength"),
             ],
             [
                 latent_output(
@@ -127,7 +112,7 @@ class FiDeSRRefine(io.ComfyNode):
             "the LQ latent and the residual. Outputs z_L − (r + Δr). PiSA-SR and OSEDiff have no LRRB: their latent "
             "passes through unchanged, so one chain serves all three.",
             [
-                model_input(),
+                *shared_inputs("model"),
                 io.Latent.Input(
                     "latent",
                     tooltip=f"The output of {RESIDUAL_NODE}. A PiSA-SR or OSEDiff latent passes through unchanged "

@@ -1,9 +1,7 @@
-"""FiDeSR Upscale: the whole method in one node, a thin call of the engine's ``upscale``.
+"""FiDeSR Upscale: the whole method in one node, one call of the engine's ``upscale``.
 
-The engine runs the same steps the composable nodes run (Encode → One-Step
-U-Net → LRRB Refine → LF → HF → Decode), with their defaults for everything
-this node does not expose, so it gives the chain's result bit for bit, for
-FiDeSR, PiSA-SR and OSEDiff alike.
+It runs the chain nodes' stages with their defaults for what it does not expose, so it gives the
+chain's result bit for bit, for FiDeSR, PiSA-SR and OSEDiff alike.
 """
 
 from __future__ import annotations
@@ -17,37 +15,18 @@ from ..fidesr_core.pipeline import upscale
 from ..fidesr_core.settings import HighFrequencySettings, LowFrequencySettings, UpscaleSettings
 from .errors import engine_errors
 from .images import image_from_engine, image_to_engine
-from .inputs import (
-    color_fix_input,
-    image_output,
-    latent_mode_input,
-    lq_image_input,
-    model_input,
-    pixel_strength_input,
-    positive_input,
-    schema,
-    seed_input,
-    semantic_strength_input,
-    tile_overlap_input,
-    tile_size_input,
-    upscale_by_input,
-)
+from .inputs import image_output, number_input, schema, shared_inputs
 from .model_handle import FiDeSRModelHandle, require_handle
 from .restoration_nodes import prompt_embedding_from_conditioning
 from .runtime import ComfyRuntime
 
 UPSCALE_NODE = "FiDeSR Upscale"
-_ENGINE_DEFAULTS = UpscaleSettings()
 
 
-def _strength_input(name: str, branch: str, default: float) -> io.Input:
-    return io.Float.Input(
-        name,
-        default=default,
-        min=0.0,
-        max=2.0,
-        step=0.01,
-        tooltip=f"Effective strength of the training-free {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 "
+def _strength_input(name: str, branch: str) -> io.Input:
+    return number_input(
+        *(name, 0.1, 0.0, 2.0, 0.01),
+        f"Effective strength of the training-free {branch} injection; 0 turns it off. LF 0.1 + HF 0.1 "
         "equals the authors' script defaults.",
     )
 
@@ -64,19 +43,11 @@ class FiDeSRUpscale(io.ComfyNode):
             "result as the chain of FiDeSR VAE Encode, One-Step U-Net, LRRB Refine, LF Injection, HF Injection and "
             "VAE Decode.",
             [
-                model_input(),
-                lq_image_input(),
-                upscale_by_input(),
-                _strength_input("lf_strength", "low-frequency (structure)", _ENGINE_DEFAULTS.lf.strength),
-                _strength_input("hf_strength", "high-frequency (detail)", _ENGINE_DEFAULTS.hf.strength),
-                color_fix_input(),
-                latent_mode_input(),
-                seed_input(),
-                tile_size_input(),
-                tile_overlap_input(),
-                positive_input(),
-                pixel_strength_input(),
-                semantic_strength_input(),
+                *shared_inputs("model", "image", "upscale_by"),
+                _strength_input("lf_strength", "low-frequency (structure)"),
+                _strength_input("hf_strength", "high-frequency (detail)"),
+                *shared_inputs("color_fix", "latent_mode", "seed", "tile_size", "tile_overlap"),
+                *shared_inputs("positive", "pixel_strength", "semantic_strength"),
             ],
             [image_output("The restored, upscaled image.")],
         )
