@@ -1,9 +1,7 @@
-"""Stand-ins for the ComfyUI modules the pack imports, for tests without ComfyUI (CI cannot install it).
-
-``install_comfy_stubs`` puts ``comfy.*``, ``folder_paths`` and the V3 node API ``comfy_api.v0_0_2`` into
-``sys.modules`` (what the pack uses, as ComfyUI behaves with ``--cpu``) and returns a ``ComfyStub`` recording what
-the nodes ask.  What the nodes declare through it is checked against ``node_interface.json``, as is what a real
-ComfyUI serves.  ``import_pack`` imports the repository as ComfyUI imports a custom-node folder.
+"""Stand-ins for the ComfyUI modules the pack imports, for tests without ComfyUI (CI cannot install it):
+``install_comfy_stubs`` puts ``comfy.*``, ``folder_paths`` and the V3 API ``comfy_api.v0_0_2`` into ``sys.modules``
+(as ComfyUI behaves with ``--cpu``) and returns a ``ComfyStub`` recording what the nodes ask; what they declare is
+checked against ``node_interface.json``.  ``import_pack`` imports the repository as ComfyUI imports a node folder.
 """
 
 from __future__ import annotations
@@ -88,6 +86,10 @@ class ComfyStub:
                         found.add(os.path.relpath(os.path.join(root, name), folder))
         return sorted(found)
 
+    def add_model_folder_path(self, folder_name: str, path: str, is_default: bool = False) -> None:
+        paths = self.folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
+        paths.insert(0 if is_default else len(paths), path) if path not in paths else None
+
     def get_full_path(self, folder_name: str, filename: str) -> str | None:
         filename = os.path.relpath(os.path.join("/", filename), "/")  # no way out of the folder
         folders = self.folder_names_and_paths.get(folder_name, ([],))[0]
@@ -116,7 +118,6 @@ def _progress_bar(stub: ComfyStub) -> type:
     return ProgressBar
 
 
-# ----------------------------------------------------------------------------- the V3 node API (comfy_api.v0_0_2)
 # Only keywords that ComfyUI 0.3.64 (the oldest supported) accepts and this stand-in describes; others raise.
 _KEYWORDS = {"display_name", "optional", "tooltip", "lazy"}
 _NUMBER_KEYWORDS = {"default", "min", "max", "step", "socketless"}
@@ -171,8 +172,7 @@ class ComfyNode:
         return info
 
 
-class ComfyExtension:
-    """What ``comfy_entrypoint`` returns; ComfyUI asks its ``get_node_list``."""
+ComfyExtension = type("ComfyExtension", (), {})  # what comfy_entrypoint returns; ComfyUI asks its get_node_list
 
 
 def NodeOutput(*args: Any, ui: Any = None) -> types.SimpleNamespace:
@@ -183,7 +183,6 @@ def PreviewText(value: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(as_dict=lambda: {"text": (value,)})
 
 
-# ----------------------------------------------------------------------------- installing and importing
 def _module(name: str, **attributes: Any) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(attributes, __comfy_stub__=True, __path__=[])  # a package: "import comfy.utils" works
@@ -224,6 +223,7 @@ def install_comfy_stubs(models_dir: Path) -> ComfyStub:
     folder_paths = _module("folder_paths", models_dir=str(stub.models_dir), folder_names_and_paths=names)
     folder_paths.get_folder_paths = lambda folder_name: list(names[folder_name][0])
     folder_paths.get_filename_list, folder_paths.get_full_path = stub.get_filename_list, stub.get_full_path
+    folder_paths.add_model_folder_path = stub.add_model_folder_path
     io = _module("comfy_api.v0_0_2.io", Schema=Schema, ComfyNode=ComfyNode, NodeOutput=NodeOutput, Custom=Custom)
     for kind in ("INT", "FLOAT", "COMBO", "IMAGE", "LATENT", "CONDITIONING"):
         setattr(io, kind.title(), Custom(kind))

@@ -39,7 +39,8 @@ def main(argv: list[str]) -> dict:
     models_dir, action, *values = argv
     stub = install_comfy_stubs(Path(models_dir))
     for folder, paths in json.loads(os.environ.get("EXTRA_MODEL_PATHS", "{}")).items():
-        stub.folder_names_and_paths.setdefault(folder, ([], set()))[0].extend(paths)  # as add_model_folder_path does
+        for path in paths:
+            stub.add_model_folder_path(folder, path)
     pack = import_pack(PACK_ROOT)
     loader = node_classes(pack)["FiDeSRModelLoader"]
     folders = importlib.import_module(f"{pack.__name__}.nodes.model_folders")
