@@ -43,6 +43,12 @@ class _Injection(io.ComfyNode):
 
     STAGE: str
     SETTINGS: type[LowFrequencySettings | HighFrequencySettings]
+    ABOUT: str  # the node's description
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        output = latent_output(f"The latent plus the {cls.STAGE.upper()} delta.")
+        return schema(cls.__name__, NODE_OF_STAGE[cls.STAGE], cls.ABOUT, cls.branch_inputs(), [output])
 
     @classmethod
     def execute(cls, latent: dict[str, Any], **settings: Any) -> io.NodeOutput:
@@ -57,42 +63,36 @@ class _Injection(io.ComfyNode):
 
 class FiDeSRLowFrequencyInject(_Injection):
     STAGE, SETTINGS = "lf", LowFrequencySettings
+    ABOUT = (
+        "Training-free low-frequency injection: strengthens the restored latent's structure (its low-pass) where "
+        "the input has little detail and the residual was large, in latent channels that carry low frequencies. "
+        "Commutes with the HF injection."
+    )
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return schema(
-            "FiDeSRLowFrequencyInject",
-            NODE_OF_STAGE["lf"],
-            "Training-free low-frequency injection: strengthens the restored latent's structure (its low-pass) where "
-            "the input has little detail and the residual was large, in latent channels that carry low frequencies. "
-            "Commutes with the HF injection.",
-            [
-                *_branch_inputs("low-frequency", "z_L, the residual and the detail map", 0.10, "Low-pass"),
-                *shared_inputs("channel_tau", "channel_sharpness", "gamma", "filter"),
-            ],
-            [latent_output("The latent plus the LF delta.")],
-        )
+    def branch_inputs(cls) -> list[io.Input]:
+        return [
+            *_branch_inputs("low-frequency", "z_L, the residual and the detail map", 0.10, "Low-pass"),
+            *shared_inputs("channel_tau", "channel_sharpness", "gamma", "filter"),
+        ]
 
 
 class FiDeSRHighFrequencyInject(_Injection):
     STAGE, SETTINGS = "hf", HighFrequencySettings
+    ABOUT = (
+        "Training-free high-frequency injection: adds the detail the restored latent gained over the LQ latent "
+        "(high-pass difference) where the input has detail, in latent channels that carry high frequencies. "
+        "Commutes with the LF injection."
+    )
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return schema(
-            "FiDeSRHighFrequencyInject",
-            NODE_OF_STAGE["hf"],
-            "Training-free high-frequency injection: adds the detail the restored latent gained over the LQ latent "
-            "(high-pass difference) where the input has detail, in latent channels that carry high frequencies. "
-            "Commutes with the LF injection.",
-            [
-                *_branch_inputs("high-frequency", "z_L, the restored latent and the detail map", 0.32, "High-pass"),
-                *shared_inputs("gamma"),
-                number_input(
-                    *("channel_cutoff", 0.10, 0.01, 1.0, 0.01),
-                    "Low-pass cutoff used to measure each channel's low-frequency share.",
-                ),
-                *shared_inputs("channel_tau", "channel_sharpness", "filter"),
-            ],
-            [latent_output("The latent plus the HF delta.")],
-        )
+    def branch_inputs(cls) -> list[io.Input]:
+        return [
+            *_branch_inputs("high-frequency", "z_L, the restored latent and the detail map", 0.32, "High-pass"),
+            *shared_inputs("gamma"),
+            number_input(
+                *("channel_cutoff", 0.10, 0.01, 1.0, 0.01),
+                "Low-pass cutoff used to measure each channel's low-frequency share.",
+            ),
+            *shared_inputs("channel_tau", "channel_sharpness", "filter"),
+        ]
