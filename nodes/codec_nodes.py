@@ -45,21 +45,14 @@ class FiDeSREncode(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls,
-        model: FiDeSRModelHandle,
-        image: torch.Tensor,
-        upscale_by: float = 4.0,
-        latent_mode: str = "sample",
-        seed: int = 0,
-        tile_size: int = 1024,
+        cls, model: FiDeSRModelHandle, image: torch.Tensor, tile_size: int = 1024, **settings: Any
     ) -> io.NodeOutput:
+        """``settings``: the other inputs, each named as its field of ``UpscaleSettings``."""
         node = ENCODE_NODE
         handle = require_handle(model, node)
         pixels = image_to_engine(image, node)
         with engine_errors(node):
-            settings = UpscaleSettings(
-                upscale_by=upscale_by, latent_mode=latent_mode, seed=seed, encode_tile_size=tile_size
-            )
+            settings = UpscaleSettings(**settings, encode_tile_size=tile_size)
             latents = encode_stage(handle.model, pixels, settings, ComfyRuntime(handle=handle))
         state = ChainState.encoded(latents, handle.recipe, handle.model.scaling_factor)
         return io.NodeOutput(latent_of_state(state))

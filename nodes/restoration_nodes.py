@@ -76,27 +76,16 @@ class FiDeSRResidual(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls,
-        model: FiDeSRModelHandle,
-        latent: dict[str, Any],
-        tile_size: int = 96,
-        tile_overlap: int = 32,
-        positive: Any = None,
-        pixel_strength: float = 1.0,
-        semantic_strength: float = 1.0,
+        cls, model: FiDeSRModelHandle, latent: dict[str, Any], positive: Any = None, **settings: Any
     ) -> io.NodeOutput:
+        """``settings``: the other inputs, each named as its field of ``UpscaleSettings``."""
         node = RESIDUAL_NODE
         handle = require_handle(model, node)
         state = state_of_latent(latent, node, connect_to=ENCODE_NODE)
         check_stage(state, "residual", handle.recipe)
         embedding = prompt_embedding_from_conditioning(positive, handle, state.latents.z_lq.shape[0], node)
         with engine_errors(node):
-            settings = UpscaleSettings(
-                tile_size=tile_size,
-                tile_overlap=tile_overlap,
-                pixel_strength=pixel_strength,
-                semantic_strength=semantic_strength,
-            )
+            settings = UpscaleSettings(**settings)
             runtime = ComfyRuntime(handle=handle)
             latents = residual_stage(handle.model, state.latents, settings, runtime, prompt_embedding=embedding)
         return io.NodeOutput(latent_of_state(state.after("residual", latents), base=latent))

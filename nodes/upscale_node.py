@@ -57,36 +57,18 @@ class FiDeSRUpscale(io.ComfyNode):
         cls,
         model: FiDeSRModelHandle,
         image: torch.Tensor,
-        upscale_by: float = 4.0,
         lf_strength: float = 0.1,
         hf_strength: float = 0.1,
-        color_fix: str = "adain",
-        latent_mode: str = "sample",
-        seed: int = 0,
-        tile_size: int = 96,
-        tile_overlap: int = 32,
         positive: Any = None,
-        pixel_strength: float = 1.0,
-        semantic_strength: float = 1.0,
+        **settings: Any,
     ) -> io.NodeOutput:
+        """``settings``: the other inputs, each named as its field of ``UpscaleSettings``."""
         node = UPSCALE_NODE
         handle = require_handle(model, node)
         pixels = image_to_engine(image, node)
         embedding = prompt_embedding_from_conditioning(positive, handle, pixels.shape[0], node)
         with engine_errors(node):
-            settings = UpscaleSettings(
-                upscale_by=upscale_by,
-                latent_mode=latent_mode,
-                seed=seed,
-                color_fix=color_fix,
-                tile_size=tile_size,
-                tile_overlap=tile_overlap,
-                lf=LowFrequencySettings(strength=lf_strength),
-                hf=HighFrequencySettings(strength=hf_strength),
-                pixel_strength=pixel_strength,
-                semantic_strength=semantic_strength,
-            )
-            result = upscale(
-                handle.model, pixels, settings, prompt_embedding=embedding, runtime=ComfyRuntime(handle=handle)
-            )
+            lf, hf = LowFrequencySettings(strength=lf_strength), HighFrequencySettings(strength=hf_strength)
+            settings, runtime = UpscaleSettings(**settings, lf=lf, hf=hf), ComfyRuntime(handle=handle)
+            result = upscale(handle.model, pixels, settings, prompt_embedding=embedding, runtime=runtime)
         return io.NodeOutput(image_from_engine(result))
