@@ -93,11 +93,7 @@ OSEDIFF_WEIGHTS = ReleasedFile(
     "osediff.pkl", "the OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/main/preset/models/osediff.pkl"
 )
 # Where each family's weights come from, for messages and the workflows' model lists (by family).
-RELEASED_WEIGHTS: dict[str, KnownFile | ReleasedFile] = {
-    "fidesr": FIDESR_WEIGHTS,
-    "pisa-sr": PISA_SR_WEIGHTS,
-    "osediff": OSEDIFF_WEIGHTS,
-}
+RELEASED_WEIGHTS = {"fidesr": FIDESR_WEIGHTS, "pisa-sr": PISA_SR_WEIGHTS, "osediff": OSEDIFF_WEIGHTS}
 
 
 # The other ways README offers when the known sources fail; every DownloadError ends with them.
@@ -186,11 +182,7 @@ def _transfer(url: str, part: Path, size: int | None, headers: dict[str, str], p
 
 
 def _fetch_from(
-    repo_id: str,
-    known: KnownFile,
-    staging: Path,
-    progress: ByteProgress,
-    endpoint: str | None,
+    repo_id: str, known: KnownFile, staging: Path, progress: ByteProgress, endpoint: str | None
 ) -> tuple[Path, str]:
     """The file from ``repo_id``, complete in ``staging``; ``(path, size text)``. Raises what the Hub raises."""
     from huggingface_hub import get_hf_file_metadata

@@ -157,8 +157,7 @@ def _lrrb_shapes() -> dict[str, tuple[int, ...]]:
 def _tensor_problem(name: str, tensor: object) -> str | None:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         return f"{name} is a {getattr(tensor, 'dtype', type(tensor).__name__)}, expected a floating-point tensor"
-    # A float64 sum of fp32/fp16/bf16 values cannot overflow: it is finite exactly when every element is
-    # (and it allocates nothing the size of the tensor, unlike isfinite()).
+    # A float64 sum of fp32/fp16/bf16 values is finite exactly when every element is (and allocates nothing).
     wide = tensor.dtype == torch.float64
     if not (bool(torch.isfinite(tensor).all()) if wide else math.isfinite(tensor.sum(dtype=torch.float64).item())):
         return f"{name} holds NaN or infinite values (damaged or diverged weights)"
@@ -330,11 +329,9 @@ def describe_restorer_weights(weights: RestorerWeights) -> dict[str, object]:
     """A summary for ``fidesr info`` and ``doctor``: family, format, each LoRA set's rank and size, the
     parameters of the other parts, dtypes and metadata."""
     layout = LAYOUTS[weights.family]
-    formats = {"pkl": "pkl (the authors' torch.save layout)", "safetensors": f"safetensors ({layout.marker} v1)"}
-    summary: dict[str, object] = {
-        "family": FAMILY_NAMES[weights.family],
-        "format": formats.get(weights.file_format, "in memory"),
-    }
+    formats = {"": "in memory", "pkl": "pkl (the authors' torch.save layout)"}
+    formats["safetensors"] = f"safetensors ({layout.marker} v1)"
+    summary: dict[str, object] = {"family": FAMILY_NAMES[weights.family], "format": formats[weights.file_format]}
     tensors = []
     for part, lora in weights.lora.items():
         summary[f"{part}_lora"] = {
