@@ -23,7 +23,7 @@ BASE = "diffusers/tiny-families"
 @pytest.fixture(scope="module")
 def files(comfy) -> SimpleNamespace:
     tiny = comfy.module("fidesr_core.networks.tiny")
-    family_weights = comfy.module("fidesr_core.loading.weights")
+    weights_module = comfy.module("fidesr_core.loading.weights")
     base = tiny.tiny_base_model(seed=6)
     write_diffusers_folder(base, comfy.models_dir / "diffusers" / "tiny-families")
     folder = comfy.models_dir / "fidesr"
@@ -32,9 +32,9 @@ def files(comfy) -> SimpleNamespace:
     torch.save(pisa, folder / "pisa_sr.pkl")
     torch.save(osediff, folder / "osediff.pkl")
     for name in ("pisa_sr", "osediff"):
-        weights = family_weights.load_restorer_weights(folder / f"{name}.pkl")
-        family_weights.save_restorer_weights(weights, folder / f"{name}.safetensors")
-    family_weights.save_restorer_weights(tiny.tiny_fidesr_weights(base, seed=9), folder / "fidesr.pkl")
+        weights = weights_module.load_restorer_weights(folder / f"{name}.pkl")
+        weights_module.save_restorer_weights(weights, folder / f"{name}.safetensors")
+    weights_module.save_restorer_weights(tiny.tiny_fidesr_weights(base, seed=9), folder / "fidesr.pkl")
     no_semantic = {key: value for key, value in pisa.items() if not key.endswith("_sem")}
     no_semantic["state_dict_unet"] = {k: v for k, v in pisa["state_dict_unet"].items() if "_pix." in k}
     torch.save(no_semantic, folder / "pisa_sr_no_semantic.pkl")
