@@ -118,9 +118,11 @@ def test_node_description_follows_the_rules(comfy, node_id: str) -> None:
             assert "default" in item  # prompts and workflows saved before it was appended run with the default
     node, names = comfy.nodes[node_id], [item["name"] for item in pinned["inputs"]]
     parameters = inspect.signature(node.execute).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):  # the injection nodes
-        fields = {field.name for field in dataclasses.fields(node.SETTINGS)}
-        assert list(parameters)[0] == "latent" and set(names) - {"latent"} <= fields
+    named = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if len(named) < len(parameters):  # the other inputs go by name into the settings (the injections' own)
+        settings = getattr(node, "SETTINGS", comfy.module("fidesr_core.settings").UpscaleSettings)
+        assert named == [name for name in names if name in named]
+        assert set(names) - set(named) <= {field.name for field in dataclasses.fields(settings)}
     else:
         assert list(parameters) == names
     json.dumps(info)  # /object_info must be able to serialise it
