@@ -37,7 +37,7 @@ from fidesr_core.app.cli import main
 code = main(sys.argv[1:], prog="fidesr")
 tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
 names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks)
-print(f"rank {os.environ['RANK']} threads after the command: {names or 'not listed (no /proc)'}")
+sys.stdout.write(f"rank {os.environ['RANK']} threads after the command: {names or 'not listed (no /proc)'}\n")
 sys.exit(code)
 """
 
@@ -100,8 +100,10 @@ def _upscale(workspace: dict[str, Path], output: Path, ranks: int) -> subprocess
         command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    if ranks > 1:
-        left = [line for line in finished.stdout.splitlines() if "threads after the command" in line]
+    if ranks > 1:  # each rank's lines whole, not mixed with the other's
+        lines = finished.stdout.splitlines()
+        assert sum(line.startswith("FiDeSR on cpu") and line.endswith("image(s))") for line in lines) == ranks, lines
+        left = [line for line in lines if "threads after the command" in line]
         assert len(left) == ranks, finished.stdout[-3000:]
         assert not any("gloo" in line for line in left), left  # pt_gloo_runloop, gloo_tcp_loop
     return finished

@@ -123,9 +123,10 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: P
     from ..precision import precision_why  # why this precision (auto's reason)
 
     why = precision_why(args.precision, model.device)
-    print(
+    line = (
         f"{described['family']} on {described['device']} ({described['precision']}, {why}, {where}{len(todo)} image(s))"
     )
+    sys.stdout.write(line + "\n")  # one write: print() sends the newline apart when unbuffered, and ranks' lines mix
     return upscale_files(
         model,
         todo,
