@@ -37,7 +37,7 @@ from fidesr_core.app.cli import main
 code = main(sys.argv[1:], prog="fidesr")
 tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
 names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks)
-sys.stdout.write(f"rank {os.environ['RANK']} threads after the command: {names or 'not listed (no /proc)'}\n")
+sys.stdout.write(f"rank {os.environ['RANK']} threads after the command: {names or 'not listed (no /proc)'}\\n")
 sys.exit(code)
 """
 
