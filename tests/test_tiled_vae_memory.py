@@ -53,19 +53,74 @@ def test_maps_in_files_give_the_same_numbers(vae: AutoencoderKL, dtype: torch.dt
     assert torch.equal(encode_moments(model, pixels, tile_size=32, budget=_ALL_IN_FILES), in_memory)
 
 
+def _free(host: int, device: int = 0):
+    """A ``free_memory`` that reports ``host`` bytes free on the CPU and ``device`` elsewhere."""
+    return lambda where: host if where.type == "cpu" else device
+
+
+_CPU, _BIG = torch.device("cpu"), 1 << 40
+
+
 @torch.no_grad()
 def test_maps_in_memory_stay_within_their_budget(vae: AutoencoderKL) -> None:
     latents = _latents(1, 12, 16)
-    unbounded = MapStore(MemoryBudget(map_bytes=1 << 40))
+    unbounded = MapStore(MemoryBudget(free_memory=_free(_BIG)), _CPU)
     reference = run_program(decoder_program(vae), latents, 4, None, None, unbounded)
-    assert unbounded.peak_file_bytes == 0
-    budget = unbounded.peak_bytes // 4  # a quarter of what the maps need at once
-    bounded = MapStore(MemoryBudget(map_bytes=budget))
+    assert unbounded.peak["file"] == 0 and unbounded.traffic == {"read": 0, "written": 0}
+    cap = unbounded.peak["host"] // 4  # a quarter of what the maps need at once
+    bounded = MapStore(MemoryBudget(map_bytes=cap, free_memory=_free(_BIG)), _CPU)
     result = run_program(decoder_program(vae), latents, 4, None, None, bounded)
-    assert 0 < bounded.peak_bytes <= budget < unbounded.peak_bytes
-    assert bounded.peak_file_bytes > 0
-    assert bounded.live_bytes == bounded.file_bytes == 0  # everything released at the end
+    assert 0 < bounded.peak["host"] <= cap < unbounded.peak["host"]
+    assert bounded.peak["file"] > 0 and bounded.traffic["written"] > 0 and bounded.traffic["read"] > 0
+    assert bounded.live == {"device": 0, "host": 0, "file": 0}  # everything released at the end
     assert torch.equal(result, reference)
+
+
+@torch.no_grad()
+def test_free_memory_decides_where_maps_wait_and_the_result_is_the_same(vae: AutoencoderKL) -> None:
+    latents, program = _latents(1, 12, 16), decoder_program(vae)
+    reference = run_program(program, latents, 4, None, None, MapStore(MemoryBudget(free_memory=_free(_BIG)), _CPU))
+    headroom = MemoryBudget().host_headroom
+    tile = MemoryBudget(tile_bytes=1 << 20)
+    working = 8 * tile.tile_bytes
+    for free, expect_files in ((headroom + working + (64 << 20), False), (headroom + working + (1 << 10), True)):
+        store = MapStore(MemoryBudget(tile_bytes=tile.tile_bytes, free_memory=_free(free)), _CPU)
+        assert store.rooms["host"] == free - headroom - working
+        assert torch.equal(run_program(program, latents, 4, None, None, store), reference)
+        assert (store.peak["file"] > 0) == expect_files and store.peak["host"] <= store.rooms["host"]
+    preferring_files = MapStore(MemoryBudget(places=("file", "host"), free_memory=_free(_BIG)), _CPU)
+    assert torch.equal(run_program(program, latents, 4, None, None, preferring_files), reference)
+    assert preferring_files.peak["host"] == 0 and preferring_files.peak["file"] > 0
+
+
+def test_maps_go_to_the_device_first_then_the_host_then_files() -> None:
+    device, mib = torch.device("meta"), 1 << 20  # an accelerator stand-in: placement only, nothing computed
+    budget = MemoryBudget(tile_bytes=mib, device_map_bytes=10 * mib, map_bytes=6 * mib, free_memory=_free(_BIG, _BIG))
+    store = MapStore(budget, device)
+    shape = (1, 1, 1024, 1024)  # 4 MiB in float32
+    maps = [store.new_map(shape, torch.float32) for _ in range(5)]
+    assert [type(m).__name__ for m in maps] == ["TensorMap"] * 3 + ["FileMap"] * 2
+    assert [m.tensor.device.type for m in maps[:3]] == ["meta", "meta", "cpu"]
+    assert store.peak == {"device": 8 * mib, "host": 4 * mib, "file": 8 * mib}
+    tight = MapStore(
+        MemoryBudget(tile_bytes=mib, free_memory=_free(_BIG, budget.device_headroom + 8 * mib + 5 * mib)), device
+    )
+    assert tight.rooms["device"] == 5 * mib  # free memory beyond the headroom and the tiles' working set
+    first, second = tight.new_map(shape, torch.float32), tight.new_map(shape, torch.float32)
+    assert (first.tensor.device.type, second.tensor.device.type) == ("meta", "cpu")
+    del first, maps
+    assert tight.new_map(shape, torch.float32).tensor.device.type == "meta"  # a released map's room is free again
+    nowhere = MapStore(MemoryBudget(tile_bytes=mib, places=("host",), map_bytes=0), _CPU)
+    with pytest.raises(MemoryError, match="no room in host"):
+        nowhere.new_map(shape, torch.float32)
+
+
+def test_automatic_tiles_follow_free_memory() -> None:
+    mib = 1 << 20
+    assert MemoryBudget(free_memory=_free(0)).tile_limit(_CPU) == 64 * mib  # unknown or little: the floor
+    assert MemoryBudget(free_memory=_free(32 * 512 * mib)).tile_limit(_CPU) == 512 * mib
+    assert MemoryBudget(free_memory=_free(_BIG)).tile_limit(_CPU) == 1024 * mib
+    assert MemoryBudget(tile_bytes=3 * mib, free_memory=_free(_BIG)).tile_limit(_CPU) == 3 * mib
 
 
 @torch.no_grad()
@@ -86,7 +141,7 @@ def test_tile_activations_stay_within_their_budget(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(cls, "read", read)
     pixels, latents = _pixels(1, 128, 160), _latents(1, 16, 20)
     sizes = {}
-    for name, tile_bytes in (("default", MemoryBudget().tile_bytes), ("small", 8 << 10)):
+    for name, tile_bytes in (("default", 64 << 20), ("small", 8 << 10)):
         largest[0] = 0
         budget = MemoryBudget(tile_bytes=tile_bytes)
         reference = encode_moments(vae, pixels, tile_size=64, budget=budget)
@@ -114,9 +169,11 @@ def test_one_tile_beyond_the_stock_budget_runs_tiled_and_matches(vae: Autoencode
 
 
 def test_a_bad_budget_is_refused() -> None:
-    for field in ("tile_bytes", "map_bytes", "stock_bytes"):
+    for field in ("tile_bytes", "map_bytes", "device_map_bytes", "host_headroom", "device_headroom", "stock_bytes"):
         with pytest.raises(SettingsError, match=field):
             MemoryBudget(**{field: -1})
+    with pytest.raises(SettingsError, match="places"):
+        MemoryBudget(places=("host", "disk"))
 
 
 @torch.no_grad()
@@ -134,7 +191,7 @@ _FLAT_PEAK_PROBE = """
         return peak_growth_kib(lambda: decode_latents(vae, latents, tile_size=8, budget=budget))
 
     bounded = MemoryBudget(tile_bytes=2 << 20, map_bytes=4 << 20)
-    unbounded = MemoryBudget(tile_bytes=1 << 40, map_bytes=1 << 40)
+    unbounded = MemoryBudget(tile_bytes=1 << 40, free_memory=lambda device: 1 << 50)  # whatever the machine has
     small, large = torch.randn(1, 4, 24, 24), torch.randn(1, 4, 48, 48)  # 192² and 384² outputs
     with torch.no_grad():
         decode(small, bounded), decode(small, unbounded)  # warm-up
@@ -176,3 +233,27 @@ def test_the_upscale_setting_sends_maps_to_files_with_the_same_result(tiny_model
     in_files = upscale(tiny_model, image, UpscaleSettings(vae_memory_mb=0, **tiled))
     assert made, "vae_memory_mb=0 should put every whole-image map in a temporary file"
     assert torch.equal(in_files, in_memory)
+
+
+@torch.no_grad()
+def test_a_worker_reads_ahead_and_writes_behind_with_the_same_result(vae: AutoencoderKL, monkeypatch) -> None:
+    import threading
+
+    latents = _latents(1, 12, 16)
+    reference = decode_latents(vae, latents, tile_size=4, budget=_ALL_IN_FILES)
+    threads: dict[str, set[str]] = {"read": set(), "write": set()}
+
+    def recording(real, name: str):
+        def record(self, *args):
+            threads[name].add(threading.current_thread().name.split("_")[0])
+            return real(self, *args)
+
+        return record
+
+    for cls in (tiled_vae_maps.TensorMap, tiled_vae_maps.FileMap):
+        for name in ("read", "write"):
+            monkeypatch.setattr(cls, name, recording(getattr(cls, name), name))
+    with torch.inference_mode():  # as in ComfyUI: the worker writes into inference tensors under the same mode
+        assert torch.equal(decode_latents(vae, latents, tile_size=4, budget=_ALL_IN_FILES), reference)
+        decode_latents(vae, latents, tile_size=4)
+    assert threads == {"read": {"tiled-vae"}, "write": {"tiled-vae"}}

@@ -1,33 +1,114 @@
-"""The memory budget of the tiled VAE: the one setting callers of ``codec`` may pass besides the tile size."""
+"""The memory budget of the tiled VAE, and how much memory a device has free (docs/algorithm.md §2.10)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import SettingsError
 
+if TYPE_CHECKING:
+    import torch
+
 _MIB = 1 << 20
-MAP_MEMORY_MB = 512  # whole-image maps in RAM: 4096² output needs ~2 GB beyond the weights with it
+PLACES = ("device", "host", "file")  # where a whole-image map can wait, in the default order of preference
+# What stays free beside the maps: the tiles' working set, the decoded image and its colour fix (measured
+# at 4096², fp32: 1.5 GB above the maps), and the rest of the machine.
+HOST_HEADROOM_MB = 2048
+DEVICE_HEADROOM_MB = 1024
+# A tile's largest activation: at least this (a CPU's caches gain nothing from larger ones), at most
+# 1/AUTO_TILE_SHARE of the computing device's free memory, and never above MAX_TILE_MB.
+MIN_TILE_MB, MAX_TILE_MB, AUTO_TILE_SHARE = 64, 1024, 32
+
+
+def _host_available() -> int | None:
+    try:
+        import psutil  # ComfyUI ships it; the CLI may not have it
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None: unknown); an accelerator's cached blocks count."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    if device.type == "cpu":
+        return _host_available()
+    return None
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """How much memory the tiled VAE may hold (bytes), beyond the weights and its input and output.
+    """Where the tiled VAE's whole-image maps wait, and how large its tiles are (bytes; None: automatic).
 
-    ``tile_bytes``: the largest activation of one tile; segments on wide, high-resolution maps use
-    smaller tiles to stay under it (a segment's working set is a few such activations).
-    ``map_bytes``: whole-image maps kept in host memory; the rest wait in temporary files in
-    ``spill_folder`` (the system's temporary folder when ``None``).
-    ``stock_bytes``: the untiled diffusers path is taken only while its largest activation fits.
+    A map goes to the first of ``places`` with room: ``"device"`` (the computing accelerator, while its
+    free memory beyond ``device_headroom`` holds it and its maps stay within ``device_map_bytes``),
+    ``"host"`` (RAM: free beyond ``host_headroom``, within ``map_bytes``), ``"file"`` (a temporary file
+    in ``spill_folder``, the system's temporary folder when None).  ``tile_bytes``: the largest activation
+    of one tile (automatic: from the computing device's free memory).  ``stock_bytes``: the untiled
+    diffusers path is taken only while its largest activation fits.  ``free_memory``: asks a device's
+    free bytes (ComfyUI's memory manager in the nodes).
     """
 
-    tile_bytes: int = 64 * _MIB
-    map_bytes: int = MAP_MEMORY_MB * _MIB
+    tile_bytes: int | None = None
+    map_bytes: int | None = None
+    device_map_bytes: int | None = None
+    host_headroom: int = HOST_HEADROOM_MB * _MIB
+    device_headroom: int = DEVICE_HEADROOM_MB * _MIB
+    places: tuple[str, ...] = PLACES
     stock_bytes: int = 256 * _MIB
     spill_folder: str | None = None
+    free_memory: Callable[[torch.device], int | None] = field(default=free_memory_bytes, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("tile_bytes", "map_bytes", "stock_bytes"):
+        for name in ("tile_bytes", "map_bytes", "device_map_bytes", "host_headroom", "device_headroom", "stock_bytes"):
             value = getattr(self, name)
+            if value is None and name in ("tile_bytes", "map_bytes", "device_map_bytes"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SettingsError(f"tiled VAE memory budget: {name} must be an integer >= 0 bytes, got {value!r}")
+        if not self.places or len(set(self.places)) != len(self.places) or not set(self.places) <= set(PLACES):
+            raise SettingsError(
+                f"tiled VAE memory budget: places must be distinct names of {PLACES}, got {self.places}"
+            )
+
+    def tile_limit(self, device: torch.device) -> int:
+        """``tile_bytes``, or automatic: a share of ``device``'s free memory within the fixed bounds."""
+        if self.tile_bytes is not None:
+            return self.tile_bytes
+        free = self.free_memory(device) or 0
+        return min(MAX_TILE_MB * _MIB, max(MIN_TILE_MB * _MIB, free // AUTO_TILE_SHARE))
+
+    def rooms(self, device: torch.device, working_bytes: int) -> dict[str, int]:
+        """Bytes of maps each place may hold at once, asked once per run so that maps made but not yet
+        written (their pages not yet taken) count: free memory beyond the headroom and the tiles'
+        ``working_bytes``, within the cap."""
+        import torch
+
+        host_free = self.free_memory(torch.device("cpu"))
+        on_host = device.type == "cpu"
+        rooms = {"file": 1 << 62}
+        if host_free is not None:
+            host_room = host_free - self.host_headroom - (working_bytes if on_host else 0)
+        else:  # unknown (an unusual platform): the cap, or what the fixed budget used to allow
+            host_room = 512 * _MIB
+        rooms["host"] = max(0, min(host_room, self.map_bytes if self.map_bytes is not None else host_room))
+        device_free = None if on_host else self.free_memory(device)
+        device_room = 0 if device_free is None else device_free - self.device_headroom - working_bytes
+        cap = self.device_map_bytes
+        rooms["device"] = max(0, min(device_room, cap if cap is not None else device_room))
+        return rooms

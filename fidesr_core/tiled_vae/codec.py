@@ -89,7 +89,7 @@ def encode_moments(
             f"tiled VAE encode: {height}x{width} px or tile_size {tile_size} do not fit the ×{factor} VAE"
         )
     return run_program(
-        program, pixels, tile_size // factor, progress, should_cancel, MapStore(budget, program.layout())
+        program, pixels, tile_size // factor, progress, should_cancel, MapStore(budget, pixels.device, program.layout())
     )
 
 
@@ -118,4 +118,6 @@ def decode_latents(
     program = _tiled_program(lambda: decoder_program(vae), latents, tile_size, budget)
     if program is None:
         return _run_untiled(lambda: vae.decode(latents).sample, progress, should_cancel)
-    return run_program(program, latents, tile_size, progress, should_cancel, MapStore(budget, program.layout()))
+    return run_program(
+        program, latents, tile_size, progress, should_cancel, MapStore(budget, latents.device, program.layout())
+    )

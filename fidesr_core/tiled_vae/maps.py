@@ -1,11 +1,12 @@
-"""Where the tiled VAE's whole-image maps wait between segments: in memory up to a budget, then in files.
+"""Where the tiled VAE's whole-image maps wait between segments: on the computing device, in host memory or in
+files, in the order of preference ``MemoryBudget.places`` gives, each while it has room.
 
 A segment reads each tile's region from the maps the previous segment left and writes the tile's
 core into new ones, so a map is only ever touched one tile-sized box at a time. That lets a map live
-in an unlinked temporary file once the maps in memory reach ``MemoryBudget.map_bytes``: the memory
-held is then the budget plus one tile, whatever the image size, and the result is the same. Files
-are read and written with ``pread``/``pwrite`` rather than mapped, so their pages never count as the
-process's memory (docs/algorithm.md §2.10).
+in an unlinked temporary file when memory has no room for it: the memory held is then bounded whatever
+the image size, and the result is the same wherever a map waits. Files are read and written with
+``pread``/``pwrite`` rather than mapped, so their pages never count as the process's memory
+(docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import weakref
 import torch
 
 from ..errors import SettingsError
-from .budget import MemoryBudget
+from .budget import PLACES, MemoryBudget
 from .layers import Box
+
+TILE_WORKING_SET = 8  # a tile's working memory in its largest activations (the inputs, a few layers, the outputs)
 
 
 class WholeMap:
@@ -58,9 +61,19 @@ class FileMap(WholeMap):
     """A map in an unlinked temporary file, laid out ``[B, H, W, C]`` so each row of a box is one run of bytes."""
 
     def __init__(
-        self, shape: tuple[int, int, int, int], dtype: torch.dtype, folder: str | None, layout: torch.memory_format
+        self,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        folder: str | None,
+        layout: torch.memory_format,
+        traffic: dict[str, int],
     ) -> None:
-        self.shape, self.dtype, self.layout = shape, dtype, layout
+        self.shape, self.dtype, self.layout, self.traffic = (
+            shape,
+            dtype,
+            layout,
+            traffic,
+        )  # traffic: bytes read, written
         try:
             self.file = tempfile.TemporaryFile(dir=folder)
             self.file.truncate(self.nbytes)  # sparse until written
@@ -87,6 +100,7 @@ class FileMap(WholeMap):
         for sample, row, offset, size in self._row_offsets(box):
             if os.preadv(self.fd, [raw[sample, row]], offset) != size:
                 raise OSError(f"tiled VAE: short read from a temporary map file at byte {offset}")
+        self.traffic["read"] += raw.nbytes
         tile = rows.permute(0, 3, 1, 2)  # [B, C, h, w], channels-last in memory
         return tile.to(device).contiguous(memory_format=self.layout)  # as a map in memory would give it
 
@@ -104,40 +118,46 @@ class FileMap(WholeMap):
                 ) from error
             if written != size:
                 raise OSError(f"tiled VAE: short write to a temporary map file at byte {offset}")
+        self.traffic["written"] += raw.nbytes
 
 
 class MapStore:
-    """Makes whole-image maps in host memory while the live ones fit ``budget.map_bytes``, in files after that
-    (on an accelerator too: it then holds only one tile's working set).
+    """Makes each whole-image map in the first of ``budget.places`` whose maps, with it, stay within that
+    place's room (``MemoryBudget.rooms``, asked once, when the store is made).
 
-    ``peak_bytes`` is the most that maps in host memory held at once (the final output excepted);
-    ``peak_file_bytes`` the same for files.
+    ``peak`` is the most that maps held at once in each place (the final output excepted); ``traffic`` the
+    bytes read from and written to files.
     """
 
-    def __init__(self, budget: MemoryBudget, layout: torch.memory_format = torch.contiguous_format) -> None:
-        self.budget, self.layout = budget, layout  # layout: the memory format of maps (the VAE's convolutions')
-        self.live_bytes = self.peak_bytes = self.file_bytes = self.peak_file_bytes = 0
+    def __init__(
+        self, budget: MemoryBudget, device: torch.device, layout: torch.memory_format = torch.contiguous_format
+    ) -> None:
+        self.budget, self.device, self.layout = budget, device, layout  # layout: the VAE's convolutions' format
+        self.tile_bytes = budget.tile_limit(device)
+        self.rooms = budget.rooms(device, TILE_WORKING_SET * self.tile_bytes)
+        self.live, self.peak = dict.fromkeys(PLACES, 0), dict.fromkeys(PLACES, 0)
+        self.traffic = {"read": 0, "written": 0}
 
     def new_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> WholeMap:
         nbytes = math.prod(shape) * dtype.itemsize
-        in_file = self.live_bytes + nbytes > self.budget.map_bytes
-        if in_file:
-            whole: WholeMap = FileMap(shape, dtype, self.budget.spill_folder, self.layout)
-            self.file_bytes += nbytes
-            self.peak_file_bytes = max(self.peak_file_bytes, self.file_bytes)
+        place = next((p for p in self.budget.places if self.live[p] + nbytes <= self.rooms[p]), None)
+        if place is None:
+            raise MemoryError(
+                f"tiled VAE: a {nbytes / 2**30:.2f} GiB whole-image map has no room in {', '.join(self.budget.places)}"
+            )
+        if place == "file":
+            whole: WholeMap = FileMap(shape, dtype, self.budget.spill_folder, self.layout, self.traffic)
         else:
-            whole = TensorMap(torch.empty(shape, dtype=dtype, memory_format=self.layout), self.layout)
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        weakref.finalize(whole, self._released, nbytes, in_file)
+            device = self.device if place == "device" else torch.device("cpu")
+            whole = TensorMap(torch.empty(shape, dtype=dtype, device=device, memory_format=self.layout), self.layout)
+        self.live[place] += nbytes
+        self.peak[place] = max(self.peak[place], self.live[place])
+        weakref.finalize(whole, self._released, nbytes, place)
         return whole
 
     def output_map(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> WholeMap:
         """The result: a tensor on ``device``, outside the budget (it is what the caller asked for)."""
         return TensorMap(torch.empty(shape, dtype=dtype, device=device, memory_format=self.layout), self.layout)
 
-    def _released(self, nbytes: int, in_file: bool) -> None:
-        if in_file:
-            self.file_bytes -= nbytes
-        else:
-            self.live_bytes -= nbytes
+    def _released(self, nbytes: int, place: str) -> None:
+        self.live[place] -= nbytes

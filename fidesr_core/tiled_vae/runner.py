@@ -8,6 +8,9 @@ and adds the core's statistics for the next GroupNorm (docs/algorithm.md §2.10)
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -19,6 +22,7 @@ from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
 
 MapShape = tuple[int, tuple[int, int]]  # channels, (height, width)
+_WRITES_BEHIND = 2  # finished pieces that may wait to be written: what writing behind holds beyond a tile
 
 
 def map_shapes(steps: list[Step], channels: int, size: tuple[int, int]) -> tuple[list[MapShape], dict[int, MapShape]]:
@@ -100,6 +104,29 @@ def _core_side(segment: list[Step], maps: list[MapShape], latent: tuple, tile: i
     return max(1, min(tile, math.isqrt(budget // max(1, per_latent_pixel))))
 
 
+def _in_mode(function: Callable) -> Callable:
+    """``function`` under the caller's inference and grad modes (torch keeps them per thread), for a worker."""
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(*args):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return function(*args)
+
+    return run
+
+
+def _reads_ahead(pool: ThreadPoolExecutor, maps: dict, plans: list, device: torch.device) -> Iterator[dict]:
+    """Each plan's regions read from ``maps`` as ``{key: (tile, box)}``, the next plan's read by ``pool`` while
+    the caller computes this one (a segment reads only maps the previous one finished)."""
+    read = _in_mode(lambda needed: {key: (maps[key].read(box, device), box) for key, box in needed.items()})
+    ahead = pool.submit(read, plans[0][1]) if plans else None
+    for index in range(len(plans)):
+        values = ahead.result()
+        if index + 1 < len(plans):
+            ahead = pool.submit(read, plans[index + 1][1])
+        yield values
+
+
 @torch.no_grad()
 def run_program(
     program: Program,
@@ -111,10 +138,11 @@ def run_program(
 ) -> torch.Tensor:
     """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels.
 
-    Whole-image maps are made by ``store`` (whose peaks then tell what the run held; by default, in host memory
-    or files as the default budget allows); the result is a tensor on ``source``'s device.
+    Whole-image maps are made by ``store`` (whose peaks then tell what the run held; by default, where the
+    default budget places them); the result is a tensor on ``source``'s device.  A worker thread reads the next
+    tile's regions while one is computed, and writes finished pieces behind it.
     """
-    store = store or MapStore(MemoryBudget(), program.layout())
+    store = store or MapStore(MemoryBudget(), source.device, program.layout())
     steps, device = program.steps, source.device
     shapes, saved_shapes = map_shapes(steps, source.shape[1], tuple(source.shape[-2:]))
     sizes, saved_sizes = [size for _, size in shapes], {key: size for key, (_, size) in saved_shapes.items()}
@@ -124,52 +152,63 @@ def run_program(
     grids = {}
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         touched = shapes[start : stop + 1] + [saved_shapes[s.key] for s in steps[start:stop] if isinstance(s, Add)]
-        side = _core_side(steps[start:stop], touched, latent, tile, store.budget.tile_bytes // item_bytes)
+        side = _core_side(steps[start:stop], touched, latent, tile, store.tile_bytes // item_bytes)
         grids[start] = [
             Box(*rows, *cols, *latent) for rows in _spans(latent[0], side) for cols in _spans(latent[1], side)
         ]
     maps: dict[str | int, WholeMap] = {"h": TensorMap(source, store.layout)}
     owned: set[str | int] = set()  # maps made here (the caller's tensor is never written)
     stats, total, done = None, sum(len(cores) for cores in grids.values()), 0
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        segment, last, cores = steps[start:stop], stop == len(steps), grids[start]
-        consumed = {step.key for step in segment if isinstance(step, Add)}
-        saved = [step.key for step in segment if isinstance(step, Save) and step.key not in consumed]
-        aliased = segment[-1].key if isinstance(segment[-1], Save) else None  # saved value is h itself
-        next_stats = None if last else GroupStats(steps[stop].module.num_groups)
-        plans = []
-        for core in cores:
-            wanted = {key: core.scaled_to(*saved_sizes[key]) for key in saved} | {"h": core.scaled_to(*sizes[stop])}
-            plans.append((core, _needs(segment, sizes[start:stop], saved_sizes, wanted)))
-        spare = [] if last else _spare_maps(maps, owned, consumed, plans, saved_sizes)
-        new_maps: dict[str | int, WholeMap] = {}
-        for core, needed in plans:
-            check_cancelled(should_cancel)
-            values = {key: (maps[key].read(b, device), b) for key, b in needed.items()}
-            values["h"] = _run_steps(segment, values, stats)
-            for key in ["h"] + [key for key in saved if key != aliased]:
-                value, box = values[key]
-                target = core.scaled_to(box.height, box.width)
-                piece = box.crop(value, target)
-                if key == "h" and next_stats is not None:
-                    next_stats.add(piece)
-                if key not in new_maps:  # made on first use: a spare map of the right shape, else a new one
-                    shape, dtype = (*piece.shape[:2], target.height, target.width), piece.dtype
-                    fits = [maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)]
-                    if fits:
-                        new_maps[key] = fits[0]
-                    else:
-                        new_maps[key] = store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
-                new_maps[key].write(target, piece)
-            del values
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        if aliased is not None:
-            new_maps[aliased] = new_maps["h"]
-        for key in consumed:
-            del maps[key]
-        maps.update(new_maps)
-        owned = (owned - consumed) | set(new_maps)
-        stats = next_stats
+    with ThreadPoolExecutor(2, thread_name_prefix="tiled-vae") as transfers:  # reads ahead, writes behind
+        writes: deque[Future] = deque()
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            segment, last, cores = steps[start:stop], stop == len(steps), grids[start]
+            consumed = {step.key for step in segment if isinstance(step, Add)}
+            saved = [step.key for step in segment if isinstance(step, Save) and step.key not in consumed]
+            aliased = segment[-1].key if isinstance(segment[-1], Save) else None  # saved value is h itself
+            next_stats = None if last else GroupStats(steps[stop].module.num_groups)
+            plans = []
+            for core in cores:
+                wanted = {key: core.scaled_to(*saved_sizes[key]) for key in saved} | {"h": core.scaled_to(*sizes[stop])}
+                plans.append((core, _needs(segment, sizes[start:stop], saved_sizes, wanted)))
+            spare = [] if last else _spare_maps(maps, owned, consumed, plans, saved_sizes)
+            new_maps: dict[str | int, WholeMap] = {}
+            reads = _reads_ahead(transfers, maps, plans, device)
+            for core, _ in plans:
+                check_cancelled(should_cancel)
+                values = next(reads)
+                values["h"] = _run_steps(segment, values, stats)
+                for key in ["h"] + [key for key in saved if key != aliased]:
+                    value, box = values[key]
+                    target = core.scaled_to(box.height, box.width)
+                    piece = box.crop(value, target)
+                    if key == "h" and next_stats is not None:
+                        next_stats.add(piece)
+                    if key not in new_maps:  # made on first use: a spare map of the right shape, else a new one
+                        shape, dtype = (*piece.shape[:2], target.height, target.width), piece.dtype
+                        fits = [
+                            maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)
+                        ]
+                        if fits:
+                            new_maps[key] = fits[0]
+                        else:
+                            new_maps[key] = (
+                                store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
+                            )
+                    writes.append(transfers.submit(_in_mode(new_maps[key].write), target, piece))
+                    while len(writes) > _WRITES_BEHIND:
+                        writes.popleft().result()
+                del values
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            while writes:  # the next segment reads what this one wrote
+                writes.popleft().result()
+            if aliased is not None:
+                new_maps[aliased] = new_maps["h"]
+            for key in consumed:
+                del maps[key]
+            maps.update(new_maps)
+            owned = (owned - consumed) | set(new_maps)
+            stats = next_stats
     return maps["h"].tensor
