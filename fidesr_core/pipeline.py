@@ -137,7 +137,7 @@ def encode_stage(
             progress=progress,
             should_cancel=runtime.should_cancel,
             device=device,
-            budget=settings.vae_budget(),
+            budget=settings.vae_budget(runtime.free_memory),
         )
         gate = spatial_gate(prepared.pixels, tuple(z_lq.shape[-2:])) if with_gate else None
         return [z_lq, prepared.pixels, gate]
@@ -313,7 +313,7 @@ def decode_stage(
             progress=progress,
             should_cancel=runtime.should_cancel,
             device=device,
-            budget=settings.vae_budget(),
+            budget=settings.vae_budget(runtime.free_memory),
         )
         return [finish_image(decoded, latents.reference[images], latents.output_size, settings.color_fix)]
 

@@ -18,6 +18,7 @@ import torch
 
 from .errors import OutOfMemory
 from .progress import CancelCheck, ProgressCallback, StageProgress, check_cancelled
+from .tiled_vae.budget import free_memory_bytes
 
 # The stages of an upscale, in order; progress, errors, the CLI, benchmarks and the nodes name them so.
 STAGES: tuple[str, ...] = ("encode", "residual", "refine", "lf", "hf", "decode")
@@ -51,6 +52,10 @@ class Runtime:
     def rest(self, tensor: torch.Tensor) -> torch.Tensor:
         """Where results wait between chunks and stages."""
         return tensor
+
+    def free_memory(self, device: torch.device) -> int | None:
+        """Bytes still free on ``device`` (None: unknown), for what may wait there (the tiled VAE's maps)."""
+        return free_memory_bytes(device)
 
     def tile_progress(self, stage: str) -> ProgressCallback | None:
         progress = self.progress

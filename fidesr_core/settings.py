@@ -11,11 +11,15 @@ test scripts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SettingsError
-from .tiled_vae.budget import MAP_MEMORY_MB, MemoryBudget
+from .tiled_vae.budget import MemoryBudget, free_memory_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 ColorFixMethod = Literal["adain", "wavelet", "none"]
 COLOR_FIX_METHODS: tuple[str, ...] = ("adain", "wavelet", "none")
@@ -157,8 +161,8 @@ class UpscaleSettings:
     hf: HighFrequencySettings = field(default_factory=HighFrequencySettings)
     pixel_strength: float | None = _setting(None, _STRENGTH)
     semantic_strength: float | None = _setting(None, _STRENGTH)
-    # whole-image VAE maps kept in RAM, MiB; the rest wait in temporary files (TMPDIR)
-    vae_memory_mb: int = _setting(MAP_MEMORY_MB, Rule(int, 0, 1 << 30))
+    # most MiB of RAM for the tiled VAE's whole-image maps (None: what is free); the rest wait in files (TMPDIR)
+    vae_memory_mb: int | None = _setting(None, Rule(int, 0, 1 << 30, optional=True))
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -171,6 +175,7 @@ class UpscaleSettings:
             if not isinstance(getattr(self, name), kind):
                 raise SettingsError(f"must be {kind.__name__}", setting=name)
 
-    def vae_budget(self) -> MemoryBudget:
-        """The tiled VAE's memory budget these settings ask for."""
-        return MemoryBudget(map_bytes=self.vae_memory_mb << 20)
+    def vae_budget(self, free_memory: Callable[[torch.device], int | None] = free_memory_bytes) -> MemoryBudget:
+        """The tiled VAE's memory budget these settings ask for; ``free_memory`` tells a device's free bytes."""
+        cap = None if self.vae_memory_mb is None else self.vae_memory_mb << 20
+        return MemoryBudget(map_bytes=cap, free_memory=free_memory)

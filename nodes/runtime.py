@@ -63,6 +63,9 @@ class ComfyRuntime(Runtime):
     def rest(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(model_management.intermediate_device())
 
+    def free_memory(self, device: torch.device) -> int:
+        return int(model_management.get_free_memory(device))
+
     def is_out_of_memory(self, error: BaseException) -> bool:
         oom = model_management.OOM_EXCEPTION
         # ComfyUI falls back to Exception as OOM_EXCEPTION without CUDA support

@@ -203,3 +203,19 @@ def test_the_tables_name_modules_of_the_pack() -> None:
         for _, (module_name, _, _) in inputs.values():
             path = PACK_ROOT / (module_name.replace(".", "/") + ".py")
             assert path.is_file(), module_name
+
+
+def test_the_vae_maps_follow_comfyuis_free_memory(comfy, handle, default_chain, monkeypatch) -> None:
+    maps = comfy.module("fidesr_core.tiled_vae.maps")
+    budgets = _spy(comfy, monkeypatch, ("fidesr_core.tiled_vae.codec", "decode_latents", lambda a, k: k["budget"]))
+    real_file, files = maps.tempfile.TemporaryFile, []
+    monkeypatch.setattr(maps.tempfile, "TemporaryFile", lambda *a, **k: files.append(1) or real_file(*a, **k))
+    inputs = {"model": handle, "latent": default_chain["hf"], "color_fix": "adain", "tile_size": 4}
+    images = {}
+    for free in (64 << 30, 1 << 20):  # plenty, then less than the headroom: every map waits in a file
+        monkeypatch.setattr(comfy.stub, "free_memory_bytes", free)
+        files.clear()
+        (images[free],) = run_node(comfy, "FiDeSRDecode", **inputs)
+        assert budgets[-1].free_memory(torch.device("cpu")) == free  # asked of ComfyUI's memory manager
+        assert bool(files) == (free < budgets[-1].host_headroom), free
+    assert torch.equal(images[64 << 30], images[1 << 20])

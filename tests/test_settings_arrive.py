@@ -36,6 +36,10 @@ def _arg(index: int, name: str) -> Extract:
     return lambda args, kwargs: kwargs[name] if name in kwargs else args[index]
 
 
+def _mib(cap: int | None) -> int | None:
+    return None if cap is None else cap >> 20
+
+
 # Where each setting is used: (module, function, what the call received), for the changed value.
 SPIES: dict[str, tuple[Any, str, Extract]] = {
     "upscale_by": (pipeline, "prepare_lq", lambda a, k: k["upscale_by"]),
@@ -47,8 +51,8 @@ SPIES: dict[str, tuple[Any, str, Extract]] = {
     "tile_overlap": (restoration, "run_tiled", lambda a, k: k["overlap"]),
     "encode_tile_size": (codec, "encode_moments", lambda a, k: k["tile_size"]),
     "decode_tile_size": (codec, "decode_latents", lambda a, k: k["tile_size"]),
-    "vae_memory_mb": (codec, "decode_latents", lambda a, k: k["budget"].map_bytes >> 20),
-    "vae_memory_mb (encode)": (codec, "encode_moments", lambda a, k: k["budget"].map_bytes >> 20),
+    "vae_memory_mb": (codec, "decode_latents", lambda a, k: _mib(k["budget"].map_bytes)),
+    "vae_memory_mb (encode)": (codec, "encode_moments", lambda a, k: _mib(k["budget"].map_bytes)),
     "pixel_strength": (restoration, "_pisa_sr_unet", _arg(2, "pixel")),
     "semantic_strength": (restoration, "_pisa_sr_unet", _arg(3, "semantic")),
     "lf.strength": (pipeline, "low_frequency_delta", lambda a, k: a[3].strength),

@@ -40,8 +40,8 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--tile-overlap", "tile_overlap", "overlap of U-Net tiles, below --tile-size"),
     ("--encode-tile", "encode_tile_size", "VAE encoder tile in pixels, >= 8 (0 = never tile)"),
     ("--decode-tile", "decode_tile_size", "VAE decoder tile in latent pixels (0 = never tile)"),
-    ("--vae-memory", "vae_memory_mb", "MB of RAM for the tiled VAE's whole-image maps; beyond it they wait in "
-     "temporary files in TMPDIR (large outputs need disk there: about 18 GB at 4096x4096, 72 GB at 8192x8192)"),
+    ("--vae-memory", "vae_memory_mb", "most MB of RAM for the tiled VAE's whole-image maps (default: what is "
+     "free beyond 2 GB; on a GPU they take its free memory first); the rest wait in temporary files in TMPDIR"),
 )  # fmt: skip
 
 
