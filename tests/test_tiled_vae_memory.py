@@ -116,11 +116,12 @@ def test_maps_go_to_the_device_first_then_the_host_then_files() -> None:
 
 
 def test_automatic_tiles_follow_free_memory() -> None:
-    mib = 1 << 20
-    assert MemoryBudget(free_memory=_free(0)).tile_limit(_CPU) == 64 * mib  # unknown or little: the floor
-    assert MemoryBudget(free_memory=_free(32 * 512 * mib)).tile_limit(_CPU) == 512 * mib
-    assert MemoryBudget(free_memory=_free(_BIG)).tile_limit(_CPU) == 1024 * mib
-    assert MemoryBudget(tile_bytes=3 * mib, free_memory=_free(_BIG)).tile_limit(_CPU) == 3 * mib
+    mib, accelerator = 1 << 20, torch.device("meta")
+    assert MemoryBudget(free_memory=_free(0, 0)).tile_limit(accelerator) == 64 * mib  # little or unknown: the floor
+    assert MemoryBudget(free_memory=_free(0, 32 * 512 * mib)).tile_limit(accelerator) == 512 * mib
+    assert MemoryBudget(free_memory=_free(0, _BIG)).tile_limit(accelerator) == 1024 * mib
+    assert MemoryBudget(free_memory=_free(_BIG, _BIG)).tile_limit(_CPU) == 64 * mib  # a CPU gains nothing from more
+    assert MemoryBudget(tile_bytes=3 * mib, free_memory=_free(_BIG, _BIG)).tile_limit(accelerator) == 3 * mib
 
 
 @torch.no_grad()
