@@ -34,7 +34,7 @@ def test_gpu_pipeline_matches_cpu(precision: str, tolerance: float) -> None:
     assert (on_gpu - on_cpu).abs().mean() < tolerance
 
 
-def test_tiled_vae_on_gpu_parks_maps_on_cpu_and_matches() -> None:
+def test_tiled_vae_on_gpu_matches_the_stock_encode() -> None:
     vae = tiny_base_model(seed=13).vae.cuda()
     pixels = torch.rand(1, 3, 96, 128, device="cuda") * 2 - 1
     with torch.no_grad():
@@ -57,21 +57,29 @@ def test_model_moves_between_devices() -> None:
     assert model.prompt_embedding.device.type == "cuda"
 
 
-def test_tiled_vae_maps_in_files_on_gpu_give_the_same_numbers() -> None:
+def test_tiled_vae_maps_on_the_gpu_in_ram_or_in_files_give_the_same_numbers() -> None:
+    from fidesr_core.tiled_vae.maps import MapStore
+    from fidesr_core.tiled_vae.program import decoder_program
+    from fidesr_core.tiled_vae.runner import run_program
+
     vae = tiny_base_model(seed=14).vae.cuda().half().to(memory_format=torch.channels_last)
     latents = torch.randn(1, 4, 24, 20, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        in_memory = decode_latents(vae, latents, tile_size=6)
-        in_files = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(map_bytes=0))
+        on_gpu = decode_latents(vae, latents, tile_size=6)
+        in_ram = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(places=("host",)))
+        in_files = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(places=("file",)))
         small_tiles = decode_latents(vae, latents, tile_size=6, budget=MemoryBudget(tile_bytes=32 << 10))
-    assert in_files.device.type == "cuda" and torch.equal(in_files, in_memory)
-    assert (small_tiles.float() - in_memory.float()).abs().max() < 0.05 * in_memory.float().abs().max()
+        store = MapStore(MemoryBudget(), latents.device, torch.channels_last)
+        run_program(decoder_program(vae), latents, 6, None, None, store)
+    assert store.peak["device"] > 0 and store.peak["host"] == store.peak["file"] == 0  # free VRAM: maps stay there
+    assert in_files.device.type == "cuda" and torch.equal(in_files, on_gpu) and torch.equal(in_ram, on_gpu)
+    assert (small_tiles.float() - on_gpu.float()).abs().max() < 0.05 * on_gpu.float().abs().max()
 
 
 def test_tiled_vae_gpu_memory_is_bounded_by_the_tile() -> None:
     # The same decode at twice the side: peak GPU memory grows by about the output, not by the maps.
     vae = tiny_base_model(seed=15).vae.cuda()
-    budget = MemoryBudget(tile_bytes=1 << 20, map_bytes=1 << 20)
+    budget = MemoryBudget(tile_bytes=1 << 20, device_map_bytes=1 << 20, map_bytes=1 << 20)
     peaks = []
     with torch.no_grad():
         for side in (32, 64):

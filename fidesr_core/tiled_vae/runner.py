@@ -22,7 +22,7 @@ from .maps import MapStore, TensorMap, WholeMap
 from .program import Program
 
 MapShape = tuple[int, tuple[int, int]]  # channels, (height, width)
-_WRITES_BEHIND = 2  # finished pieces that may wait to be written: what writing behind holds beyond a tile
+_WRITES_BEHIND = 1  # finished pieces that may wait to be written: what writing behind holds beyond a tile
 
 
 def map_shapes(steps: list[Step], channels: int, size: tuple[int, int]) -> tuple[list[MapShape], dict[int, MapShape]]:
