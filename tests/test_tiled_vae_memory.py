@@ -227,11 +227,17 @@ def test_the_upscale_setting_sends_maps_to_files_with_the_same_result(tiny_model
         return real_file(*args, **kwargs)
 
     monkeypatch.setattr(tiled_vae_maps.tempfile, "TemporaryFile", counting_file)
+    from fidesr_core.runtime import Runtime
+
+    class RoomyMachine(Runtime):  # whatever this machine has free, the automatic budget sees plenty
+        def free_memory(self, device: torch.device) -> int:
+            return _BIG
+
     image = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(5))
     tiled = {"encode_tile_size": 32, "decode_tile_size": 4, "process_size": 64, "latent_mode": "mode"}
-    in_memory = upscale(tiny_model, image, UpscaleSettings(**tiled))
-    assert made == []  # the default budget holds these maps in RAM
-    in_files = upscale(tiny_model, image, UpscaleSettings(vae_memory_mb=0, **tiled))
+    in_memory = upscale(tiny_model, image, UpscaleSettings(**tiled), runtime=RoomyMachine())
+    assert made == []  # the automatic budget holds these maps in RAM
+    in_files = upscale(tiny_model, image, UpscaleSettings(vae_memory_mb=0, **tiled), runtime=RoomyMachine())
     assert made, "vae_memory_mb=0 should put every whole-image map in a temporary file"
     assert torch.equal(in_files, in_memory)
 
