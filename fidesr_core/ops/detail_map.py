@@ -1,15 +1,7 @@
 """Detail maps and percentile normalisation (docs/algorithm.md §4, also used by DAW in training).
 
-The detail map mixes three 3x3 measures of local structure on the luminance:
-Sobel gradient magnitude, absolute Laplacian and local variance.  Quantiles are
-computed exactly with ``kthvalue`` because ``torch.quantile`` refuses tensors
-of more than 2**24 elements (a 4096x4096 image has exactly that many), and
-images are processed one at a time to bound memory. At full resolution only
-single-channel maps are made (the luminance comes first, then the shift to
-``[0, 1]``, which commutes with it since the luma weights sum to 1), the 3x3
-filters run a strip of rows at a time (``row_strips``) and the sums and the
-normalisation run in place: a 4096x4096 map takes a few single-channel copies
-of the image, not several RGB ones.
+Sobel magnitude, absolute Laplacian and local variance of the luminance, on single-channel maps, a strip of
+rows at a time (``row_strips``) and in place, one image at a time: a 4096² map costs a few single-channel copies.
 """
 
 from __future__ import annotations

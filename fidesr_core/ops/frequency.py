@@ -1,18 +1,7 @@
-"""Butterworth low/high-pass filters on latents via ``rfft2`` (docs/algorithm.md §4).
+"""Butterworth low/high-pass filters on latents via ``rfft2``, in float32 (docs/algorithm.md §4).
 
-Two geometries of the frequency radius:
-
-* ``"official"`` reproduces the released code: row ``k`` of the ``rfft2``
-  spectrum gets ``ky = k / (H - 1)`` without wrapping the upper half of the rows
-  to negative frequencies, so the filter is orientation-selective (rows near
-  ``H - 1`` are treated as the highest vertical frequencies although they are
-  low negative ones).  The released weights were tuned with this filter.
-* ``"radial"`` wraps the rows properly (``|fftfreq|``), giving a rotation-
-  symmetric filter.  Both map the radius to ``[0, 1]`` by dividing by its
-  largest value, so cutoffs mean roughly the same in both.
-
-All maths runs in float32 whatever the input dtype (FFTs in half precision are
-slow or unsupported and lose the small high-frequency terms).
+``"official"`` reproduces the released code's orientation-selective radius (the rows of the upper half are not
+wrapped to negative frequencies; the released weights were tuned with it); ``"radial"`` is rotation-symmetric.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Training-free latent frequency injection, LF and HF branches (docs/algorithm.md §4).
+"""Training-free latent frequency injection, LF and HF branches, in float32 (docs/algorithm.md §4).
 
-Both branches compute a *delta* from the refined latent ``z = z_L − r̃`` and the
-LQ latent ``z_L``; neither reads the other's output, so they commute and
-stack.  Strengths here are *effective* strengths: the released script merges
-the two branch outputs 50/50 (``0.5·z_lf + 0.5·z_hf``), so its
-``--lf_scale 0.2 --hf_scale 0.2`` equals ``lf strength 0.1, hf strength 0.1``
-here; a branch run alone with the newest script keeps its scale (LF 0.2 alone
-is 0.2 here), while the first code release, which always averaged, halves it.
-
-Every map and filter runs in float32.
+Each branch computes a delta from ``z = z_L − r̃`` and ``z_L`` alone, so the two commute.  Strengths are
+effective: the released 50/50 merge of ``--lf_scale 0.2 --hf_scale 0.2`` is LF 0.1 + HF 0.1 here.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Overlapping tiles with Gaussian blending for the U-Net pass (docs/algorithm.md §2.6).
 
-The released code picks tiles of ``tile_size`` with stride ``tile_size −
-overlap``, snaps the last tile to the border and blends with a separable
-Gaussian.  It builds the Gaussian before clamping the tile to the latent's
-short side and crashes when that side is shorter than the tile while the area
-is larger than ``tile_size²``; here each axis is clamped first (tiles may be
-rectangular), which is what the released code means to do.
-
-OSEDiff's released tiler differs in two details, both reproduced on request
-(docs/algorithm.md §9): it clamps the tile to a square of the latent's short side
-(``square_tiles``), and its blend weight's row centre sits half a pixel low
-(``weight_row_shift=0.5``).
+As released, but each axis is clamped to the latent before the Gaussian is built (the released code crashes on
+a short side below the tile); OSEDiff's square tiles and half-pixel row shift on request (§9).
 """
 
 from __future__ import annotations

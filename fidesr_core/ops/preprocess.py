@@ -1,35 +1,9 @@
-"""Input sizing and resampling of the released test scripts (docs/algorithm.md §2.1, §2.8, §2.9), generalised to any scale.
-
-``prepare_lq`` turns an LQ image into the network's input: pre-scale images
-whose short side would end below ``process_size`` after upscaling, resize
-``× upscale_by``, shrink each side to a multiple of 8, map to ``[-1, 1]``.
-``color_fix_decoded`` colour-fixes the decoded image against that input, and
-``resize_to_output`` brings the result to exactly ``round(upscale_by · size)``
-of the original.  The released scripts only resize back pre-scaled images,
-so an odd-sized input comes out a few pixels short there; here the output
-always has the requested size.
-
-Two paths, chosen per image:
-
-* **8-bit images** (every value ``k / 255``, as from a PNG, JPEG or WebP file or a ComfyUI
-  image loaded from one) go the released way, through PIL on 8-bit images: bicubic pre-scale
-  and ``× upscale_by`` (each rounded to 8 bits), Lanczos to the multiple of 8, ``uint8 / 255``;
-  after the decoder the image is truncated to 8 bits (``x · 255`` truncated, as torchvision's
-  ``to_pil_image``), colour-fixed against the 8-bit network input, truncated again, and
-  resized with PIL's bicubic on 8 bits.  PIL runs on the CPU; results go back to the
-  input's device.
-* **Other images** (16-bit PNGs, floats from other ComfyUI nodes) keep their precision: the
-  same bicubic kernel in float (torch's antialiased bicubic is PIL's a = −0.5 kernel), bicubic
-  also for the multiple-of-8 step (torch has no Lanczos), no 8-bit rounding anywhere.
-
-Sizes follow the released arithmetic for integer factors (threshold ``process_size //
-upscale_by``, sides ``int(scale · side)``, so a short side of 49 px at ×4 becomes 127, not 128).
-Bounds (docs/algorithm.md §2.1): the min-side rule never stretches the long side past
-``MAX_PRESCALE_ASPECT`` × the short-side target (2048 px at ×4), so a thin strip is not blown up
-to gigapixels; an image whose processing size would exceed ``MAX_PROCESSING_PIXELS``, or whose
-short side would end below one latent pixel, is refused before anything is allocated.
-Pixels must be finite and in [0, 1]; values at most ``RANGE_TOLERANCE`` outside (resampling
-overshoot) are clamped, anything else (0-255 data, [-1, 1] data, integer tensors) is refused.
+"""Input sizing and resampling of the released test scripts, generalised to any scale (docs/algorithm.md §2.1,
+§2.8, §2.9): ``prepare_lq`` makes the network input (pre-scale, ``× upscale_by``, sides to multiples of 8,
+[-1, 1]); ``color_fix_decoded`` and ``resize_to_output`` finish the decoded image at exactly
+``round(upscale_by · size)``.  8-bit images (every value ``k / 255``) go the released way, through PIL on 8-bit
+images with the released truncations; other images keep their precision on the float path.  Sizes, bounds and
+the accepted pixel range are §2.1's.
 """
 
 from __future__ import annotations

@@ -13,10 +13,9 @@ if TYPE_CHECKING:
 
 _MIB = 1 << 20
 PLACES = ("device", "host", "file")  # where a whole-image map can wait, in the default order of preference
-# What stays free beside the maps: the tiles' working set, the decoded image and its colour fix (measured
-# at 4096², fp32: 1.5 GB above the maps), and the rest of the machine.
-HOST_HEADROOM_MB = 2048
-DEVICE_HEADROOM_MB = 1024
+# Free beside the maps: a decode held 0.9–1.1 GB beyond them at 2048² fp32 and 4096² bf16, and finishing
+# a 4096² image takes ~0.4 GB more (benchmarks/README.md); an accelerator's headroom is not yet measured.
+HOST_HEADROOM_MB, DEVICE_HEADROOM_MB = 2048, 1024
 # A tile's largest activation on an accelerator: 1/AUTO_TILE_SHARE of its free memory, within these bounds.
 # A CPU keeps the floor: 2048² fp32 decoded in 195.5 s with 671 MiB tiles and 189.7 s with 64 MiB (2-core
 # Sapphire Rapids), and larger tiles only take room from the maps.
@@ -78,9 +77,7 @@ class MemoryBudget:
     def __post_init__(self) -> None:
         for name in ("tile_bytes", "map_bytes", "device_map_bytes", "host_headroom", "device_headroom", "stock_bytes"):
             value = getattr(self, name)
-            if value is None and name in ("tile_bytes", "map_bytes", "device_map_bytes"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise SettingsError(f"tiled VAE memory budget: {name} must be an integer >= 0 bytes, got {value!r}")
         if not self.places or len(set(self.places)) != len(self.places) or not set(self.places) <= set(PLACES):
             raise SettingsError(
@@ -95,21 +92,22 @@ class MemoryBudget:
         return min(MAX_TILE_MB * _MIB, max(MIN_TILE_MB * _MIB, free // AUTO_TILE_SHARE))
 
     def rooms(self, device: torch.device, working_bytes: int) -> dict[str, int]:
-        """Bytes of maps each place may hold at once, asked once per run so that maps made but not yet
-        written (their pages not yet taken) count: free memory beyond the headroom and the tiles'
-        ``working_bytes``, within the cap."""
+        """Bytes of maps each place may hold at once: free memory beyond the headroom and the tiles'
+        ``working_bytes``, within the cap.  Asked once per run, so that maps made but not yet written
+        (their pages not yet taken) count."""
         import torch
 
-        host_free = self.free_memory(torch.device("cpu"))
-        on_host = device.type == "cpu"
-        rooms = {"file": 1 << 62}
-        if host_free is not None:
-            host_room = host_free - self.host_headroom - (working_bytes if on_host else 0)
-        else:  # unknown (an unusual platform): the cap, or what the fixed budget used to allow
-            host_room = 512 * _MIB
-        rooms["host"] = max(0, min(host_room, self.map_bytes if self.map_bytes is not None else host_room))
+        on_host, host_free = device.type == "cpu", self.free_memory(torch.device("cpu"))
+        # free memory unknown (an unusual platform): the room the fixed budget used to allow
+        host = 512 * _MIB if host_free is None else host_free - self.host_headroom - working_bytes * on_host
         device_free = None if on_host else self.free_memory(device)
-        device_room = 0 if device_free is None else device_free - self.device_headroom - working_bytes
-        cap = self.device_map_bytes
-        rooms["device"] = max(0, min(device_room, cap if cap is not None else device_room))
-        return rooms
+        accelerator = 0 if device_free is None else device_free - self.device_headroom - working_bytes
+        return {
+            "device": _within(accelerator, self.device_map_bytes),
+            "host": _within(host, self.map_bytes),
+            "file": 1 << 62,
+        }
+
+
+def _within(room: int, cap: int | None) -> int:
+    return max(0, room if cap is None else min(room, cap))

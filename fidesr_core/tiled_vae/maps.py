@@ -1,12 +1,6 @@
 """Where the tiled VAE's whole-image maps wait between segments: on the computing device, in host memory or in
-files, in the order of preference ``MemoryBudget.places`` gives, each while it has room.
-
-A segment reads each tile's region from the maps the previous segment left and writes the tile's
-core into new ones, so a map is only ever touched one tile-sized box at a time. That lets a map live
-in an unlinked temporary file when memory has no room for it: the memory held is then bounded whatever
-the image size, and the result is the same wherever a map waits. Files are read and written with
-``pread``/``pwrite`` rather than mapped, so their pages never count as the process's memory
-(docs/algorithm.md §2.10).
+unlinked temporary files (read and written one box at a time with ``pread``/``pwrite``, never mapped), the
+first of ``MemoryBudget.places`` with room; the result is the same wherever a map waits (docs/algorithm.md §2.10).
 """
 
 from __future__ import annotations
