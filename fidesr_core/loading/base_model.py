@@ -110,11 +110,8 @@ def _load_single_file(path: Path, header: Header, config_dir: Path) -> BaseModel
 
 
 def _from_pretrained(model_class: type, folder: Path, component: str, what: str) -> torch.nn.Module:
-    """``from_pretrained`` of ``folder/component``, offline, float32, every weight present and of its shape.
-
-    The weights stay what the library hands over (views of the memory-mapped safetensors files): copying
-    them (7-14 s) changed no result, bit for bit, and they are copied anyway when moved or cast.
-    """
+    """``from_pretrained`` of ``folder/component``, offline, float32, every weight present and of its shape; the
+    weights stay memory-mapped views (copying them cost 7-14 s and changed no result)."""
     directory = folder / component
     names = [p.name for p in directory.iterdir()]
     plain = any(_PLAIN_WEIGHTS.fullmatch(name) for name in names)

@@ -1,8 +1,5 @@
-"""Opening the model files users bring without trusting them: pickles only through
-``torch.load(weights_only=True)``, safetensors through its library (the header alone when names and
-shapes suffice).  The container is told by content first, name second; every failure is one
-``ModelFileError`` naming the file.
-"""
+"""Opening untrusted model files: pickles only through ``torch.load(weights_only=True)``, safetensors through its
+library.  The container is told by content first, name second; every failure is one ``ModelFileError``."""
 
 from __future__ import annotations
 
@@ -138,12 +135,8 @@ def read_header(path: Path) -> tuple[Header, dict | None]:
 
 
 def read_tensors(path: Path, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Tensors ``keys`` of a safetensors file in memory of their own, each cast to ``dtype`` (default: as stored).
-
-    safetensors' ``pread`` backend reads into buffers of its own: a mapped 5 GB file would count twice in the
-    peak RSS and its weights would fault if the file were rewritten (benchmarks/bench_loading.py).  Its
-    buffers are 16-byte aligned; copying them to 64 bytes changed no result and cost seconds (measured).
-    """
+    """Tensors ``keys`` of a safetensors file, each cast to ``dtype`` (default: as stored), in memory of their own:
+    the ``pread`` backend, as a mapped file would count twice in peak RSS (benchmarks/bench_loading.py)."""
     tensors = {}
     try:
         with safetensors.safe_open(str(path), framework="pt", backend="pread") as handle:

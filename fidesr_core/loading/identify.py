@@ -1,16 +1,9 @@
 """What a model file or folder is, from key names, shapes, metadata and JSON configs, never tensor data.
 
-A single file is decided top to bottom, and the first answer stands:
-
-1. FiDeSR, PiSA-SR and OSEDiff weights, by their layouts (``layouts.family_of``);
-2. what diffusers' ``infer_diffusers_model_type`` calls it, given meta tensors of the file's shapes,
-   where that is neither SD 1.x nor SD 2.x (SDXL, the x4 upscaler, ControlNets, SD 3, Flux, ...);
-3. an original-layout (LDM) U-Net: SD 1.x, SDXL or SD 2.x by its text context, variants by its input
-   channels, unCLIP by its label embedding, then what is missing;
-4. key names (``_BY_KEY_NAMES``): embeddings, LoRAs, a lone VAE, U-Net or text encoder.
-
-Only a complete SD 2.x text-to-image model is accepted (``is_sd2``).  A diffusers folder is told by
-its JSON configs the same way.
+A single file is decided in this order, the first answer standing: 1. FiDeSR, PiSA-SR and OSEDiff weights
+(``layouts.family_of``); 2. diffusers' ``infer_diffusers_model_type`` on meta tensors, unless SD 1.x/2.x;
+3. an original-layout (LDM) U-Net by text context, input channels, label embedding, then what is missing;
+4. key names (``_BY_KEY_NAMES``).  Only a complete SD 2.x text-to-image model is accepted (``is_sd2``).
 """
 
 from __future__ import annotations
@@ -192,9 +185,8 @@ def identify_header(header: Header) -> ModelIdentity:
         if holds(header):
             return ModelIdentity(family, container, description)
     examples = ", ".join(sorted(header.shapes)[:3])
-    return ModelIdentity(
-        ModelFamily.UNKNOWN, container, f"no Stable Diffusion checkpoint we recognise (keys such as {examples})"
-    )
+    description = f"no Stable Diffusion checkpoint we recognise (keys such as {examples})"
+    return ModelIdentity(ModelFamily.UNKNOWN, container, description)
 
 
 def read_json_object(path: Path) -> dict:
@@ -235,9 +227,8 @@ def _identify_folder(folder: Path) -> ModelIdentity:
     kind = Container.DIFFUSERS_FOLDER
     index = folder / "model_index.json"
     pipeline = str(read_json_object(index).get("_class_name", "")) if index.is_file() else ""
-    present = {
-        name for name in ("unet", "vae", "text_encoder", "transformer", "text_encoder_2") if (folder / name).is_dir()
-    }
+    parts = ("unet", "vae", "text_encoder", "transformer", "text_encoder_2")
+    present = {name for name in parts if (folder / name).is_dir()}
     if not pipeline and not present - {"text_encoder_2"}:
         return _not_a_diffusers_folder(folder)
     if "XL" in pipeline or {"text_encoder_2", "unet"} <= present:

@@ -17,24 +17,16 @@ FAMILY_NAMES: dict[str, str] = {"fidesr": "FiDeSR", "pisa-sr": "PiSA-SR", "osedi
 
 @dataclass(frozen=True)
 class FamilyRecipe:
-    """How one family turns ``z_L`` into the restored latent (docs/algorithm.md §9).
-
-    ``prompt_template``: the released script's prompt, ``{prompt}`` standing for the user's text
-    (empty when there is none).  ``square_tiles``: the released tiler clamps a tile to the
-    latent's short side on both axes (OSEDiff) rather than each axis to its own length.
-    ``tile_weight_row_shift``: how far below ``(T − 1) / 2`` the blend weight's row centre sits
-    (OSEDiff: ½ pixel).  ``alpha_bar``: ``ᾱ`` at ``timestep``, needed when the U-Net predicts noise
-    (filled in when the model is assembled, from the SD 2.1 scheduler).
-    """
+    """How one family turns ``z_L`` into the restored latent (docs/algorithm.md §9)."""
 
     family: Family
     timestep: int
     unet_output: Literal["residual", "noise"]
     uses_lrrb: bool
-    prompt_template: str = "{prompt}"
-    square_tiles: bool = False
-    tile_weight_row_shift: float = 0.0
-    alpha_bar: float | None = None
+    prompt_template: str = "{prompt}"  # the released script's prompt; {prompt}: the user's text ("" for none)
+    square_tiles: bool = False  # the released tiler clamps a tile to the latent's short side on both axes (OSEDiff)
+    tile_weight_row_shift: float = 0.0  # how far below (T − 1) / 2 the blend weight's row centre sits (OSEDiff: ½)
+    alpha_bar: float | None = None  # ᾱ at timestep when the U-Net predicts noise (set on assembly from SD 2.1)
 
     @property
     def name(self) -> str:
@@ -69,33 +61,23 @@ def recipe_for(family: str) -> FamilyRecipe:
 
 @dataclass(eq=False)
 class LoraSet:
-    """One set of LoRA adapters on one network, as the released code builds it.
-
-    ``target_modules`` maps adapter name to module names; ``state`` holds peft-named tensors
-    ``<module>.lora_A.<adapter>.weight`` / ``lora_B``.  Scale ``alpha / rank``; the released
-    files carry no alpha and their code uses peft's default 8 (docs/algorithm.md §5).
-    """
+    """One set of LoRA adapters on one network, as the released code builds it; scale ``alpha / rank``."""
 
     rank: int
-    target_modules: dict[str, list[str]]
-    state: dict[str, torch.Tensor]
-    alpha: float = RELEASED_LORA_ALPHA
+    target_modules: dict[str, list[str]]  # adapter name -> module names
+    state: dict[str, torch.Tensor]  # peft-named tensors <module>.lora_A.<adapter>.weight / lora_B
+    alpha: float = RELEASED_LORA_ALPHA  # the released files carry none; their code uses peft's default 8
 
 
 @dataclass(eq=False)
 class RestorerWeights:
-    """What a checkpoint of one family holds (docs/algorithm.md §6, §9).
-
-    ``lora``: the LoRA sets by part: FiDeSR ``unet``; PiSA-SR ``pixel`` and ``semantic`` (adapters
-    ``default_{encoder,decoder,others}_pix`` / ``_sem``); OSEDiff ``unet`` and ``vae_encoder`` (one
-    adapter, ``default_encoder``).  ``lrrb_state``: FiDeSR's LRRB.  ``conv_in_state``: OSEDiff's
-    fully trained U-Net ``conv_in`` (``weight``, ``bias``; it replaces the base model's).
-    ``file_format``: "pkl", "safetensors", or "" when built in memory.
-    """
+    """What a checkpoint of one family holds (docs/algorithm.md §6, §9).  ``lora`` by part: FiDeSR ``unet``;
+    PiSA-SR ``pixel`` and ``semantic`` (adapters ``default_*_pix`` / ``_sem``); OSEDiff ``unet`` and
+    ``vae_encoder`` (one adapter, ``default_encoder``)."""
 
     family: Family
     lora: dict[str, LoraSet]
-    lrrb_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    conv_in_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    lrrb_state: dict[str, torch.Tensor] = field(default_factory=dict)  # FiDeSR's LRRB
+    conv_in_state: dict[str, torch.Tensor] = field(default_factory=dict)  # OSEDiff's conv_in, replaces the base's
     metadata: dict[str, str] = field(default_factory=dict)
-    file_format: str = ""
+    file_format: str = ""  # "pkl", "safetensors", or "" when built in memory

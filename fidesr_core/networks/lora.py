@@ -66,10 +66,8 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load LoRA tensors into injected adapters; every adapter tensor must be present and fit.
-
-    Raises ``KeyError`` naming missing or unexpected keys and ``ValueError`` on shape mismatch.
-    """
+    """Load LoRA tensors into injected adapters: ``KeyError`` naming missing or unexpected keys, ``ValueError`` on
+    a shape mismatch."""
     expected = lora_state_dict(unet)
     problems = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
     if any(problems.values()):
@@ -84,21 +82,15 @@ def load_lora_state(unet: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def merge_lora(unet: nn.Module) -> None:
-    """Fold every active LoRA adapter into its base weight and remove the peft wrappers (in place).
-
-    diffusers' public ``fuse_lora`` (peft's ``merge`` on every LoRA layer, ``safe_merge``) and
-    ``unload_lora``.  Raises ``ValueError`` if a merged weight is not finite.
-    """
+    """Fold every active LoRA adapter into its base weight and remove the peft wrappers (in place, diffusers'
+    ``fuse_lora`` with ``safe_fusing`` and ``unload_lora``); ``ValueError`` if a merged weight is not finite."""
     unet.fuse_lora(lora_scale=1.0, safe_fusing=True)
     unet.unload_lora()
 
 
 def negated_lora_state(state: Mapping[str, torch.Tensor], renamed: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """The same LoRA with its sign flipped (``lora_B`` negated, exact in floating point), adapters renamed.
-
-    ``renamed`` maps old adapter names to new ones; added next to a merged copy of the original,
-    the result takes that LoRA back out of the weights without unmerging them.
-    """
+    """The same LoRA with ``lora_B`` negated (exact) and adapters renamed (old -> new in ``renamed``): added next
+    to a merged copy of the original, it takes that LoRA back out without unmerging."""
     negated = {}
     for key, tensor in state.items():
         match = PEFT_KEY.match(key)

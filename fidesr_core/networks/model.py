@@ -32,24 +32,17 @@ class BaseModel:
 @dataclass(eq=False)
 class OneStepRestorer:
     """A one-step SD 2.1 restorer ready for inference: FiDeSR, PiSA-SR or OSEDiff (``recipe`` says which).
+    The text encoder is not kept: the prompt embedding is computed once at load time."""
 
-    ``unet`` carries its LoRA merged; ``vae`` likewise (OSEDiff's encoder LoRA).  ``lrrb`` is
-    FiDeSR's refinement block, ``None`` for the other families.  ``pixel_only_adapters`` names
-    the peft adapters that, switched on, take PiSA-SR's semantic LoRA back out of the merged
-    U-Net (its adjustable mode, docs/algorithm.md §9); empty for the others.
-    ``dtype`` is the compute precision of the U-Net and VAE; the LRRB and all frequency maths
-    stay in float32.  The text encoder is not kept: the prompt embedding is computed once at
-    load time (the family's released prompt, or the one asked for then).
-    """
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    lrrb: LRRB | None
+    unet: UNet2DConditionModel  # LoRA merged
+    vae: AutoencoderKL  # LoRA merged (OSEDiff's encoder LoRA)
+    lrrb: LRRB | None  # FiDeSR's refinement block, None for the other families
     prompt_embedding: torch.Tensor  # [1, 77, cross_attention_dim], float32
-    dtype: torch.dtype
+    dtype: torch.dtype  # compute precision of the U-Net and VAE; the LRRB and frequency maths stay float32
     description: dict[str, str] = field(default_factory=dict)
     scaling_factor: float = SCALING_FACTOR
     recipe: FamilyRecipe = FIDESR_RECIPE
+    # peft adapters that, switched on, take PiSA-SR's semantic LoRA back out of the merged U-Net (docs/algorithm.md §9)
     pixel_only_adapters: tuple[str, ...] = ()
 
     @property

@@ -1,8 +1,5 @@
-"""Tiny random SD 2-shaped models for tests, ``doctor`` and benchmarks.
-
-Same block types, attention layout, latent channels and ×8 VAE as SD 2.1-base
-(so every code path runs) at a few hundred kilobytes of weights.
-"""
+"""Tiny random SD 2-shaped models for tests, ``doctor`` and benchmarks: SD 2.1-base's block types, attention
+layout, latent channels and ×8 VAE (so every code path runs) at a few hundred kilobytes of weights."""
 
 from __future__ import annotations
 
@@ -16,39 +13,21 @@ from .lrrb import LRRB
 from .model import BaseModel
 
 TINY_UNET_CONFIG: dict = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (16, 32),
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
-    "attention_head_dim": (2, 4),
-    "use_linear_projection": True,
-    "norm_num_groups": 8,
-}
+    "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (16, 32), "layers_per_block": 1, "cross_attention_dim": 32, "attention_head_dim": (2, 4),
+    "use_linear_projection": True, "norm_num_groups": 8,
+}  # fmt: skip
 TINY_VAE_CONFIG: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (8, 8, 16, 16),
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 64,
-    "scaling_factor": 0.18215,
-}
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
+    "sample_size": 64, "scaling_factor": 0.18215,
+}  # fmt: skip
 TINY_TEXT_CONFIG: dict = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-}
+    "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu",
+}  # fmt: skip
 
 
 def tiny_base_model(seed: int = 0) -> BaseModel:
@@ -57,9 +36,7 @@ def tiny_base_model(seed: int = 0) -> BaseModel:
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
     vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
-    return BaseModel(
-        unet=unet, vae=vae, text_encoder=text_encoder, source=f"tiny random (seed {seed})", kind="tiny random"
-    )
+    return BaseModel(unet, vae, text_encoder, source=f"tiny random (seed {seed})", kind="tiny random")
 
 
 def _random_lora_set(
