@@ -1,8 +1,6 @@
 """Upscaling image files: input discovery, output naming, skip-existing, atomic writes.
 
-A batch never loses a file: an output never replaces an input, outputs are written atomically,
-and any failure of one image (bad file, write error, out of memory) is recorded with the input's
-name while the batch goes on.
+An output never replaces an input; one image's failure is recorded with its name while the batch goes on.
 """
 
 from __future__ import annotations
@@ -40,10 +38,6 @@ class BatchResult:
         self.interrupted = self.interrupted or other.interrupted
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def _sources(inputs: Sequence[Path], output_dir: Path, *, recursive: bool) -> list[tuple[Path, Path]]:
     """``(source, output folder)`` for every input; ``--recursive`` mirrors sub-folders under ``output_dir``."""
     output_resolved = output_dir.resolve()
@@ -54,7 +48,7 @@ def _sources(inputs: Sequence[Path], output_dir: Path, *, recursive: bool) -> li
                 image
                 for image in image_files_in(path, recursive=recursive)
                 # outputs written into an input folder are not inputs of the next run
-                if not (recursive and _inside(image.resolve(), output_resolved))
+                if not (recursive and image.resolve().is_relative_to(output_resolved))
             ]
             if not images:
                 raise ImageInputError(f"{path}: folder holds no PNG, JPEG or WebP files")
@@ -67,10 +61,8 @@ def _sources(inputs: Sequence[Path], output_dir: Path, *, recursive: bool) -> li
 
 
 def plan_outputs(inputs: Sequence[Path], output_dir: Path, *, recursive: bool = False) -> list[tuple[Path, Path]]:
-    """Pair each input with ``output_dir/[sub-folder/]<stem>.png``, in a deterministic order.
-
-    Raises ``ImageInputError`` when two inputs would share an output, or an output would be an input.
-    """
+    """Pair each input with ``output_dir/[sub-folder/]<stem>.png``, sorted; ``ImageInputError`` when two inputs
+    would share an output, or an output would be an input."""
     sources = _sources([Path(path) for path in inputs], Path(output_dir), recursive=recursive)
     inputs_resolved = {source.resolve(): source for source, _ in sources}
     planned: dict[Path, Path] = {}
@@ -110,10 +102,7 @@ def upscale_file(
     max_image_pixels: int | None = None,
     stage_bar: tqdm | None = None,
 ) -> None:
-    """Upscale one file to an 8-bit PNG (alpha, if any, resized bicubically alongside).
-
-    ``max_image_pixels``: see ``load_image`` (None: PIL's limit, 0: none).
-    """
+    """Upscale one file to an 8-bit PNG (alpha resized alongside); ``max_image_pixels``: see ``load_image``."""
     if source.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ImageInputError(f"{source}: not a PNG, JPEG or WebP file")
 
@@ -142,11 +131,8 @@ def upscale_files(
     max_image_pixels: int | None = None,
     show_progress: bool = True,
 ) -> BatchResult:
-    """Upscale every ``(source, target)``; complete outputs are skipped unless ``overwrite``.
-
-    Any failure of one image is recorded in ``failed`` and the batch goes on; Ctrl-C stops it
-    with ``interrupted`` set (finished outputs are whole, nothing half-written stays).
-    """
+    """Upscale every ``(source, target)``, skipping complete outputs unless ``overwrite``; one image's failure goes
+    to ``failed`` and the batch goes on; Ctrl-C stops it with ``interrupted`` set."""
     result = BatchResult()
     with tqdm(total=len(pairs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for source, target in pairs:

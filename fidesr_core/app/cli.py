@@ -70,12 +70,8 @@ def _add_upscale_parser(commands: argparse._SubParsersAction, common: list[argpa
     from ..precision import PRECISIONS
     from .upscale_command import SETTING_FLAGS
 
-    parser = commands.add_parser(
-        "upscale",
-        parents=common,
-        help="super-resolve images (files and folders) to PNG",
-        formatter_class=_HelpWithDefaults,
-    )
+    summary = "super-resolve images (files and folders) to PNG"
+    parser = commands.add_parser("upscale", parents=common, help=summary, formatter_class=_HelpWithDefaults)
     parser.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/WebP files or folders")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the PNG results")
     parser.add_argument("--base", required=True, type=Path, help="SD 2.1-base: diffusers folder or single file")

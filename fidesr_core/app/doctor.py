@@ -68,11 +68,8 @@ def _check_tiny_pipeline(out: TextIO) -> bool:
         return False
     healthy = plain.shape == (1, 3, 64, 96) and torch.isfinite(plain).all() and torch.isfinite(tiled).all()
     verdict = "ok" if healthy else f"WRONG output (shape {tuple(plain.shape)}, finite {torch.isfinite(plain).all()})"
-    print(
-        f"pipeline     {verdict}: tiny random model on {device} ({dtype_name(model.dtype)}), "
-        f"untiled + tiled, {elapsed:.1f} s",
-        file=out,
-    )
+    what = f"tiny random model on {device} ({dtype_name(model.dtype)}), untiled + tiled, {elapsed:.1f} s"
+    print(f"pipeline     {verdict}: {what}", file=out)
     return bool(healthy)
 
 

@@ -1,14 +1,8 @@
-"""Fetching the released files from the Hugging Face Hub — only when the user asks.
+"""Fetching the released files from the Hugging Face Hub, only when the user asks.
 
-Each known file has an ordered list of sources: Hub repositories that hold it under the same
-name. ``fetch_known_file`` tries them in turn (then any the caller adds): ``huggingface_hub``
-asks for the file's address, size and ETag (one quick request, so an unreachable or missing
-source costs one line and no retry loop); the bytes go to a part file staged in
-``.fidesr-download/`` beside the target, which a later try resumes with a Range request; then
-the file is checked (the base must identify as SD 2.1-base, the weights must load). A file that
-fails the check is removed and the next source is tried. Only a checked file ever appears under
-its final name. ``HF_ENDPOINT`` (a mirror site), ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work as
-everywhere in ``huggingface_hub``.
+Each known file's sources (Hub repositories) are tried in turn; the bytes go to a resumable part file
+in ``.fidesr-download/`` and only a checked file appears under its final name. ``HF_ENDPOINT``,
+``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work as everywhere in ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -135,16 +129,9 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
-def _size(size: int | None) -> str:
-    return "size unknown" if size is None else f"{size / 1e6:.1f} MB"
-
-
 def _transfer(url: str, part: Path, size: int | None, headers: dict[str, str], progress: ByteProgress) -> None:
     """Append the rest of ``url`` to ``part``, resuming with a Range request; retried while bytes come.
-
-    Our own loop around urllib because huggingface_hub (1.x) deletes its partial file on failure, so an
-    interrupted 5 GB download would start again from the first byte.
-    """
+    Our own loop: huggingface_hub (1.x) deletes its partial file on failure, so a cut download restarts."""
     failures = 0
     while True:
         done = part.stat().st_size if part.exists() else 0
@@ -200,7 +187,7 @@ def _fetch_from(
     _transfer(location, part, metadata.size, headers, progress)
     staged = staging / known.name
     os.replace(part, staged)
-    return staged, _size(metadata.size)
+    return staged, "size unknown" if metadata.size is None else f"{metadata.size / 1e6:.1f} MB"
 
 
 def _clear_staging(staging: Path, name: str) -> None:
@@ -237,11 +224,9 @@ def fetch_known_file(
 ) -> Path:
     """``folder/known.name``, fetched from the first source that gives the right file.
 
-    A file already there is checked and kept (``ModelFileError`` if it is not the right one: it is
-    the user's, so it is never replaced). ``progress`` gets ``(bytes so far, total)`` as they
-    arrive; ``report`` gets one line per source tried; ``endpoint`` overrides ``HF_ENDPOINT``.
-    ``should_cancel`` is asked as bytes arrive; True stops with ``Cancelled`` (the part file
-    stays staged, and the next try resumes it). Raises ``DownloadError`` when no source worked.
+    A file already there is checked and kept, never replaced (``ModelFileError`` if wrong). ``report`` gets
+    one line per source; ``should_cancel`` True stops with ``Cancelled`` (the staged part file is resumed
+    next time). Raises ``DownloadError`` when no source worked.
     """
     report = report or (lambda line: None)
     report_bytes = progress or (lambda done, total: None)
@@ -303,18 +288,14 @@ def download_models(
     progress: ByteProgress | None = None,
     report: Report | None = None,
 ) -> list[Path]:
-    """``fidesr.pkl`` (and SD 2.1-base as one safetensors file) in ``destination``; all or ``DownloadError``.
-
-    Every file is tried even when an earlier one failed; the error then lists every file to fetch by hand.
-    """
+    """``fidesr.pkl`` (and SD 2.1-base) in ``destination``; every file is tried, then one ``DownloadError``."""
     wanted = [FIDESR_WEIGHTS] + ([SD21_BASE] if include_base else [])
     fetched: list[Path] = []
     failures: list[DownloadError] = []
+    options = {"extra_sources": extra_sources, "progress": progress, "report": report}
     for known in wanted:
         try:
-            fetched.append(
-                fetch_known_file(known, destination, extra_sources=extra_sources, progress=progress, report=report)
-            )
+            fetched.append(fetch_known_file(known, destination, **options))
         except DownloadError as error:
             failures.append(error)
     if failures:

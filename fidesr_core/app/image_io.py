@@ -1,10 +1,7 @@
 """Reading photos into tensors and writing PNGs atomically (CLI side of the engine).
 
-What counts as an input: still images in PNG, JPEG or WebP files, chosen by extension whether
-the file is named on the command line or found in a folder. Animated images (APNG, animated
-WebP) are refused rather than cut to their first frame. An image whose header declares more
-pixels than PIL's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 megapixels
-unless changed; ``max_pixels``; the CLI's ``--max-image-pixels``) is refused before it is decoded.
+Inputs are still PNG, JPEG or WebP files, chosen by extension; animated images are refused, and so is an
+image whose header declares more pixels than the decompression-bomb limit (``max_pixels``), before decoding.
 """
 
 from __future__ import annotations
@@ -35,8 +32,7 @@ _EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image a quarter turn
 def image_files_in(
     folder: Path, *, extensions: frozenset[str] = IMAGE_EXTENSIONS, recursive: bool = False
 ) -> list[Path]:
-    """The image files in ``folder`` (and below it if ``recursive``), sorted; hidden files such as
-    macOS's ``._name.png`` copies are skipped."""
+    """The image files in ``folder`` (and below it if ``recursive``), sorted, hidden files (``._x.png``) skipped."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         path
@@ -46,10 +42,8 @@ def image_files_in(
 
 
 def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
-    """Files as given plus the PNG/JPEG/WebP files of given folders, in order, without repeats.
-
-    Raises ``ImageInputError`` for a missing path or a folder without images.
-    """
+    """Files as given plus the image files of given folders, in order, without repeats (``ImageInputError``
+    for a missing path or a folder without images)."""
     found: list[Path] = []
     for raw in inputs:
         path = Path(raw)
@@ -66,11 +60,8 @@ def collect_image_files(inputs: Iterable[str | os.PathLike], *, recursive: bool 
 
 
 def is_complete_png(path: str | os.PathLike) -> bool:
-    """A regular file that starts as a PNG, ends with its IEND chunk and whose header PIL reads.
-
-    Cheap (the header and the last 12 bytes): outputs are written atomically, so anything else
-    at an output path (empty, cut short, another format) comes from elsewhere and is redone.
-    """
+    """A regular file that starts as a PNG, ends with its IEND chunk and whose header PIL reads (cheap: outputs
+    are written atomically, so anything else at an output path comes from elsewhere and is redone)."""
     path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size < len(_PNG_SIGNATURE) + len(_PNG_END):
@@ -135,17 +126,12 @@ def _check_header(image: Image.Image, path: Path, max_pixels: int | None) -> Non
 
 
 def load_image(
-    path: str | os.PathLike,
-    *,
-    max_pixels: int | None = None,
-    check_size: Callable[[int, int], None] | None = None,
+    path: str | os.PathLike, *, max_pixels: int | None = None, check_size: Callable[[int, int], None] | None = None
 ) -> LoadedImage:
     """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation.
 
-    Before decoding, refuses empty files, animated images and images that declare more than
-    ``max_pixels`` (None: PIL's ``Image.MAX_IMAGE_PIXELS``; 0: no limit), then calls
-    ``check_size(height, width)`` (after orientation), which may raise to refuse an image by its
-    size alone.
+    Before decoding, refuses empty files, animated images and more than ``max_pixels`` (None: PIL's
+    ``Image.MAX_IMAGE_PIXELS``; 0: no limit), then calls ``check_size(height, width)`` (oriented), which may raise.
     """
     path = Path(path)
     if max_pixels is None:
@@ -179,8 +165,7 @@ def load_image(
     return LoadedImage(rgb=rgb_tensor, alpha=alpha_tensor)
 
 
-# Rows converted to 8 bits at a time: float temporaries of a strip, not of the whole image (a 4096² float
-# image is 200 MB a copy; the 8-bit result is a quarter of one).
+# Pixels converted to 8 bits at a time: float temporaries of a strip of rows, not of the whole image.
 _PNG_STRIP_PIXELS = 1 << 20
 
 

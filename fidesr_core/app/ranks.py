@@ -1,8 +1,6 @@
 """The CLI as several processes: under ``torchrun`` or ``accelerate launch`` each rank takes a share.
 
-accelerate's ``PartialState`` joins the ranks; without a launcher it starts nothing. They join over
-gloo (CPU sockets) because they exchange only the plan and the results, never tensors; the GPUs stay
-free for the upscaling.
+accelerate's ``PartialState`` joins the ranks over gloo: they exchange only the plan and results, never tensors.
 """
 
 from __future__ import annotations
@@ -37,11 +35,9 @@ def joined_ranks() -> Iterator[PartialState]:
     if not _launched():  # one process: nothing distributed starts (and cpu=True would stick to the singleton)
         yield PartialState()
         return
-    # torch.distributed.nn binds the current default group as a default argument when first imported
-    # (torch._dynamo imports it while the model loads). Imported after the group started, it kept the group,
-    # and so its gloo worker threads, alive past destroy_process_group; a worker still releasing the last
-    # gather's tensors during interpreter shutdown then aborted the rank after its work was done
-    # ("terminate called without an active exception"). Imported first, it binds None.
+    # torch.distributed.nn binds the current default group when first imported (torch._dynamo imports it).
+    # Imported after the group started, it kept the gloo threads alive past destroy_process_group, and the rank
+    # aborted at shutdown ("terminate called without an active exception"). Imported first, it binds None.
     import torch.distributed.nn  # noqa: F401
 
     try:

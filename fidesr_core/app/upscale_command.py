@@ -1,7 +1,6 @@
 """The ``upscale`` command: every argument checked before the model loads, the batch, one summary.
 
-Under ``torchrun`` / ``accelerate launch`` (see ``ranks``) rank 0 plans the outputs, every rank
-upscales its block of the plan, and rank 0 prints the summary of all of them.
+Under ``torchrun`` / ``accelerate launch`` rank 0 plans, every rank upscales its block, rank 0 sums up.
 """
 
 from __future__ import annotations
@@ -106,6 +105,7 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: P
     from ..loading.restorer import assemble_restorer
     from ..loading.weights import load_restorer_weights
     from ..networks.families import FAMILY_NAMES
+    from ..precision import precision_why
 
     weights = load_restorer_weights(args.weights)
     weights.metadata.setdefault("path", str(args.weights))
@@ -119,10 +119,7 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: P
         load_base_model(args.base), weights, prompt=args.prompt, precision=args.precision, device=device
     )
     where = f"rank {ranks.process_index} of {ranks.num_processes}, " if ranks.num_processes > 1 else ""
-    described = model.description
-    from ..precision import precision_why  # why this precision (auto's reason)
-
-    why = precision_why(args.precision, model.device)
+    described, why = model.description, precision_why(args.precision, model.device)  # why: auto's reason
     line = (
         f"{described['family']} on {described['device']} ({described['precision']}, {why}, {where}{len(todo)} image(s))"
     )
@@ -138,8 +135,7 @@ def _upscale_share(args: argparse.Namespace, settings: UpscaleSettings, ranks: P
 
 
 def run(args: argparse.Namespace) -> int:
-    # Our guard (load_image's max_pixels) takes the place of PIL's while the command runs: it names the
-    # image's size and the flag instead of failing at open.
+    # Our guard (load_image's max_pixels, naming the size and the flag) replaces PIL's while the command runs.
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         return _run(args)
