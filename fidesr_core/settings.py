@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SettingsError
-from .tiled_vae.budget import MemoryBudget, free_memory_bytes
+from .tiled_vae.budget import MemoryBudget
 
 if TYPE_CHECKING:
     import torch
@@ -175,7 +175,7 @@ class UpscaleSettings:
             if not isinstance(getattr(self, name), kind):
                 raise SettingsError(f"must be {kind.__name__}", setting=name)
 
-    def vae_budget(self, free_memory: Callable[[torch.device], int | None] = free_memory_bytes) -> MemoryBudget:
+    def vae_budget(self, free_memory: Callable[[torch.device], int | None]) -> MemoryBudget:
         """The tiled VAE's memory budget these settings ask for; ``free_memory`` tells a device's free bytes."""
         cap = None if self.vae_memory_mb is None else self.vae_memory_mb << 20
         return MemoryBudget(map_bytes=cap, free_memory=free_memory)
