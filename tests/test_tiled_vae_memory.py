@@ -110,6 +110,9 @@ def test_maps_go_to_the_device_first_then_the_host_then_files() -> None:
     assert (first.tensor.device.type, second.tensor.device.type) == ("meta", "cpu")
     del first, maps
     assert tight.new_map(shape, torch.float32).tensor.device.type == "meta"  # a released map's room is free again
+    unified = MapStore(MemoryBudget(tile_bytes=mib, free_memory=_free(_BIG, _BIG)), torch.device("mps"))
+    assert unified.rooms["device"] == 0  # Apple's GPU shares the host's memory: its maps count there, once
+    assert unified.rooms["host"] == _BIG - budget.host_headroom - 8 * mib
     nowhere = MapStore(MemoryBudget(tile_bytes=mib, places=("host",), map_bytes=0), _CPU)
     with pytest.raises(MemoryError, match="no room in host"):
         nowhere.new_map(shape, torch.float32)

@@ -97,7 +97,9 @@ class MemoryBudget:
         (their pages not yet taken) count."""
         import torch
 
-        on_host, host_free = device.type == "cpu", self.free_memory(torch.device("cpu"))
+        # A CPU computes in host memory, and so does Apple's MPS (unified memory): maps "on the device" would
+        # take the host's room a second time, so there they wait in the host's.
+        on_host, host_free = device.type in ("cpu", "mps"), self.free_memory(torch.device("cpu"))
         # free memory unknown (an unusual platform): the room the fixed budget used to allow
         host = 512 * _MIB if host_free is None else host_free - self.host_headroom - working_bytes * on_host
         device_free = None if on_host else self.free_memory(device)
