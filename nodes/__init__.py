@@ -24,6 +24,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .codec_nodes import FiDeSRDecode, FiDeSREncode
 from .color_fix_node import FiDeSRColorFix
+from .comfy_model import FiDeSRModelFromCheckpoint
 from .frequency_nodes import FiDeSRHighFrequencyInject, FiDeSRLowFrequencyInject
 from .loader import FiDeSRModelLoader
 from .model_folders import register_fidesr_folder
@@ -44,6 +45,7 @@ NODES: tuple[type[io.ComfyNode], ...] = (
     FiDeSRDecode,
     FiDeSRUpscale,
     FiDeSRColorFix,
+    FiDeSRModelFromCheckpoint,
 )
 
 

@@ -39,7 +39,9 @@ def shared_inputs(*names: str) -> list[io.Input]:
     describes a node."""
     made = [
         FiDeSRModelType.Input(
-            "model", tooltip="The model from Load FiDeSR Model (FiDeSR, PiSA-SR or OSEDiff weights)."
+            "model",
+            tooltip="The restorer from Load FiDeSR Model or FiDeSR Model from Checkpoint (FiDeSR, PiSA-SR or "
+            "OSEDiff weights).",
         ),
         io.Image.Input("image", tooltip="The low-quality image(s) to restore and upscale."),
         number_input(

@@ -54,6 +54,17 @@ def loader_choices() -> dict[str, list[str]]:
     }
 
 
+def weights_choice_problem(fidesr_weights: str) -> str | None:
+    """What is wrong with the chosen weights file (ComfyUI's list check, plus download entries listed earlier,
+    whose file may be here now), or None."""
+    if fidesr_weights not in fidesr_weight_choices() and not known_file_of(fidesr_weights):
+        return (
+            f"fidesr_weights {fidesr_weights!r} is not in the fidesr model folders ({folder_list(FIDESR_FOLDER)}); "
+            f"put it there ({WEIGHTS_SOURCES}) and refresh (R)"
+        )
+    return None
+
+
 class FiDeSRModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -106,11 +117,8 @@ class FiDeSRModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, base_model: str, fidesr_weights: str) -> bool | str:
         """ComfyUI's list check for the two file inputs, plus download entries listed earlier (their file may be here now)."""
-        if fidesr_weights not in fidesr_weight_choices() and not known_file_of(fidesr_weights):
-            return (
-                f"fidesr_weights {fidesr_weights!r} is not in the fidesr model folders ({folder_list(FIDESR_FOLDER)}); "
-                f"put it there ({WEIGHTS_SOURCES}) and refresh (R)"
-            )
+        if problem := weights_choice_problem(fidesr_weights):
+            return problem
         if base_model not in base_model_choices() and not known_file_of(base_model):
             return (
                 f"base_model {base_model!r} is not in the checkpoints ({folder_list('checkpoints')}) or diffusers "

@@ -1,10 +1,12 @@
-"""``FIDESR_MODEL``: the engine's ``OneStepRestorer`` and one ComfyUI ``ModelPatcher`` per network.
+"""``FIDESR_MODEL``: the engine's ``OneStepRestorer`` and one ComfyUI model patcher per network.
 
-ComfyUI's memory manager places each network (U-Net, VAE, FiDeSR's LRRB) like its own models.
-The U-Net's layers get ComfyUI's castable classes (``comfy.ops.disable_weight_init``), identical
-to torch's until the U-Net is loaded only partly (``--lowvram``, a small GPU): then they fetch the
-offloaded weights layer by layer.  The VAE (whose tiles read its weights directly) and the small
-LRRB are loaded whole.
+ComfyUI's memory manager places each network (U-Net, VAE, FiDeSR's LRRB) like its own models, with
+the patcher class it uses for them (``CoreModelPatcher``: dynamic VRAM on NVIDIA in ComfyUI 0.33+).
+On ComfyUI's own MODEL (``comfy_model``) the U-Net's patcher is a clone of that MODEL's.  A U-Net
+Load FiDeSR Model built gets ComfyUI's castable layer classes (``comfy.ops.disable_weight_init``),
+identical to torch's until it is loaded only partly (``--lowvram``, a small GPU): then they fetch
+the offloaded weights layer by layer.  The VAE (whose tiles read its weights directly) and the
+small LRRB are loaded whole.
 """
 
 from __future__ import annotations
@@ -72,20 +74,33 @@ class FiDeSRModelHandle:
     weights_name: str
 
     @classmethod
-    def wrap(cls, model: OneStepRestorer, *, base_name: str, weights_name: str) -> FiDeSRModelHandle:
-        """Patchers on ComfyUI's devices for ``model``'s networks (which rest on the offload device)."""
+    def wrap(
+        cls,
+        model: OneStepRestorer,
+        *,
+        base_name: str,
+        weights_name: str,
+        unet_patcher: comfy.model_patcher.ModelPatcher | None = None,
+    ) -> FiDeSRModelHandle:
+        """Patchers on ComfyUI's devices for ``model``'s networks (which rest on the offload device);
+        ``unet_patcher``: ComfyUI's own MODEL runs the U-Net (else the pack's U-Net gets one)."""
         unet_devices = model_management.get_torch_device(), model_management.unet_offload_device()
-        networks = {
-            "unet": (FiDeSRUNet(model.unet), *unet_devices),
-            "vae": (FiDeSRVAE(model.vae), model_management.vae_device(), model_management.vae_offload_device()),
-        }
+        networks = {"vae": (FiDeSRVAE(model.vae), model_management.vae_device(), model_management.vae_offload_device())}
+        if unet_patcher is None:
+            networks["unet"] = (FiDeSRUNet(model.unet), *unet_devices)
         if model.lrrb is not None:
             networks["lrrb"] = (FiDeSRLRRB(model.lrrb), *unet_devices)
+        # read when used: ComfyUI 0.33+ sets CoreModelPatcher at start-up (dynamic VRAM); older ones lack it
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
         patchers = {
-            name: comfy.model_patcher.ModelPatcher(network, load_device=load, offload_device=offload)
+            name: patcher_class(network, load_device=load, offload_device=offload)
             for name, (network, load, offload) in networks.items()
         }
-        partial = dict.fromkeys(patchers, False) | {"unet": make_castable(model.unet)}
+        partial = dict.fromkeys(patchers, False)
+        if unet_patcher is None:
+            partial["unet"] = make_castable(model.unet)
+        else:
+            patchers["unet"], partial["unet"] = unet_patcher, True
         return cls(model=model, patchers=patchers, partial_load=partial, base_name=base_name, weights_name=weights_name)
 
     @property
@@ -103,7 +118,7 @@ class FiDeSRModelHandle:
 
     @property
     def cross_attention_dim(self) -> int:
-        return int(self.model.unet.config.cross_attention_dim)
+        return int(self.model.prompt_embedding.shape[-1])
 
     def __str__(self) -> str:
         device = self.patchers["unet"].load_device
@@ -113,5 +128,7 @@ class FiDeSRModelHandle:
 def require_handle(value: object, node: str) -> FiDeSRModelHandle:
     """``value`` as a handle, or an error saying to connect Load FiDeSR Model."""
     if not isinstance(value, FiDeSRModelHandle):
-        raise node_error(node, f"model must come from Load FiDeSR Model, got {type(value).__name__}")
+        raise node_error(
+            node, f"model must come from Load FiDeSR Model or FiDeSR Model from Checkpoint, got {type(value).__name__}"
+        )
     return value

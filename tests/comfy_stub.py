@@ -225,7 +225,7 @@ def install_comfy_stubs(models_dir: Path) -> ComfyStub:
     folder_paths.get_filename_list, folder_paths.get_full_path = stub.get_filename_list, stub.get_full_path
     folder_paths.add_model_folder_path = stub.add_model_folder_path
     io = _module("comfy_api.v0_0_2.io", Schema=Schema, ComfyNode=ComfyNode, NodeOutput=NodeOutput, Custom=Custom)
-    for kind in ("INT", "FLOAT", "COMBO", "IMAGE", "LATENT", "CONDITIONING"):
+    for kind in ("INT", "FLOAT", "COMBO", "IMAGE", "LATENT", "CONDITIONING", "MODEL", "CLIP", "VAE"):
         setattr(io, kind.title(), Custom(kind))
     ui = _module("comfy_api.v0_0_2.ui", PreviewText=PreviewText)
     api = _module("comfy_api.v0_0_2", io=io, ui=ui, ComfyExtension=ComfyExtension)

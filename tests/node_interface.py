@@ -27,6 +27,7 @@ PINNED_OPTIONS = ("default", "min", "max", "step", "options", "control_after_gen
 FILE_INPUTS = {
     ("FiDeSRModelLoader", "base_model"),
     ("FiDeSRModelLoader", "fidesr_weights"),
+    ("FiDeSRModelFromCheckpoint", "fidesr_weights"),
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoadImage", "image"),
 }

@@ -54,7 +54,7 @@ def test_loading_the_pack_does_not_import_the_model_libraries(tmp_path: Path) ->
         "import sys; from pathlib import Path\n"
         "from comfy_stub import import_pack, install_comfy_stubs, node_classes\n"
         f"install_comfy_stubs(Path({str(tmp_path)!r})); pack = import_pack(Path({str(PACK_ROOT)!r}))\n"
-        "assert len(node_classes(pack)) == 9\n"
+        "assert len(node_classes(pack)) == 10\n"
         "print(sorted(name for name in ('diffusers', 'transformers', 'peft') if name in sys.modules))"
     )
     tests_folder = str(Path(__file__).parent)

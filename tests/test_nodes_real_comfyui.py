@@ -9,7 +9,10 @@ runs ``real_comfyui_check.py`` in a subprocess and checks that
 * the U-Net can be loaded partly (as ``--lowvram`` does) and gives the same result;
 * the real V3 API describes every node with the pinned interface (``node_interface.json``, the one the
   nodes are checked against through the stand-ins in CI), whatever fields ComfyUI adds beside it;
-* bad inputs raise errors that name the node.
+* bad inputs raise errors that name the node;
+* FiDeSR Model from Checkpoint on Load Checkpoint's MODEL, CLIP and VAE gives Load FiDeSR Model's images for
+  all three families (``real_comfyui_checkpoint.py``, a full-size random SD 2.1; several minutes on a CPU),
+  while ComfyUI holds one SD 2.1 U-Net and the user's MODEL stays unpatched.
 """
 
 from __future__ import annotations
@@ -31,19 +34,27 @@ pytestmark = pytest.mark.skipif(
 NETWORKS = ["FiDeSRLRRB", "FiDeSRUNet", "FiDeSRVAE"]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    script = Path(__file__).parent / "real_comfyui_check.py"
+def _reported(script: str, folder: Path, timeout: int) -> dict:
     finished = subprocess.run(
-        [sys.executable, str(script), COMFYUI_PATH, str(tmp_path_factory.mktemp("real_comfyui"))],
+        [sys.executable, str(Path(__file__).parent / script), COMFYUI_PATH, str(folder)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
     lines = [line for line in finished.stdout.splitlines() if line.startswith("REPORT ")]
     assert finished.returncode == 0 and lines, finished.stderr[-4000:]
     return json.loads(lines[-1][len("REPORT ") :])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _reported("real_comfyui_check.py", tmp_path_factory.mktemp("real_comfyui"), 900)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _reported("real_comfyui_checkpoint.py", tmp_path_factory.mktemp("real_comfyui_checkpoint"), 2400)
 
 
 def _run(report: dict, name: str) -> dict:
@@ -91,3 +102,19 @@ def test_bad_inputs_raise_errors_naming_the_node(report: dict) -> None:
     assert errors["upscale_by"].startswith("FiDeSR VAE Encode:") and "upscale_by" in errors["upscale_by"]
     assert errors["missing weights"].startswith("Load FiDeSR Model: fidesr_weights 'x.pkl'")
     assert report["oom_exception"] == "OutOfMemoryError"
+
+
+def test_the_checkpoints_model_gives_the_loaders_images(checkpoint_report: dict) -> None:
+    families = checkpoint_report["families"]
+    assert {family["family"] for family in families.values()} == {"FiDeSR", "PiSA-SR", "OSEDiff"}
+    assert set(families["fidesr"]["cases"]) == {"untiled", "tiled"} and "adjustable" in families["pisa-sr"]["cases"]
+    for name, family in families.items():
+        for case, result in family["cases"].items():
+            assert result["levels"] <= 1.0, (name, case, result)
+
+
+def test_comfyui_holds_one_sd21_unet_and_the_users_model_is_unpatched(checkpoint_report: dict) -> None:
+    for name, family in checkpoint_report["families"].items():
+        held = family["held_by_comfyui"]
+        assert held.count("BaseModel") == 1 and "FiDeSRUNet" not in held and "FiDeSRVAE" in held, (name, held)
+        assert family["user_model_unpatched"], name

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
 import torch
+from checkpoint_stand_ins import clip_and_vae, comfy_lora_and_config, stand_in_model
 from node_helpers import PACK_ROOT, run_node
 
 Extract = Callable[[tuple, dict], Any]
-SOCKETS = {"model", "image", "latent", "reference"}
+SOCKETS = {"model", "image", "latent", "reference", "sd_model", "clip", "vae"}
 
 
 def _arg(index: int, name: str) -> Extract:
@@ -34,8 +36,8 @@ DECODE_TILE = ("fidesr_core.tiled_vae.codec", "decode_latents", lambda a, k: k["
 UNET_TILE = ("fidesr_core.ops.restoration", "run_tiled", lambda a, k: k["tile_size"])
 UNET_OVERLAP = ("fidesr_core.ops.restoration", "run_tiled", lambda a, k: k["overlap"])
 PROMPT = ("fidesr_core.pipeline", "predict_residual", lambda a, k: k["prompt_embedding"] is not None)
-PIXEL = ("fidesr_core.ops.restoration", "_pisa_sr_unet", _arg(2, "pixel"))
-SEMANTIC = ("fidesr_core.ops.restoration", "_pisa_sr_unet", _arg(3, "semantic"))
+PIXEL = ("fidesr_core.ops.restoration", "unet_passes", _arg(1, "pixel"))
+SEMANTIC = ("fidesr_core.ops.restoration", "unet_passes", _arg(2, "semantic"))
 COLOR_FIX = ("fidesr_core.ops.preprocess", "apply_color_fix", _arg(2, "method"))
 
 
@@ -103,6 +105,9 @@ INPUTS: dict[str, dict[str, tuple[Any, tuple[str, str, Extract]]]] = {
         "fidesr_weights": ("b.pkl", ("fidesr_core.loading.weights", "load_restorer_weights", _arg(0, "path"))),
         "precision": ("bf16", ("fidesr_core.loading.restorer", "assemble_restorer", lambda a, k: k["precision"])),
     },
+    "FiDeSRModelFromCheckpoint": {
+        "fidesr_weights": ("b.pkl", ("fidesr_core.loading.weights", "load_restorer_weights", _arg(0, "path"))),
+    },
 }
 
 
@@ -125,7 +130,7 @@ def handles(comfy, handle) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def model_folders(comfy) -> None:
+def model_folders(comfy) -> Any:
     """Two tiny SD 2.1 diffusers folders and two FiDeSR weights files in the stand-in's model folders."""
     from ldm_export import write_diffusers_folder
 
@@ -137,9 +142,10 @@ def model_folders(comfy) -> None:
     (comfy.models_dir / "fidesr").mkdir(exist_ok=True)
     for name, seed in (("a.pkl", 5), ("b.pkl", 6)):
         save(tiny.tiny_fidesr_weights(base, seed=seed), comfy.models_dir / "fidesr" / name)
+    return base
 
 
-def _inputs(comfy, node_id: str, handles: dict, default_chain: dict, lq_image, family: str) -> dict[str, Any]:
+def _inputs(comfy, node_id: str, handles: dict, default_chain: dict, lq_image, family: str, base) -> dict[str, Any]:
     """The node's sockets connected, every value input at its default."""
     handle = handles[family]
     encoded = default_chain["encoded"]
@@ -154,6 +160,8 @@ def _inputs(comfy, node_id: str, handles: dict, default_chain: dict, lq_image, f
         "FiDeSRUpscale": {"model": handle, "image": lq_image},
         "FiDeSRColorFix": {"image": default_chain["image"], "reference": lq_image},
         "FiDeSRModelLoader": {"base_model": "diffusers/tiny-a", "fidesr_weights": "a.pkl"},
+        "FiDeSRModelFromCheckpoint": {"sd_model": stand_in_model(base), "fidesr_weights": "a.pkl"}
+        | dict(zip(("clip", "vae"), clip_and_vae(base, lambda text: handle.model.prompt_embedding), strict=True)),
     }[node_id]
     schema = comfy.nodes[node_id].GET_NODE_INFO_V1()["input"]["required"]
     defaults = {name: spec[1]["default"] for name, spec in schema.items() if "default" in spec[1]}
@@ -178,19 +186,21 @@ CASES = [(node_id, name) for node_id, inputs in INPUTS.items() for name in input
 
 @pytest.mark.parametrize(("node_id", "name"), CASES, ids=[f"{node}.{name}" for node, name in CASES])
 def test_each_node_input_reaches_the_code_that_uses_it(
-    comfy, handles, default_chain, lq_image, model_folders, monkeypatch, node_id: str, name: str
+    comfy, handles, default_chain, lq_image, model_folders, monkeypatch, tmp_path, node_id: str, name: str
 ) -> None:
     changed, spy = INPUTS[node_id][name]
     family = "pisa-sr" if name.endswith(("pixel_strength", "semantic_strength")) else "fidesr"
-    inputs = _inputs(comfy, node_id, handles, default_chain, lq_image, family)
+    inputs = _inputs(comfy, node_id, handles, default_chain, lq_image, family, model_folders)
     if name == "positive":  # a CLIP Text Encode's CONDITIONING for the text
         dim = handles[family].cross_attention_dim
         changed = [[torch.randn((1, 77, dim), generator=torch.Generator().manual_seed(3)), {}]]
     received = _spy(comfy, monkeypatch, spy)
-    run_node(comfy, node_id, **inputs)
-    default = list(received)
-    received.clear()
-    run_node(comfy, node_id, **(inputs | {name: changed}))
+    restorer = comfy.module("fidesr_core.loading.restorer")
+    with comfy_lora_and_config(restorer, model_folders, tmp_path) if "sd_model" in inputs else nullcontext():
+        run_node(comfy, node_id, **inputs)
+        default = list(received)
+        received.clear()
+        run_node(comfy, node_id, **(inputs | {name: changed}))
     expected = True if name == "positive" else changed
     if name in ("base_model", "fidesr_weights"):  # the node resolves the choice to a path in the model folder
         expected = str(comfy.models_dir / ("" if name == "base_model" else "fidesr") / changed)

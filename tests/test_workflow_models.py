@@ -22,7 +22,12 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 HUB = "https://huggingface.co/"
 DOWNLOADABLE_SOURCES = (HUB, "https://civitai.com/")
 DOWNLOADABLE_SUFFIXES = (".safetensors", ".sft")
-FOLDER_OF_NODE = {"FiDeSRModelLoader": {"fidesr", "checkpoints"}, "CheckpointLoaderSimple": {"checkpoints"}}
+FOLDER_OF_NODE = {
+    "FiDeSRModelLoader": {"fidesr", "checkpoints"},
+    "FiDeSRModelFromCheckpoint": {"fidesr"},
+    "CheckpointLoaderSimple": {"checkpoints"},
+}
+WEIGHTS_WIDGET = {"FiDeSRModelLoader": 1, "FiDeSRModelFromCheckpoint": 0}  # where each node names the weights
 
 
 def _url(known, repo_id: str | None = None) -> str:
@@ -79,10 +84,12 @@ def test_the_base_is_offered_as_a_download_for_the_checkpoints_folder_the_loader
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.stem)
 def test_the_weights_are_listed_on_each_loader_with_where_to_get_them(path: Path) -> None:
     workflow = json.loads(path.read_text())
-    loaders = [node for node in workflow["nodes"] if node["type"] == "FiDeSRModelLoader"]
+    loaders = [node for node in workflow["nodes"] if node["type"] in WEIGHTS_WIDGET]
     assert loaders
     for node in loaders:
-        weights = WEIGHTS_BY_NAME[node["widgets_values"][1]]  # a released file of one of the families
+        weights = WEIGHTS_BY_NAME[
+            node["widgets_values"][WEIGHTS_WIDGET[node["type"]]]
+        ]  # a released file of one of the families
         entries = node["properties"]["models"]
         assert {"name": weights.name, "url": _url(weights), "directory": "fidesr"} in entries
         # A pickle: the dialog names the file, its folder and its page, but does not fetch it itself.

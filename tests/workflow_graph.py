@@ -40,6 +40,9 @@ FILE_RULES = {
     ("FiDeSRModelLoader", "fidesr_weights"): lambda value: (
         isinstance(value, str) and value.endswith((".pkl", ".safetensors"))
     ),
+    ("FiDeSRModelFromCheckpoint", "fidesr_weights"): lambda value: (
+        isinstance(value, str) and value.endswith((".pkl", ".safetensors"))
+    ),
     ("CheckpointLoaderSimple", "ckpt_name"): lambda value: isinstance(value, str) and value.endswith(".safetensors"),
     ("LoadImage", "image"): lambda value: isinstance(value, str) and bool(value),
 }

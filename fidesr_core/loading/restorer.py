@@ -47,7 +47,7 @@ def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 and (device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16))
 
 
-def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, base: BaseModel) -> None:
+def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, base_source: str) -> None:
     add_lora_adapters(
         network, lora_set.target_modules, rank=lora_set.rank, alpha=lora_set.alpha, init_lora_weights=False
     )
@@ -56,7 +56,7 @@ def _merge_set(network: nn.Module, lora_set: LoraSet, source: str, what: str, ba
     except (KeyError, ValueError) as error:
         message = error.args[0] if error.args else str(error)
         raise WeightsFileError(
-            f"{source}: the {what} does not fit the base model {base.source} ({message}); "
+            f"{source}: the {what} does not fit the base model {base_source} ({message}); "
             "it needs Stable Diffusion 2.1-base"
         ) from error
     try:
@@ -74,11 +74,11 @@ def _add_negated_semantic_set(unet: nn.Module, semantic: LoraSet) -> tuple[str, 
     return tuple(name for name, modules in targets.items() if modules)
 
 
-def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str, base: BaseModel) -> None:
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str, base_source: str) -> None:
     try:
         module.load_state_dict({name: value.float() for name, value in state.items()})
     except RuntimeError as error:
-        raise WeightsFileError(f"{source}: the {what} does not fit the base model {base.source} ({error})") from error
+        raise WeightsFileError(f"{source}: the {what} does not fit the base model {base_source} ({error})") from error
 
 
 def assemble_restorer(
@@ -94,45 +94,96 @@ def assemble_restorer(
     embedding = prompt_embedding_for(base, weights.family, prompt)
     target_device = resolve_device(device)
     dtype = resolve_dtype(precision, target_device)
-    recipe, lrrb, pixel_only = recipe_for(weights.family), None, ()
-    source = weights.metadata.get("path", f"{recipe.name} weights")
-    unet, vae = base.unet.float(), base.vae.float()
-    if recipe.unet_output == "noise":
-        recipe = dataclasses.replace(recipe, alpha_bar=sd21_alpha_bar(recipe.timestep))
+    source = weights.metadata.get("path", f"{recipe_for(weights.family).name} weights")
+    unet, pixel_only = base.unet.float(), ()
     if weights.conv_in_state:  # before the U-Net LoRA, which conv_in carries too
-        _load_state(unet.conv_in, weights.conv_in_state, "trained conv_in", source, base)
-    labels = {s.part: s.label for s in LAYOUTS[weights.family].sets}
+        _load_state(unet.conv_in, weights.conv_in_state, "trained conv_in", source, base.source)
     for part, lora_set in weights.lora.items():
-        _merge_set(vae if part == "vae_encoder" else unet, lora_set, source, labels[part], base)
+        if part != "vae_encoder":
+            _merge_set(unet, lora_set, source, _labels(weights)[part], base.source)
     if weights.family == "pisa-sr":
         pixel_only = _add_negated_semantic_set(unet, weights.lora["semantic"])
+    _cast(unet, target_device, dtype)
+    restorer = _restorer(weights, unet, base.vae, embedding, dtype, target_device, (base.source, base.kind))
+    restorer.pixel_only_adapters = pixel_only
+    return restorer
+
+
+def restorer_on_unet(
+    weights: RestorerWeights,
+    unet: nn.Module,
+    vae_state: dict[str, torch.Tensor],
+    prompt_embedding: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    base_source: str,
+    base_kind: str,
+) -> OneStepRestorer:
+    """A restorer whose U-Net another program runs with the family's U-Net weights applied (ComfyUI's MODEL,
+    see ``OneStepRestorer.unet``): SD 2.1's VAE from its original-layout ``vae_state`` (a copy, converted by
+    diffusers; OSEDiff's encoder LoRA merged), FiDeSR's LRRB, the family's recipe.  ``prompt_embedding``:
+    ``[1, 77, dim]`` of the family's released prompt."""
+    from diffusers import AutoencoderKL
+
+    renamed = {"first_stage_model." + key: value for key, value in vae_state.items()}
+    common = {"config": str(SD21_BASE_CONFIG_DIR), "subfolder": "vae", "local_files_only": True}
+    vae = AutoencoderKL.from_single_file(renamed, **common)
+    return _restorer(weights, unet, vae, prompt_embedding.float(), dtype, device, (base_source, base_kind))
+
+
+def _labels(weights: RestorerWeights) -> dict[str, str]:
+    return {s.part: s.label for s in LAYOUTS[weights.family].sets}
+
+
+def _cast(network: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    memory_format = torch.channels_last if use_channels_last(device, dtype) else torch.contiguous_format
+    # nn.Module.to: diffusers' own warns of fp32 modules that SD 2.1 does not have
+    nn.Module.to(network, device=device, dtype=dtype, memory_format=memory_format)
+    network.eval().requires_grad_(False)
+
+
+def _restorer(
+    weights: RestorerWeights,
+    unet: nn.Module,
+    vae: nn.Module,
+    embedding: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    base: tuple[str, str],
+) -> OneStepRestorer:
+    """The parts every restorer shares: the VAE (encoder LoRA merged, cast), the LRRB, recipe and description.
+    ``base``: what the base came from and what kind of source that is, for messages."""
+    (base_source, base_kind), recipe, lrrb, labels = base, recipe_for(weights.family), None, _labels(weights)
+    source = weights.metadata.get("path", f"{recipe.name} weights")
+    if recipe.unet_output == "noise":
+        recipe = dataclasses.replace(recipe, alpha_bar=sd21_alpha_bar(recipe.timestep))
+    vae = nn.Module.float(vae)  # diffusers' own .float() warns of fp32 modules that SD 2.1 does not have
+    if "vae_encoder" in weights.lora:
+        _merge_set(vae, weights.lora["vae_encoder"], source, labels["vae_encoder"], base_source)
+    _cast(vae, device, dtype)
     if weights.lrrb_state:
-        lrrb = LRRB(latent_channels=unet.config.in_channels)
-        _load_state(lrrb, weights.lrrb_state, "LRRB", source, base)
-        lrrb = lrrb.float().eval().requires_grad_(False).to(target_device)
-    memory_format = torch.channels_last if use_channels_last(target_device, dtype) else torch.contiguous_format
-    for network in (unet, vae):  # nn.Module.to: diffusers' own warns of fp32 modules that SD 2.1 does not have
-        nn.Module.to(network, device=target_device, dtype=dtype, memory_format=memory_format)
-        network.eval().requires_grad_(False)
+        lrrb = LRRB(latent_channels=vae.config.latent_channels)
+        _load_state(lrrb, weights.lrrb_state, "LRRB", source, base_source)
+        lrrb = lrrb.float().eval().requires_grad_(False).to(device)
     ranks = [f"{labels[part].split(' LoRA')[0]} {lora_set.rank}" for part, lora_set in weights.lora.items()]
     description = {
         "family": recipe.name,
-        "base": base.source,
-        "base_kind": base.kind,
+        "base": base_source,
+        "base_kind": base_kind,
         "weights": source,
         "lora_rank": str(weights.lora["unet"].rank) if len(ranks) == 1 else ", ".join(ranks),
         "precision": dtype_name(dtype),
-        "device": str(target_device),
+        "device": str(device),
     }
     return OneStepRestorer(
         unet=unet,
         vae=vae,
         lrrb=lrrb,
-        prompt_embedding=embedding.to(target_device),
+        prompt_embedding=embedding.to(device),
         dtype=dtype,
         description=description,
         recipe=recipe,
-        pixel_only_adapters=pixel_only,
     )
 
 

@@ -34,7 +34,9 @@ class OneStepRestorer:
     """A one-step SD 2.1 restorer ready for inference: FiDeSR, PiSA-SR or OSEDiff (``recipe`` says which).
     The text encoder is not kept: the prompt embedding is computed once at load time."""
 
-    unet: UNet2DConditionModel  # LoRA merged
+    # LoRA merged; or any module called as diffusers' U-Net is, ``unet(x, t, encoder_hidden_states=e,
+    # return_dict=False)[0]``, whose enable/disable_adapters switch PiSA-SR's pixel-only pass (ComfyUI's MODEL)
+    unet: UNet2DConditionModel
     vae: AutoencoderKL  # LoRA merged (OSEDiff's encoder LoRA)
     lrrb: LRRB | None  # FiDeSR's refinement block, None for the other families
     prompt_embedding: torch.Tensor  # [1, 77, cross_attention_dim], float32
@@ -51,7 +53,8 @@ class OneStepRestorer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the VAE's weights are (the U-Net's too, unless another program runs it)."""
+        return next(self.vae.parameters()).device
 
     def to(self, device: torch.device | str) -> OneStepRestorer:
         """Move every network to ``device`` (in place) and return self."""

@@ -13,7 +13,7 @@ Every family restores ``z = z_L − r``; ``predict_residual`` returns that ``r``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -30,32 +30,29 @@ LRRB_HALO = 16  # latent rows: three dense blocks of five chained 3x3 convolutio
 logger = logging.getLogger(__name__)
 
 
-def _pisa_sr_unet(
-    model: OneStepRestorer, call: Callable[[torch.Tensor], torch.Tensor], pixel: float | None, semantic: float | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The U-Net pass of PiSA-SR's default mode (both sets, one call) or its adjustable mode.
+def unet_passes(model: OneStepRestorer, pixel: float | None, semantic: float | None) -> list[tuple[float, bool]]:
+    """The U-Net passes as ``(weight, pixel_only)``, summed: one for every family but PiSA-SR's adjustable mode.
 
-    ``λ_pix·ε_pix + λ_sem·(ε_both − ε_pix) = (λ_pix − λ_sem)·ε_pix + λ_sem·ε_both``: one call when
-    ``λ_pix = λ_sem`` (a multiple of ``ε_both``) or ``λ_sem = 0`` (of ``ε_pix``), two otherwise.
-    Both at 1 is exactly ``ε_both``: the default mode's call itself.
+    ``λ_pix·ε_pix + λ_sem·(ε_both − ε_pix) = (λ_pix − λ_sem)·ε_pix + λ_sem·ε_both``: one pass when
+    ``λ_pix = λ_sem`` (both at 1 is the default mode's pass itself) or ``λ_sem = 0``, two otherwise.
+    Whole passes, not tile by tile: a U-Net run by ComfyUI switches its LoRA sets by re-patching weights.
     """
+    if not model.pixel_only_adapters:
+        if pixel is not None or semantic is not None:
+            logger.debug("%s has one LoRA set: pixel/semantic strengths do not apply", model.recipe.name)
+        return [(1.0, False)]
     pixel, semantic = 1.0 if pixel is None else pixel, 1.0 if semantic is None else semantic
-    if pixel == 1.0 and semantic == 1.0:
-        return call
+    if pixel == semantic:
+        return [(semantic, False)]
+    if semantic == 0.0:
+        return [(pixel, True)]
+    return [(pixel - semantic, True), (semantic, False)]
 
-    def pixel_only(tile: torch.Tensor) -> torch.Tensor:
-        with adapters_switched_on(model.unet):
-            return call(tile)
 
-    def adjustable(tile: torch.Tensor) -> torch.Tensor:
-        if semantic == 0.0:
-            return pixel * pixel_only(tile).float()
-        both = call(tile).float()
-        if pixel == semantic:
-            return semantic * both
-        return (pixel - semantic) * pixel_only(tile).float() + semantic * both
-
-    return adjustable
+def _pass_progress(progress: ProgressCallback | None, index: int, passes: int) -> ProgressCallback | None:
+    if progress is None or passes == 1:
+        return progress
+    return lambda done, total: progress(index * total + done, passes * total)
 
 
 def noise_to_residual(z_lq: torch.Tensor, noise: torch.Tensor, alpha_bar: float) -> torch.Tensor:
@@ -89,9 +86,9 @@ def predict_residual(
     compute (default: where the U-Net's weights are; a memory manager that keeps part of the
     weights elsewhere names it).
     """
-    device = device or next(model.unet.parameters()).device
+    device = device or model.device
     embedding = model.prompt_embedding if prompt_embedding is None else prompt_embedding
-    expected_dim = model.unet.config.cross_attention_dim
+    expected_dim = model.prompt_embedding.shape[-1]  # the width of the U-Net's cross-attention
     if embedding.shape[-1] != expected_dim:
         raise ValueError(
             f"prompt embedding width {embedding.shape[-1]} does not fit this U-Net (expects {expected_dim}); "
@@ -103,23 +100,25 @@ def predict_residual(
 
     def unet_tile(tile: torch.Tensor) -> torch.Tensor:
         tile = tile.to(device=device, dtype=model.dtype)
-        return model.unet(tile, timestep, encoder_hidden_states=embedding).sample
+        return model.unet(tile, timestep, encoder_hidden_states=embedding, return_dict=False)[0]
 
-    if model.pixel_only_adapters:
-        unet_tile = _pisa_sr_unet(model, unet_tile, pixel_strength, semantic_strength)
-    elif pixel_strength is not None or semantic_strength is not None:
-        logger.debug("%s has one LoRA set: pixel/semantic strengths do not apply", recipe.name)
     z_lq = z_lq.float().to(device)
-    output = run_tiled(
-        unet_tile,
-        z_lq,
-        tile_size=tile_size,
-        overlap=tile_overlap,
-        square_tiles=recipe.square_tiles,
-        weight_row_shift=recipe.tile_weight_row_shift,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
+    passes = unet_passes(model, pixel_strength, semantic_strength)
+    output = None
+    for index, (weight, pixel_only) in enumerate(passes):
+        with adapters_switched_on(model.unet) if pixel_only else nullcontext():
+            predicted = run_tiled(
+                unet_tile,
+                z_lq,
+                tile_size=tile_size,
+                overlap=tile_overlap,
+                square_tiles=recipe.square_tiles,
+                weight_row_shift=recipe.tile_weight_row_shift,
+                progress=_pass_progress(progress, index, len(passes)),
+                should_cancel=should_cancel,
+            )
+        predicted = predicted if weight == 1.0 else weight * predicted
+        output = predicted if output is None else output + predicted
     if recipe.unet_output == "residual":
         return output
     if recipe.alpha_bar is None:
