@@ -10,25 +10,20 @@ import asyncio
 import json
 import runpy
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-COMFYUI_DIR, WORK_DIR = (Path(argument).resolve() for argument in sys.argv[1:3])
-TESTS_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(COMFYUI_DIR), str(TESTS_DIR), str(TESTS_DIR.parent)]
-sys.argv = ["main.py", "--cpu"]
+# isort: off
+from real_comfyui_boot import TESTS_DIR, WORK_DIR  # first: ComfyUI on the path, its arguments
 
-import comfy.options  # noqa: E402
+# isort: on
+import comfy.model_management as model_management
+import folder_paths
+import torch
+from comfy_stub import import_pack
+from ldm_export import write_diffusers_folder
 
-comfy.options.enable_args_parsing()
-import comfy.model_management as model_management  # noqa: E402
-import folder_paths  # noqa: E402
-import torch  # noqa: E402
-from comfy_stub import import_pack  # noqa: E402
-from ldm_export import write_diffusers_folder  # noqa: E402
-
-from fidesr_core.loading.weights import save_restorer_weights  # noqa: E402
-from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights  # noqa: E402
+from fidesr_core.loading.weights import save_restorer_weights
+from fidesr_core.networks.tiny import tiny_base_model, tiny_fidesr_weights
 
 helpers = runpy.run_path(str(TESTS_DIR / "node_helpers.py"))  # by path: ComfyUI has a node_helpers module too
 chain, error_of, run_node = helpers["chain"], helpers["error_of"], helpers["run_node"]

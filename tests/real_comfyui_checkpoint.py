@@ -12,28 +12,23 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-COMFYUI_DIR, WORK_DIR = (Path(argument).resolve() for argument in sys.argv[1:3])
-TESTS_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(COMFYUI_DIR), str(TESTS_DIR), str(TESTS_DIR.parent)]
-sys.argv = ["main.py", "--cpu"]
+# isort: off
+from real_comfyui_boot import TESTS_DIR, WORK_DIR  # first: ComfyUI on the path, its arguments
 
-import comfy.options  # noqa: E402
+# isort: on
+import comfy.model_management as model_management
+import folder_paths
+import torch
+from comfy_stub import import_pack, node_classes
 
-comfy.options.enable_args_parsing()
-import comfy.model_management as model_management  # noqa: E402
-import folder_paths  # noqa: E402
-import torch  # noqa: E402
-from comfy_stub import import_pack, node_classes  # noqa: E402
-
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own nodes: Load Checkpoint)
-from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR  # noqa: E402
-from fidesr_core.loading.weights import save_restorer_weights  # noqa: E402
-from fidesr_core.networks import tiny  # noqa: E402
+import nodes as comfy_nodes  # ComfyUI's own nodes (Load Checkpoint)
+from fidesr_core.loading.base_model import SD21_BASE_CONFIG_DIR
+from fidesr_core.loading.weights import save_restorer_weights
+from fidesr_core.networks import tiny
 
 helpers = runpy.run_path(str(TESTS_DIR / "node_helpers.py"))  # by path: ComfyUI has a node_helpers module too
 run_node = helpers["run_node"]
