@@ -17,6 +17,7 @@ from real_comfyui_boot import TESTS_DIR, WORK_DIR  # first: ComfyUI on the path,
 
 # isort: on
 import comfy.model_management as model_management
+import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_stub import import_pack
@@ -59,7 +60,11 @@ extension = asyncio.run(pack.comfy_entrypoint())
 nodes = {node.GET_SCHEMA().node_id: node for node in asyncio.run(extension.get_node_list())}
 report["node_info"] = {node_id: node.GET_NODE_INFO_V1() for node_id, node in nodes.items()}  # what /object_info serves
 in_comfyui = SimpleNamespace(nodes=nodes, module=lambda name: sys.modules[f"{pack.__name__}.{name}"])
+if hasattr(comfy.model_patcher, "CoreModelPatcher"):  # 0.33+: as its start-up sets it where dynamic VRAM works
+    comfy.model_patcher.CoreModelPatcher = type("DynamicStandIn", (comfy.model_patcher.ModelPatcher,), {})
+comfys_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)  # its models' class
 (handle,) = run_node(in_comfyui, "FiDeSRModelLoader", base_model="diffusers/tiny", fidesr_weights="tiny.safetensors")
+report["patchers_of_comfys_class"] = all(type(patcher) is comfys_class for patcher in handle.patchers.values())
 image = torch.rand((1, 32, 32, 3), generator=torch.Generator().manual_seed(7))
 runs = {
     "one_node": lambda seed: run_node(in_comfyui, "FiDeSRUpscale", model=handle, image=image, seed=seed)[0],

@@ -70,6 +70,7 @@ def test_networks_load_once_and_stay_resident(report: dict) -> None:
     assert report["resident_after_unload"] == []
     assert sorted(name for name, _ in _run(report, "one_node after unload")["loads"]) == NETWORKS
     assert report["same_after_unload"] and report["one_node_equals_chain"]
+    assert report["patchers_of_comfys_class"]  # CoreModelPatcher where ComfyUI has it: dynamic VRAM on NVIDIA
 
 
 def test_each_node_asks_only_for_its_own_networks(report: dict) -> None:
