@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -115,18 +115,6 @@ def _in_mode(function: Callable) -> Callable:
     return run
 
 
-def _reads_ahead(pool: ThreadPoolExecutor, maps: dict, plans: list, device: torch.device) -> Iterator[dict]:
-    """Each plan's regions read from ``maps`` as ``{key: (tile, box)}``, the next plan's read by ``pool`` while
-    the caller computes this one (a segment reads only maps the previous one finished)."""
-    read = _in_mode(lambda needed: {key: (maps[key].read(box, device), box) for key, box in needed.items()})
-    ahead = pool.submit(read, plans[0][1]) if plans else None
-    for index in range(len(plans)):
-        values = ahead.result()
-        if index + 1 < len(plans):
-            ahead = pool.submit(read, plans[index + 1][1])
-        yield values
-
-
 @torch.no_grad()
 def run_program(
     program: Program,
@@ -139,8 +127,8 @@ def run_program(
     """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels.
 
     Whole-image maps are made by ``store`` (whose peaks then tell what the run held; by default, where the
-    default budget places them); the result is a tensor on ``source``'s device.  A worker thread reads the next
-    tile's regions while one is computed, and writes finished pieces behind it.
+    default budget places them); the result is a tensor on ``source``'s device.  A worker thread writes finished
+    pieces behind while the next tile is read and computed (reading ahead would hold a second tile's inputs).
     """
     store = store or MapStore(MemoryBudget(), source.device, program.layout())
     steps, device = program.steps, source.device
@@ -159,7 +147,7 @@ def run_program(
     maps: dict[str | int, WholeMap] = {"h": TensorMap(source, store.layout)}
     owned: set[str | int] = set()  # maps made here (the caller's tensor is never written)
     stats, total, done = None, sum(len(cores) for cores in grids.values()), 0
-    with ThreadPoolExecutor(2, thread_name_prefix="tiled-vae") as transfers:  # reads ahead, writes behind
+    with ThreadPoolExecutor(1, thread_name_prefix="tiled-vae") as writer:
         writes: deque[Future] = deque()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             segment, last, cores = steps[start:stop], stop == len(steps), grids[start]
@@ -173,10 +161,9 @@ def run_program(
                 plans.append((core, _needs(segment, sizes[start:stop], saved_sizes, wanted)))
             spare = [] if last else _spare_maps(maps, owned, consumed, plans, saved_sizes)
             new_maps: dict[str | int, WholeMap] = {}
-            reads = _reads_ahead(transfers, maps, plans, device)
-            for core, _ in plans:
+            for core, needed in plans:
                 check_cancelled(should_cancel)
-                values = next(reads)
+                values = {key: (maps[key].read(box, device), box) for key, box in needed.items()}
                 values["h"] = _run_steps(segment, values, stats)
                 for key in ["h"] + [key for key in saved if key != aliased]:
                     value, box = values[key]
@@ -195,7 +182,7 @@ def run_program(
                             new_maps[key] = (
                                 store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
                             )
-                    writes.append(transfers.submit(_in_mode(new_maps[key].write), target, piece))
+                    writes.append(writer.submit(_in_mode(new_maps[key].write), target, piece))
                     while len(writes) > _WRITES_BEHIND:
                         writes.popleft().result()
                 del values
