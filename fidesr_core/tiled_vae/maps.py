@@ -95,6 +95,13 @@ class FileMap(WholeMap):
             if os.preadv(self.fd, [raw[sample, row]], offset) != size:
                 raise OSError(f"tiled VAE: short read from a temporary map file at byte {offset}")
         self.traffic["read"] += raw.nbytes
+        if self.layout == torch.contiguous_format and device.type == "cpu":
+            # [h·w, C] transposed per sample: torch copies that in cache blocks, several times faster than a
+            # permuted 4-D copy (which made most of the time of reading a float32 map from a file)
+            tile = torch.empty((batch, channels, *rows.shape[1:3]), dtype=self.dtype)
+            for sample in range(batch):
+                tile[sample].view(channels, -1).copy_(rows[sample].view(-1, channels).t())
+            return tile
         tile = rows.permute(0, 3, 1, 2)  # [B, C, h, w], channels-last in memory
         return tile.to(device).contiguous(memory_format=self.layout)  # as a map in memory would give it
 
