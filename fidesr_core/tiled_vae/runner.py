@@ -185,7 +185,7 @@ def run_program(
                     writes.append(writer.submit(_in_mode(new_maps[key].write), target, piece))
                     while len(writes) > _WRITES_BEHIND:
                         writes.popleft().result()
-                del values
+                del values, value, piece  # the tile being written is held by its write alone
                 done += 1
                 if progress is not None:
                     progress(done, total)
