@@ -19,6 +19,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..fidesr_core.networks.families import LoraSet, RestorerWeights, recipe_for
 from ..fidesr_core.networks.lora import PEFT_KEY
+from ..fidesr_core.precision import dtype_name
 from .errors import engine_errors, node_error
 from .inputs import FiDeSRModelType, schema
 from .loader import weights_choice_problem
@@ -212,6 +213,6 @@ class FiDeSRModelFromCheckpoint(io.ComfyNode):
         handle = FiDeSRModelHandle.wrap(
             restorer, base_name="checkpoint MODEL", weights_name=fidesr_weights, unet_patcher=full
         )
-        summary = f"{handle.family_name}: {fidesr_weights} on the checkpoint's MODEL, {restorer.dtype}"
+        summary = f"{handle.family_name}: {fidesr_weights} on the checkpoint's MODEL, {dtype_name(restorer.dtype)}"
         logger.info("FiDeSR pack made %s", summary)
         return io.NodeOutput(handle, ui=ui.PreviewText(summary))
