@@ -1,11 +1,5 @@
-"""FiDeSR Model from Checkpoint: a family's weights on ComfyUI's own SD 2.1 MODEL, CLIP and VAE (Load Checkpoint).
-
-The family's U-Net LoRA (and OSEDiff's trained ``conv_in``) become ComfyUI patches on a clone of the
-MODEL (the user's MODEL is unchanged), so ComfyUI's weight dtypes, attention back-ends, model patches
-and memory manager apply as to its own models, and the checkpoint is read once.  PiSA-SR's adjustable
-mode runs a second clone that holds the pixel set only.  The tiled VAE works on a diffusers copy of the
-VAE's weights; the prompt embedding comes from the CLIP.  No peft or transformers here: diffusers is
-needed for the VAE copy, peft for OSEDiff's VAE-encoder LoRA only.
+"""FiDeSR Model from Checkpoint: a family's weights on ComfyUI's own SD 2.1 MODEL, CLIP and VAE (Load Checkpoint):
+its LoRA as ComfyUI patches on clones of the MODEL, a diffusers copy of the VAE for the tiled VAE (README).
 """
 
 from __future__ import annotations
@@ -53,11 +47,8 @@ def _inference_dtype(base: Any) -> torch.dtype:
 
 
 class ComfyUNet(torch.nn.Module):
-    """The family's U-Net step on a patched clone of ComfyUI's MODEL, called as the engine calls diffusers' U-Net
-    (``OneStepRestorer.unet``).  Holds no weights of its own: the memory manager loads the clone.
-
-    ``enable_adapters`` / ``disable_adapters`` (peft's names, which the engine uses to switch PiSA-SR's
-    pixel-only pass on and off) load the pixel-only clone and the full one again."""
+    """The U-Net step on a patched clone of ComfyUI's MODEL, called as diffusers' U-Net (``OneStepRestorer.unet``);
+    ``enable_adapters`` / ``disable_adapters`` (peft's names) switch to PiSA-SR's pixel-only clone and back."""
 
     def __init__(self, patcher: Any, pixel_patcher: Any | None = None) -> None:
         super().__init__()
@@ -81,8 +72,7 @@ class ComfyUNet(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **_):
         """``[B, 4, h, w]`` -> ``(output [B, 4, h, w],)`` of ComfyUI's diffusion model at the family's timestep."""
         patcher = self.patchers[self.active]
-        base = patcher.model
-        dtype = _inference_dtype(base)
+        base, dtype = patcher.model, self.dtype
         options = dict(patcher.model_options.get("transformer_options", {}))
         if hasattr(patcher, "is_dynamic"):  # as ComfyUI's own apply_model does (0.33+)
             options["prefetch_dynamic_vbars"] = patcher.is_dynamic()
