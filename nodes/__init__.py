@@ -1,21 +1,11 @@
 """ComfyUI nodes of FiDeSR (V3 node API, ``comfy_api.v0_0_2``): thin adapters over ``fidesr_core``.
 
-Node ids and input names are user-facing API (saved workflows store them):
-never rename or reorder them; new inputs may only be appended
-(``tests/node_interface.json`` pins them).
+Node ids and input names are user-facing API (saved workflows store them): never rename or reorder them;
+new inputs may only be appended (``tests/node_interface.json`` pins them).
 
-``comfy_api.v0_0_2`` is not frozen.  In the ComfyUI releases tested
-(0.3.64, 0.8.0 and 0.33.0) ``comfy_api/v0_0_2/__init__.py`` re-exports
-``comfy_api.latest`` (``comfy_api.v0_0_2.io is comfy_api.latest.io``) and says
-``STABLE = False``; ComfyUI's V3 migration guide calls v0_0_2 the current
-version, still changed without warning (0.33.0 added six fields to every node's
-``/object_info`` entry, for one).  Today both names give the same classes.
-Naming the version is still the better choice: by the same guide, once v0_0_2
-is considered stable ``latest`` moves on to a new v0_0_3 and v0_0_2 is the
-version that stays, so the pack keeps the API it was written for instead of
-following v0_0_3's changes.  Until then v0_0_2's changes reach the pack as
-``latest``'s do; the tests against real ComfyUI releases
-(``tests/test_nodes_real_comfyui.py``) are what notice them.
+``v0_0_2`` still re-exports ``comfy_api.latest`` and changes without warning (ComfyUI 0.3.64 to 0.33.0), but
+once it is declared stable ``latest`` moves on to v0_0_3 and v0_0_2 stays: naming it keeps the API the pack
+was written for.  ``tests/test_nodes_real_comfyui.py`` notices the changes until then.
 """
 
 from __future__ import annotations

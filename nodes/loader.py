@@ -54,15 +54,17 @@ def loader_choices() -> dict[str, list[str]]:
     }
 
 
+def _choice_problem(name: str, value: str, choices: list[str], folders: str, what: str, sources: str) -> str | None:
+    """ComfyUI's list check for a file input, plus download entries listed earlier (their file may be here now)."""
+    if value in choices or known_file_of(value):
+        return None
+    return f"{name} {value!r} is not in the {folders}; put {what} there ({sources}) and refresh (R)"
+
+
 def weights_choice_problem(fidesr_weights: str) -> str | None:
-    """What is wrong with the chosen weights file (ComfyUI's list check, plus download entries listed earlier,
-    whose file may be here now), or None."""
-    if fidesr_weights not in fidesr_weight_choices() and not known_file_of(fidesr_weights):
-        return (
-            f"fidesr_weights {fidesr_weights!r} is not in the fidesr model folders ({folder_list(FIDESR_FOLDER)}); "
-            f"put it there ({WEIGHTS_SOURCES}) and refresh (R)"
-        )
-    return None
+    """What is wrong with the chosen weights file, or None."""
+    folders = f"fidesr model folders ({folder_list(FIDESR_FOLDER)})"
+    return _choice_problem("fidesr_weights", fidesr_weights, fidesr_weight_choices(), folders, "it", WEIGHTS_SOURCES)
 
 
 class FiDeSRModelLoader(io.ComfyNode):
@@ -116,16 +118,14 @@ class FiDeSRModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, base_model: str, fidesr_weights: str) -> bool | str:
-        """ComfyUI's list check for the two file inputs, plus download entries listed earlier (their file may be here now)."""
-        if problem := weights_choice_problem(fidesr_weights):
-            return problem
-        if base_model not in base_model_choices() and not known_file_of(base_model):
-            return (
-                f"base_model {base_model!r} is not in the checkpoints ({folder_list('checkpoints')}) or diffusers "
-                f"({folder_list('diffusers')}) model folders; put Stable Diffusion 2.1-base there ({BASE_SOURCES}) "
-                "and refresh (R)"
+        folders = f"checkpoints ({folder_list('checkpoints')}) or diffusers ({folder_list('diffusers')}) model folders"
+        return (
+            weights_choice_problem(fidesr_weights)
+            or _choice_problem(
+                "base_model", base_model, base_model_choices(), folders, "Stable Diffusion 2.1-base", BASE_SOURCES
             )
-        return True
+            or True
+        )
 
     @classmethod
     def execute(cls, base_model: str, fidesr_weights: str, precision: str = "auto") -> io.NodeOutput:
