@@ -1,7 +1,6 @@
 """FiDeSR engine: one-step diffusion super-resolution on Stable Diffusion 2.1-base (FiDeSR, PiSA-SR, OSEDiff).
 
-Plain torch + diffusers + peft; no ComfyUI.  Names are imported lazily so that
-``python -m fidesr_core --help`` and the ComfyUI pack start quickly.
+Plain torch + diffusers + peft; no ComfyUI.  Names are imported lazily, so the CLI and the pack start quickly.
 
 Typical use::
 
@@ -9,9 +8,6 @@ Typical use::
     model = load_restorer("v2-1_512-ema-pruned.safetensors", "pisa_sr.pkl")  # or fidesr.pkl, osediff.pkl
     image = upscale(model, lq, UpscaleSettings(latent_mode="mode"))  # [B, 3, 4H, 4W] in [0, 1]
     model.family  # "fidesr", "pisa-sr" or "osediff"
-
-The stages one by one (``pipeline.encode_stage`` ... ``decode_stage``), the numerical operations
-(``ops``), loading (``loading``) and the tiled VAE (``tiled_vae``) are imported from their modules.
 """
 
 from __future__ import annotations

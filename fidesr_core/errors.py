@@ -1,8 +1,5 @@
-"""Exceptions raised by the engine.
-
-Every message is written for the person who chose the file or value: it names
-the thing that is wrong and what was expected, so the CLI can print it as one
-line and ComfyUI can show it on the node.
+"""Exceptions raised by the engine.  Every message names what is wrong and what was expected, for the person
+who chose the file or value: the CLI prints it as one line, ComfyUI shows it on the node.
 """
 
 from __future__ import annotations

@@ -2,12 +2,9 @@
 
     preprocess → encode → residual → (LRRB) refine → LF / HF injection → decode → colour fix
 
-Each stage is a function from the ``Latents`` before it to the ``Latents`` after it; ``upscale``
-chains them, and the ComfyUI nodes run the same functions one per node, so both give
-bit-identical results.  FiDeSR, PiSA-SR and OSEDiff run the same flow: the model's recipe says
-what differs per family (docs/algorithm.md §9), and the refine stage passes the latents through
-when the model has no LRRB.  Every stage runs through ``runtime.run_stage`` (device, images at
-a time, tile, out-of-memory retries) and processes each image as it would be processed alone.
+Each stage maps ``Latents`` to ``Latents``; ``upscale`` chains them and the ComfyUI nodes run them one per node,
+so both give bit-identical results.  The model's recipe says what differs per family (§9).  Every stage runs
+through ``runtime.run_stage`` and processes each image as it would be processed alone.
 """
 
 from __future__ import annotations
@@ -33,12 +30,8 @@ _INJECTION_BYTES_PER_PIXEL = 64  # image-sized detail maps and latent FFTs, floa
 
 @dataclass(frozen=True, eq=False)
 class Latents:
-    """What the stages hand on (float32); each stage returns a new one.
-
-    The current latent is always recomputed from its parts in one fixed order (``latent``), so
-    the stages run in one call or one per node give bit-identical latents, and the two
-    injections commute exactly.
-    """
+    """What the stages hand on (float32); each stage returns a new one.  The current latent is always recomputed
+    from its parts in one fixed order (``latent``), so the two injections commute exactly."""
 
     z_lq: torch.Tensor  # [B, 4, h, w] the LQ latent z_L, scaled
     reference: torch.Tensor  # [B, 3, 8h, 8w] the upscaled LQ in [-1, 1]: colour-fix reference, gate source
@@ -77,8 +70,7 @@ def upscale(
 ) -> torch.Tensor:
     """Super-resolve ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, round(s·H), round(s·W)]`` in [0, 1], float32 on CPU.
 
-    ``prompt_embedding`` (``[1 or B, 77, dim]``) replaces the model's own (its family's released
-    prompt, or the prompt it was loaded with).  ``runtime``: progress, cancellation and memory.
+    ``prompt_embedding`` (``[1 or B, 77, dim]``) replaces the model's own.
     """
     settings = settings or UpscaleSettings()
     runtime = runtime or Runtime()
@@ -93,8 +85,7 @@ def upscale(
 
 
 def _tile_working_bytes(height: int, width: int, dtype: torch.dtype, image_pixels_per_unit: int = 64):
-    """One image's working memory of a network run over ``height × width`` units (latent pixels: 8x8 image
-    pixels each) at a tile size."""
+    """One image's working memory of a network over ``height × width`` units (default: latent pixels) by tile."""
 
     def working_bytes(tile: int) -> int:
         units = min(height, tile) * min(width, tile) if tile > 0 else height * width
@@ -112,11 +103,8 @@ def encode_stage(
     *,
     with_gate: bool = True,
 ) -> Latents:
-    """``[B, 3, H, W]`` in [0, 1] -> the latents of the upscaled image (docs/algorithm.md §2.1, §2.3).
-
-    The image is upscaled where the VAE runs; ``with_gate`` also computes the injections' spatial
-    gate there, once for every later stage.
-    """
+    """``[B, 3, H, W]`` in [0, 1] -> the latents of the upscaled image (§2.1, §2.3); ``with_gate``: also the
+    injections' spatial gate, once for every later stage."""
     runtime = runtime or Runtime()
     _, (height, width) = processing_size(
         *image.shape[-2:], upscale_by=settings.upscale_by, process_size=settings.process_size
@@ -297,10 +285,8 @@ def decode_stage(
     *,
     latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The latent as an image ``[B, 3, H, W]`` in [0, 1], colour-fixed and at the output size (§2.8, §2.9).
-
-    ``latent`` (scaled, ``[B, 4, h, w]``) replaces ``latents.latent()``: a latent edited in between.
-    """
+    """The latent as an image ``[B, 3, H, W]`` in [0, 1], colour-fixed and at the output size (§2.8, §2.9);
+    ``latent`` (scaled, ``[B, 4, h, w]``) replaces ``latents.latent()``: a latent edited in between."""
     runtime = runtime or Runtime()
     latent = latents.latent() if latent is None else latent
     batch, _, height, width = latent.shape

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from .errors import SettingsError
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX).
-
-    Without it bf16 convolutions are emulated and slower than fp32.
-    """
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); else it is emulated, slower than fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -34,13 +28,9 @@ def _cpu_has(feature: str) -> bool:
 
 
 def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
-    """What ``auto`` picks on ``device``, and why in a few words.
-
-    On a CPU by what it runs natively (benchmarks/README.md has the numbers): fp16 where AMX-FP16
-    multiplies it at the bf16 rate (fp16 keeps 3 more mantissa bits); bf16 with AMX-BF16 or
-    AVX512-BF16 (4.6x the reference fp32 path on an AMX CPU); otherwise fp32, since half types
-    are then emulated and slower than fp32 (fp16 too where only AVX512-FP16 conversions exist).
-    """
+    """What ``auto`` picks on ``device``, and why in a few words.  On a CPU, what it runs natively (the numbers:
+    benchmarks/README.md): fp16 with AMX-FP16 (as fast as bf16, 3 more mantissa bits), bf16 with AMX-BF16 or
+    AVX512-BF16, else fp32 (emulated half types are slower, fp16 too with only AVX512-FP16 conversions)."""
     if device.type == "cuda":
         return torch.float16, "CUDA: fp16 tensor cores"
     if device.type == "mps":

@@ -1,11 +1,9 @@
 """Where and how the stages of an upscale run: device, images at a time, tile, progress, cancellation, out of memory.
 
-Every stage of ``pipeline`` goes through ``run_stage``: it asks the ``Runtime`` for a device and
-how many images fit at once, runs the stage's work over the batch in chunks of that many, and
-after running out of memory tries again with fewer images at once, then with half the tile,
-down to the stage's smallest tile; past that it raises ``OutOfMemory`` naming what to change.
-The base ``Runtime`` runs where the weights are, with the whole batch, and leaves results there
-(the CLI); the ComfyUI nodes subclass it to load networks through ComfyUI's memory manager.
+Every stage of ``pipeline`` goes through ``run_stage``: it runs the stage's work over the batch in chunks of
+as many images as the ``Runtime`` allows, and after running out of memory tries again with fewer images, then
+with half the tile, down to the stage's smallest tile, before raising ``OutOfMemory``.  The ComfyUI nodes
+subclass ``Runtime`` to load networks through ComfyUI's memory manager.
 """
 
 from __future__ import annotations
@@ -91,8 +89,7 @@ def run_stage(
 ) -> list[torch.Tensor | None]:
     """``work(images, tile, device, tile_progress)`` over the batch, again smaller after running out of memory.
 
-    ``work`` returns a fixed number of tensors (or Nones) for the images of its slice; they are joined
-    along dim 0.  ``working_bytes(tile)``: one image's working memory at that tile.  A stage is tiled
+    ``work`` returns a fixed number of tensors (or Nones) for its slice, joined along dim 0.  A stage is tiled
     when ``min_tile`` > 0: a tile of 0 ("in one piece") then counts as ``full_size``.
     """
     per_image = max(1, working_bytes(tile))

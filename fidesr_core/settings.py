@@ -1,11 +1,8 @@
 """Every setting of an upscale, each checked once, here (docs/algorithm.md §2, §4).
 
-A field's ``Rule`` (in its metadata) says what it accepts; the dataclasses check their fields
-on construction, the CLI builds its argparse types and choices from the same rules, and the
-nodes declare the same ranges to ComfyUI.  A bad value raises ``SettingsError`` whose
-``setting`` names the field (``"tile_size"``, ``"lf.cutoff"``) and whose ``problem`` says what
-is wrong, so each front end can name its own flag or input.  Defaults reproduce the released
-test scripts.
+A field's ``Rule`` (in its metadata) says what it accepts, for the dataclasses and the CLI alike.  A bad
+value raises ``SettingsError`` naming the field (``"lf.cutoff"``), so each front end can name its own flag
+or input.  Defaults reproduce the released test scripts.
 """
 
 from __future__ import annotations
@@ -141,12 +138,8 @@ _STRENGTH = Rule(float, -10.0, 10.0, optional=True)  # None: PiSA-SR's default m
 
 @dataclass(frozen=True)
 class UpscaleSettings:
-    """Every knob of one upscale.
-
-    ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode (``λ_pix``, ``λ_sem``);
-    both None is its default mode.  FiDeSR and OSEDiff have one LoRA set and ignore them.
-    Tile sizes of 0 never tile.
-    """
+    """Every knob of one upscale.  ``pixel_strength`` / ``semantic_strength``: PiSA-SR's ``λ_pix``, ``λ_sem``
+    (both None: its default mode; the other families ignore them).  Tile sizes of 0 never tile."""
 
     upscale_by: float = _setting(4.0, Rule(float, 1.0, 16.0))
     latent_mode: LatentMode = _setting("sample", Rule(str, choices=LATENT_MODES))

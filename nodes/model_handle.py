@@ -1,12 +1,9 @@
 """``FIDESR_MODEL``: the engine's ``OneStepRestorer`` and one ComfyUI model patcher per network.
 
-ComfyUI's memory manager places each network (U-Net, VAE, FiDeSR's LRRB) like its own models, with
-the patcher class it uses for them (``CoreModelPatcher``: dynamic VRAM on NVIDIA in ComfyUI 0.33+).
-On ComfyUI's own MODEL (``comfy_model``) the U-Net's patcher is a clone of that MODEL's.  A U-Net
-Load FiDeSR Model built gets ComfyUI's castable layer classes (``comfy.ops.disable_weight_init``),
-identical to torch's until it is loaded only partly (``--lowvram``, a small GPU): then they fetch
-the offloaded weights layer by layer.  The VAE (whose tiles read its weights directly) and the
-small LRRB are loaded whole.
+ComfyUI's memory manager places each network like its own models, with the patcher class it uses for them.
+A U-Net Load FiDeSR Model built gets ComfyUI's castable layers (``comfy.ops.disable_weight_init``), so it can
+be loaded partly (``--lowvram``, a small GPU); the VAE (whose tiles read its weights directly) and the small
+LRRB are loaded whole.
 """
 
 from __future__ import annotations

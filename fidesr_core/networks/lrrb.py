@@ -1,9 +1,6 @@
 """Latent Residual Refinement Block (docs/algorithm.md §3).
 
-An RRDB-style stack of three dense blocks that looks at the LQ latent and the
-U-Net's residual side by side and predicts a correction to that residual.
-Parameter names match the authors' ``lrrb_state_dict`` so their file loads
-unchanged.
+An RRDB-style stack of three dense blocks; parameter names match the authors' ``lrrb_state_dict``.
 """
 
 from __future__ import annotations
@@ -35,10 +32,7 @@ class DenseBlock(nn.Module):
 
 
 class LRRB(nn.Module):
-    """Predicts ``Δr`` from ``cat([z_L, r])``; an untrained block returns exactly 0.
-
-    Input ``[B, 2·latent_channels, h, w]``, output ``[B, latent_channels, h, w]``.
-    """
+    """``Δr`` ``[B, C, h, w]`` from ``cat([z_L, r])`` ``[B, 2C, h, w]``; an untrained block returns exactly 0."""
 
     residual_scale = 0.2
 

@@ -18,11 +18,8 @@ if TYPE_CHECKING:  # annotation only; transformers is imported by whoever built 
 
 @torch.no_grad()
 def encode_token_ids(text_encoder: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:
-    """``[B, 77, hidden]`` float32: the text encoder's last hidden state for token ids ``[B, 77]``.
-
-    SD 2 takes the penultimate layer of OpenCLIP; the diffusers/transformers
-    text encoder of SD 2.x already has that last layer removed (23 layers).
-    """
+    """``[B, 77, hidden]`` float32: the text encoder's last hidden state for token ids ``[B, 77]`` (SD 2 takes
+    OpenCLIP's penultimate layer; the diffusers text encoder of SD 2.x already lacks the last one)."""
     device = next(text_encoder.parameters()).device
     return text_encoder(input_ids=ids.to(device)).last_hidden_state.float()
 

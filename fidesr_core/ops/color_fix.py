@@ -1,9 +1,7 @@
 """Colour correction of the restored image towards the upscaled input (docs/algorithm.md §2.9).
 
-``adain`` matches per-channel mean and standard deviation; ``wavelet`` keeps
-the output's high frequencies and takes the low frequencies (5 levels of
-dilated 3x3 binomial blurs) from the reference, as PiSA-SR and StableSR do.
-Images are ``[B, 3, H, W]`` in ``[0, 1]``; results are clamped to ``[0, 1]``.
+``adain`` matches per-channel mean and std; ``wavelet`` takes the reference's low frequencies (5 levels of
+dilated 3x3 binomial blurs), as PiSA-SR and StableSR do.  Images ``[B, 3, H, W]`` in ``[0, 1]``, clamped.
 """
 
 from __future__ import annotations

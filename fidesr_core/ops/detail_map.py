@@ -47,10 +47,7 @@ def local_variance(gray: torch.Tensor) -> torch.Tensor:
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """Quantile of all elements with linear interpolation, equal to ``torch.quantile``.
-
-    Works for any size (``torch.quantile`` stops at 2**24 elements).
-    """
+    """``torch.quantile`` of all elements (linear interpolation), at any size (it stops at 2**24 elements)."""
     flat = values.reshape(-1).float()
     count = flat.numel()
     if count == 0:
@@ -88,12 +85,8 @@ def _structure(gray: torch.Tensor) -> torch.Tensor:
 
 
 def detail_map(image: torch.Tensor, *, shift_to_unit: bool = True) -> torch.Tensor:
-    """Detail map ``D`` of ``[B, 3, H, W]`` -> ``[B, 1, H, W]`` in ``[0, 1]``, float32.
-
-    ``image`` is in ``[-1, 1]``.  Inference (LFIM) shifts it to ``[0, 1]`` first;
-    the released trainer's DAW map uses the ``[-1, 1]`` values as they are, which
-    is ``shift_to_unit=False``.
-    """
+    """Detail map ``D`` of ``[B, 3, H, W]`` in ``[-1, 1]`` -> ``[B, 1, H, W]`` in ``[0, 1]``, float32; inference
+    shifts the image to ``[0, 1]`` first, the released trainer's DAW map does not (``shift_to_unit=False``)."""
     maps = []
     for index in range(image.shape[0]):
         gray = luminance(image[index : index + 1].float())  # [1, 1, H, W]

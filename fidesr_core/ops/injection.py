@@ -39,6 +39,12 @@ def channel_gate(
     return torch.sigmoid(sharpness * (ratio - tau))
 
 
+def _channel_gate(z_lq: torch.Tensor, s: LowFrequencySettings | HighFrequencySettings, cutoff: float, order: int):
+    return channel_gate(
+        z_lq, cutoff=cutoff, order=order, tau=s.channel_tau, sharpness=s.channel_sharpness, geometry=s.filter
+    )
+
+
 def residual_magnitude_map(refined_residual: torch.Tensor) -> torch.Tensor:
     """``R = pnorm(0.8·mean_c|r̃| + 0.2·std_c|r̃|)`` ``[B, 1, h, w]`` (unbiased std over channels)."""
     magnitude = refined_residual.float().abs()
@@ -56,14 +62,7 @@ def low_frequency_delta(
     low = butterworth_lowpass(z, cutoff=settings.cutoff, order=settings.order, geometry=settings.filter)
     residual_map = residual_magnitude_map(z_lq - z)
     mask = percentile_normalize((1.0 - gate.float()) * residual_map) ** settings.gamma
-    per_channel = channel_gate(
-        z_lq,
-        cutoff=settings.cutoff,
-        order=settings.order,
-        tau=settings.channel_tau,
-        sharpness=settings.channel_sharpness,
-        geometry=settings.filter,
-    )
+    per_channel = _channel_gate(z_lq, settings, settings.cutoff, settings.order)
     return settings.strength * mask * per_channel * low
 
 
@@ -76,14 +75,7 @@ def high_frequency_delta(
         return torch.zeros_like(z)
     kwargs = {"cutoff": settings.cutoff, "order": settings.order, "geometry": settings.filter}
     detail_gap = butterworth_highpass(z, **kwargs) - butterworth_highpass(z_lq, **kwargs)
-    per_channel = channel_gate(
-        z_lq,
-        cutoff=settings.channel_cutoff,
-        order=settings.channel_order,
-        tau=settings.channel_tau,
-        sharpness=settings.channel_sharpness,
-        geometry=settings.filter,
-    )
+    per_channel = _channel_gate(z_lq, settings, settings.channel_cutoff, settings.channel_order)
     return settings.strength * gate.float() ** settings.gamma * (1.0 - per_channel) * detail_gap
 
 

@@ -50,12 +50,10 @@ def run_tiled(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> torch.Tensor:
-    """Apply ``fn`` (``[B, C, th, tw] -> [B, C', th, tw]``) tile by tile and blend; float32 result.
+    """Apply ``fn`` (``[B, C, th, tw] -> [B, C', th, tw]``) tile by tile and blend (once if small); float32.
 
-    Without tiling (small input or ``tile_size == 0``) ``fn`` runs once on ``x``.
-    ``square_tiles``: clamp the tile to ``min(tile_size, h, w)`` on both axes (OSEDiff's tiler);
-    where that square is no larger than ``overlap`` (the released loop would never end) the
-    overlap becomes half the tile.  ``weight_row_shift``: see ``gaussian_tile_weight``.
+    ``square_tiles``: the tile is ``min(tile_size, h, w)`` on both axes (OSEDiff's tiler); where that is no
+    larger than ``overlap`` (the released loop would never end) the overlap becomes half the tile.
     """
     height, width = x.shape[-2:]
     if not needs_tiling(height, width, tile_size):

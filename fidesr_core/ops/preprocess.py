@@ -1,9 +1,6 @@
 """Input sizing and resampling of the released test scripts, generalised to any scale (docs/algorithm.md §2.1,
-§2.8, §2.9): ``prepare_lq`` makes the network input (pre-scale, ``× upscale_by``, sides to multiples of 8,
-[-1, 1]); ``color_fix_decoded`` and ``resize_to_output`` finish the decoded image at exactly
-``round(upscale_by · size)``.  8-bit images (every value ``k / 255``) go the released way, through PIL on 8-bit
-images with the released truncations; other images keep their precision on the float path.  Sizes, bounds and
-the accepted pixel range are §2.1's.
+§2.8, §2.9).  8-bit images (every value ``k / 255``) go the released way, through PIL with the released
+truncations; other images keep their precision on the float path.
 """
 
 from __future__ import annotations
@@ -57,11 +54,6 @@ def _is_eight_bit(values: torch.Tensor) -> bool:
             return False
     low, high = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
     return bool(low >= 0.0) and bool(high <= 1.0)
-
-
-def eight_bit_images(image: torch.Tensor) -> list[bool]:
-    """Per image of ``[B, C, H, W]``: whether every value is exactly ``k / 255`` (float32), ``k`` in 0..255."""
-    return [_is_eight_bit(one) for one in image]
 
 
 def _network_levels(pixels: torch.Tensor) -> torch.Tensor | None:
@@ -123,11 +115,8 @@ def processing_size(
     process_size: int = PROCESS_SIZE,
     max_pixels: int = MAX_PROCESSING_PIXELS,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``((pre_h, pre_w), (proc_h, proc_w))``: size after the min-side rule, and the network's input size.
-
-    Raises ``ImageInputError`` for an image that would be processed at more than ``max_pixels``
-    or at less than 8 px on a side.
-    """
+    """``((pre_h, pre_w), (proc_h, proc_w))``: size after the min-side rule, and the network's input size;
+    ``ImageInputError`` beyond ``max_pixels`` or below 8 px on a side."""
     if height < 1 or width < 1:
         raise ImageInputError(f"image is {width}x{height} pixels; it needs at least 1x1")
     pre_h, pre_w = _prescaled_size(height, width, upscale_by, process_size)
@@ -187,19 +176,15 @@ def _prepare_eight_bit(
 
 
 def prepare_lq(image: torch.Tensor, *, upscale_by: float = 4.0, process_size: int = PROCESS_SIZE) -> PreparedImage:
-    """``[B, 3, H, W]`` float in ``[0, 1]`` -> network input and the final output size.
-
-    Sizes are checked first, then the pixels (``check_unit_range``), before anything is resized.
-    8-bit images (``eight_bit_images``) are resized as the released scripts do, through PIL on
-    8 bits; the others in float (see the module's docstring).
-    """
+    """``[B, 3, H, W]`` float in ``[0, 1]`` -> network input and the final output size; sizes are checked
+    first, then the pixels, before anything is resized."""
     if image.ndim != 4 or image.shape[1] != 3:
         raise ImageInputError(f"expected an RGB batch [B, 3, H, W], got shape {tuple(image.shape)}")
     height, width = image.shape[-2:]
     pre_size, proc_size = processing_size(height, width, upscale_by=upscale_by, process_size=process_size)
     check_unit_range(image)
     up_size = (round(pre_size[0] * upscale_by), round(pre_size[1] * upscale_by))
-    eight_bit = eight_bit_images(image)
+    eight_bit = [_is_eight_bit(one) for one in image]
 
     def prepared(index: int) -> torch.Tensor:
         if eight_bit[index]:
@@ -224,11 +209,8 @@ def _truncate_to_eight_bit(image: torch.Tensor, *, in_place: bool = False) -> to
 def color_fix_decoded(decoded: torch.Tensor, upscaled_lq: torch.Tensor, color_fix: ColorFixMethod) -> torch.Tensor:
     """Colour-fix the decoded ``[B, 3, H, W]`` in [0, 1] against the network input ``upscaled_lq`` (in [-1, 1]).
 
-    For images whose network input came from an 8-bit image (``prepare_lq``'s PIL path; recognised
-    from ``upscaled_lq``, which must be float32 as made), the released scripts' steps: the decoded
-    image truncated to 8 bits (torchvision's ``to_pil_image``), the colour fix against the 8-bit
-    network input, the result truncated to 8 bits again (none: truncated once).  Other images:
-    the colour fix in float against the network input resized to the decoded size.
+    An input from an 8-bit image (told from ``upscaled_lq``, float32 as made) takes the released steps: truncate
+    to 8 bits (``to_pil_image``), colour-fix against the 8-bit input, truncate again (none: once).
     """
     upscaled_lq = upscaled_lq.to(decoded.device)
     size = tuple(decoded.shape[-2:])
@@ -262,11 +244,8 @@ def _per_image(count: int, compute: Callable[[int], torch.Tensor]) -> torch.Tens
 
 
 def resize_to_output(image: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    """Resize the restored ``[B, 3, H, W]`` in ``[0, 1]`` to ``output_size`` when it differs.
-
-    Images whose values are all 8-bit (as ``color_fix_decoded`` leaves the released path's) are
-    resized as the released scripts do, with PIL's bicubic on 8 bits; the others in float.
-    """
+    """Resize the restored ``[B, 3, H, W]`` in ``[0, 1]`` to ``output_size`` when it differs; 8-bit images (as
+    ``color_fix_decoded`` leaves the released path's) with PIL's bicubic, as the released scripts do."""
     if tuple(image.shape[-2:]) == tuple(output_size):
         return image
 

@@ -1,13 +1,7 @@
 """The one-step restoration: the U-Net's residual, then (FiDeSR) LRRB refinement (docs/algorithm.md §2.4–2.6, §9).
 
-Every family restores ``z = z_L − r``; ``predict_residual`` returns that ``r`` for all three:
-
-- FiDeSR and PiSA-SR: the U-Net's output at t = 1 itself.  PiSA-SR's adjustable mode mixes the
-  pixel-only and the full prediction, ``λ_pix·ε_pix + λ_sem·(ε_pix+sem − ε_pix)``;
-- OSEDiff: the U-Net predicts noise at t = 999, one DDPM step gives the clean latent
-  ``x0 = (z_L − √(1 − ᾱ)·ε) / √ᾱ``, and ``r = z_L − x0``.
-
-``refine_residual`` applies the LRRB where there is one and passes the residual through otherwise.
+Every family restores ``z = z_L − r``; ``predict_residual`` returns that ``r`` for all three (OSEDiff's from
+its predicted noise, ``r = z_L − x0``).
 """
 
 from __future__ import annotations
@@ -55,14 +49,6 @@ def _pass_progress(progress: ProgressCallback | None, index: int, passes: int) -
     return lambda done, total: progress(index * total + done, passes * total)
 
 
-def noise_to_residual(z_lq: torch.Tensor, noise: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-    """``z_L − x0`` with ``x0 = (z_L − √(1 − ᾱ)·ε) / √ᾱ``: one DDPM step to t = 0, as diffusers computes it (float32)."""
-    alpha = torch.tensor(alpha_bar, dtype=torch.float32, device=z_lq.device)
-    z_lq = z_lq.float()
-    clean = (z_lq - (1 - alpha) ** 0.5 * noise.float()) / alpha**0.5
-    return z_lq - clean
-
-
 @torch.no_grad()
 def predict_residual(
     model: OneStepRestorer,
@@ -79,12 +65,9 @@ def predict_residual(
 ) -> torch.Tensor:
     """The residual ``r`` (``z = z_L − r``) ``[B, 4, h, w]`` float32, the U-Net tiled over the latent when large.
 
-    ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's own (its family's
-    released prompt).  ``pixel_strength`` / ``semantic_strength``: PiSA-SR's adjustable mode
-    (``λ_pix``, ``λ_sem``; one of them alone leaves the other at 1); both None is its default
-    mode.  The other families have a single LoRA set and ignore them.  ``device``: where to
-    compute (default: where the U-Net's weights are; a memory manager that keeps part of the
-    weights elsewhere names it).
+    ``prompt_embedding`` (``[1 or B, 77, dim]``) defaults to the model's own.  The strengths are PiSA-SR's
+    (``unet_passes``; one alone leaves the other at 1).  ``device`` defaults to the U-Net weights' (a memory
+    manager that keeps part of them elsewhere names it).
     """
     device = device or model.device
     embedding = model.prompt_embedding if prompt_embedding is None else prompt_embedding
@@ -123,7 +106,9 @@ def predict_residual(
         return output
     if recipe.alpha_bar is None:
         raise SettingsError(f"{recipe.name}: the model has no noise schedule value ᾱ_{recipe.timestep}")
-    return noise_to_residual(z_lq, output, recipe.alpha_bar)
+    # one DDPM step to t = 0 as diffusers computes it (float32): x0 = (z_L − √(1 − ᾱ)·ε) / √ᾱ, r = z_L − x0
+    alpha = torch.tensor(recipe.alpha_bar, dtype=torch.float32, device=z_lq.device)
+    return z_lq - (z_lq - (1 - alpha) ** 0.5 * output.float()) / alpha**0.5
 
 
 @torch.no_grad()
@@ -132,10 +117,8 @@ def refine_residual(
 ) -> torch.Tensor:
     """``r̃ = r + LRRB(cat[z_L, r])`` on the whole (stitched) latent, float32; ``r`` unchanged without an LRRB.
 
-    The released code runs the LRRB per U-Net tile; running it once on the
-    stitched residual makes tiled and untiled results agree (identical when
-    no tiling happens).  PiSA-SR and OSEDiff have no LRRB.  ``device``: where
-    to compute (default: the LRRB's).
+    The released code runs the LRRB per U-Net tile; once on the stitched residual, tiled and untiled results
+    agree (identical when nothing is tiled).  ``device`` defaults to the LRRB's.
     """
     if model.lrrb is None:
         return residual.float()

@@ -1,11 +1,9 @@
 """Apply a local filter to a full-resolution map a strip of rows at a time, with the same result.
 
-``fn`` must be local: each output row depends on input rows at most ``halo`` away, and rows
-near a strip's edge that its own padding (replicate or zeros) spoils lie within ``halo`` too.
-Each strip is computed with ``halo`` extra rows on both sides (fewer at the image's own border,
-where ``fn``'s padding is what the whole-image call would use) and cropped back, so only a strip's
-temporaries exist at a time; a 3x3 convolution on a 4096x4096 single-channel map, for one, builds
-a 600 MB column buffer when run whole.
+``fn`` must be local: each output row depends on input rows at most ``halo`` away (its own padding's effect
+included).  Each strip is computed with ``halo`` extra rows on both sides (fewer at the image's border) and
+cropped back, so only a strip's temporaries exist at a time (a whole 3x3 convolution on a 4096² map builds a
+600 MB column buffer).
 """
 
 from __future__ import annotations

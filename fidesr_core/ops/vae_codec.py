@@ -39,11 +39,9 @@ def encode_image(
 ) -> torch.Tensor:
     """``z_L = SF · latent`` of ``pixels`` ``[B, 3, H, W]`` in [-1, 1] -> ``[B, 4, H/8, W/8]`` float32.
 
-    ``"sample"`` draws from the posterior with noise seeded by ``seed`` (the
-    released code samples unseeded); ``"mode"`` takes its mean.  Every image of
-    a batch gets the noise it would get alone, so a batch (or a part of one)
-    gives each image the result of encoding it by itself.  ``device``: where to
-    compute (default: where the VAE's weights are); ``budget``: the tiled VAE's memory (default: its own).
+    ``"sample"`` draws with noise seeded by ``seed`` (the released code samples unseeded), the same for every
+    image, so each gets the result of encoding it alone; ``"mode"`` takes the mean.  ``device`` defaults to
+    the VAE weights'.
     """
     from ..tiled_vae.codec import encode_moments  # it needs diffusers: imported once a model exists, not at start-up
 
@@ -69,11 +67,8 @@ def decode_latent(
     device: torch.device | None = None,
     budget: MemoryBudget | None = None,
 ) -> torch.Tensor:
-    """Scaled latent ``[B, 4, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1], float32.
-
-    A half-precision decode that overflows is redone in float32 (with a warning).
-    ``device``: where to compute (default: where the VAE's weights are).
-    """
+    """Scaled latent ``[B, 4, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1], float32; a half-precision decode
+    that overflows is redone in float32 (with a warning)."""
     from ..tiled_vae.codec import decode_latents  # see encode_image
 
     device = device or vae_device(model)

@@ -1,9 +1,5 @@
-"""Tiled VAE encode/decode: memory bounded by one tile at any image size, and no seams.
-
-The method is docs/algorithm.md §2.10. This module holds the entry points; ``program`` reads the
-diffusers VAE into a flat list of the steps in ``layers``, which ``runner`` runs segment by segment
-with ``group_norm``'s whole-image statistics and ``maps``' whole-image maps.
-"""
+"""Tiled VAE encode/decode, memory bounded by one tile at any image size, no seams (docs/algorithm.md §2.10):
+the entry points; ``program`` reads the VAE into ``layers``' steps, which ``runner`` runs."""
 
 from __future__ import annotations
 
@@ -66,11 +62,9 @@ def encode_moments(
 ) -> torch.Tensor:
     """``quant_conv(encoder(pixels))``: ``[B, 2·latent_channels, H/8, W/8]`` (mean and log-variance halves).
 
-    ``pixels`` [B, 3, H, W] in [-1, 1], H and W multiples of 8, in the VAE's
-    dtype and device. ``tile_size`` is the largest tile core in pixels
-    (rounded down to a multiple of 8); 0 never tiles (the stock path, whatever
-    its memory). An image within one tile whose untiled activations fit
-    ``budget.stock_bytes`` gives exactly ``vae.encode(pixels).latent_dist.parameters``.
+    ``pixels`` [B, 3, H, W] in [-1, 1], H and W multiples of 8, in the VAE's dtype and device.  ``tile_size``:
+    the largest tile core in pixels (rounded down to a multiple of 8; 0 never tiles).  An image within one tile
+    whose untiled activations fit ``budget.stock_bytes`` gives exactly ``vae.encode(pixels)``'s moments.
     """
     budget = budget or MemoryBudget()
     channels = vae.config.in_channels
@@ -104,12 +98,9 @@ def decode_latents(
 ) -> torch.Tensor:
     """``decoder(post_quant_conv(latents))``: ``[B, 3, 8h, 8w]``, not clamped.
 
-    ``latents`` [B, latent_channels, h, w] unscaled (already divided by the
-    scaling factor), in the VAE's dtype and device. ``tile_size`` is the
-    largest tile core in latent pixels; 0 never tiles. Latents within one tile
-    whose untiled activations fit ``budget.stock_bytes`` give exactly
-    ``vae.decode(latents).sample``; larger ones within one tile are run tiled
-    with one attention tile, equal to it up to float rounding.
+    ``latents`` [B, latent_channels, h, w] unscaled, in the VAE's dtype and device; ``tile_size`` in latent
+    pixels, as ``encode_moments``'s.  Larger latents within one tile run tiled with one attention tile, equal
+    to ``vae.decode(latents).sample`` up to float rounding.
     """
     budget = budget or MemoryBudget()
     channels = vae.config.latent_channels

@@ -1,9 +1,5 @@
-"""Running a flat program of tiled-VAE steps on a whole image, segment by segment and tile by tile.
-
-The program is cut into segments at every GroupNorm; for each tile the runner walks a segment
-backwards to find the regions it reads, runs it, writes the tile's core into new whole-image maps
-and adds the core's statistics for the next GroupNorm (docs/algorithm.md §2.10).
-"""
+"""Running a flat program of tiled-VAE steps on a whole image, segment by segment (cut at every GroupNorm) and
+tile by tile (docs/algorithm.md §2.10)."""
 
 from __future__ import annotations
 
@@ -44,10 +40,8 @@ def _spans(length: int, tile: int) -> list[tuple[int, int]]:
 
 
 def _needs(segment: list[Step], first_size: list, saved_sizes: dict, wanted: dict[str | int, Box]) -> dict:
-    """Walk a segment backwards from the regions ``wanted`` at its end (``"h"`` and saved keys) to those it reads.
-
-    ``first_size[i]`` is the size of ``h`` before ``segment[i]``.
-    """
+    """Walk a segment backwards from the regions ``wanted`` at its end (``"h"`` and saved keys) to those it reads;
+    ``first_size[i]`` is the size of ``h`` before ``segment[i]``."""
     needed = dict(wanted)
     for step, size in zip(reversed(segment), reversed(first_size), strict=True):
         if isinstance(step, Add):
@@ -124,11 +118,9 @@ def run_program(
     should_cancel: CancelCheck | None,
     store: MapStore | None = None,
 ) -> torch.Tensor:
-    """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels.
-
-    Whole-image maps are made by ``store`` (whose peaks then tell what the run held; by default, where the
-    default budget places them); the result is a tensor on ``source``'s device.  A worker thread writes finished
-    pieces behind while the next tile is read and computed (reading ahead would hold a second tile's inputs).
+    """Run ``program`` on ``source`` [B, C, H, W] in tiles whose latent-level cores are at most ``tile`` pixels;
+    the result is on ``source``'s device.  ``store`` makes the whole-image maps (its peaks tell what the run held).
+    A worker thread writes finished pieces behind (reading ahead would hold a second tile's inputs).
     """
     store = store or MapStore(MemoryBudget(), source.device, program.layout())
     steps, device = program.steps, source.device
@@ -176,12 +168,8 @@ def run_program(
                         fits = [
                             maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)
                         ]
-                        if fits:
-                            new_maps[key] = fits[0]
-                        else:
-                            new_maps[key] = (
-                                store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
-                            )
+                        made = store.output_map(shape, dtype, device) if last else None
+                        new_maps[key] = fits[0] if fits else made or store.new_map(shape, dtype)
                     writes.append(writer.submit(_in_mode(new_maps[key].write), target, piece))
                     while len(writes) > _WRITES_BEHIND:
                         writes.popleft().result()
