@@ -1,7 +1,5 @@
-"""Writing a file so that it is either complete or absent (PNGs, weights, reports).
-
-Top level rather than in ``app/``: the weights writer in ``loading/`` needs it too.
-"""
+"""Writing a file so that it is either complete or absent (PNGs, weights, reports); top level, not in ``app/``,
+because the weights writer in ``loading/`` needs it too."""
 
 from __future__ import annotations
 
@@ -26,11 +24,8 @@ def _fitting_prefix(path: Path) -> str:
 
 
 def _create_temp_file(path: Path) -> tuple[Path, int]:
-    """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here.
-
-    Created with mode 0o666 so the kernel applies the umask (``mkstemp`` would make it 0600);
-    reading the result back avoids ``os.umask``, which changes the whole process's mask.
-    """
+    """A new empty ``.<name>.<random>.part`` beside ``path`` and the mode files normally get here: created 0o666
+    so the kernel applies the umask (``mkstemp`` makes 0600), read back instead of calling process-wide ``os.umask``."""
     stem = _fitting_prefix(path)
     for _ in range(100):
         temp = path.parent / f".{stem}.{secrets.token_hex(6)}.part"

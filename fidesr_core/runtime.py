@@ -22,8 +22,7 @@ from .tiled_vae.budget import free_memory_bytes
 STAGES: tuple[str, ...] = ("encode", "residual", "refine", "lf", "hf", "decode")
 logger = logging.getLogger(__name__)
 
-# Rough peak activation memory per image pixel of a U-Net or VAE tile, per byte of dtype: only
-# used to ask a memory manager for room and to size batches (an over-estimate unloads more).
+# Rough peak activation memory per image pixel of a tile, per dtype byte: only to ask for room and size batches.
 _WORKING_BYTES_PER_PIXEL_PER_DTYPE_BYTE = 512
 
 

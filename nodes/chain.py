@@ -1,8 +1,7 @@
 """The ``ChainState`` a FiDeSR LATENT carries between the chain nodes, and the checks that keep a chain sound.
 
-``samples`` stay ordinary unscaled SD 2.1 latents; the state under ``"fidesr"`` holds the engine's
-``Latents``, the family that encoded them, the stages that ran and any edit another node made to
-``samples`` (kept while the fingerprint still shows the same images; otherwise refused).
+``samples`` stay ordinary unscaled SD 2.1 latents; an edit another node made to them is kept while the
+fingerprint still shows the same images, otherwise refused.
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ NODE_OF_STAGE = {
     "decode": "FiDeSR VAE Decode",
 }
 
-# The fingerprint: per image and channel, the latent averaged down to 8x8 with its mean removed.
-# Edits such as scaling or light noise keep its correlation near 1; a latent of another image
-# shares little of its layout (about 0 ± 0.1 for unrelated 256-value fingerprints).
+# The fingerprint: per image and channel, the latent averaged down to 8x8, mean removed.  Scaling or light noise
+# keep its correlation near 1; another image's shares little of its layout (about 0 ± 0.1 for 256 values).
 _FINGERPRINT_SIDE = 8
 _SAME_IMAGE_CORRELATION = 0.5
 _FLAT_FINGERPRINT_NORM = 1e-4  # below this an image has no layout to compare (a flat colour)

@@ -39,13 +39,6 @@ def lora_in_kohya_form(lora_set: LoraSet) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _inference_dtype(base: Any) -> torch.dtype:
-    """The dtype ComfyUI computes this MODEL in (its weights may be stored in another, e.g. fp8)."""
-    if hasattr(base, "get_dtype_inference"):
-        return base.get_dtype_inference()
-    return base.manual_cast_dtype or base.get_dtype()
-
-
 class ComfyUNet(torch.nn.Module):
     """The U-Net step on a patched clone of ComfyUI's MODEL, called as diffusers' U-Net (``OneStepRestorer.unet``);
     ``enable_adapters`` / ``disable_adapters`` (peft's names) switch to PiSA-SR's pixel-only clone and back."""
@@ -67,7 +60,11 @@ class ComfyUNet(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _inference_dtype(self.patchers["full"].model)
+        """The dtype ComfyUI computes the MODEL in (its weights may be stored in another, e.g. fp8)."""
+        base = self.patchers["full"].model
+        if hasattr(base, "get_dtype_inference"):
+            return base.get_dtype_inference()
+        return base.manual_cast_dtype or base.get_dtype()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **_):
         """``[B, 4, h, w]`` -> ``(output [B, 4, h, w],)`` of ComfyUI's diffusion model at the family's timestep."""

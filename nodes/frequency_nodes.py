@@ -1,7 +1,5 @@
-"""FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4).
-
-Each adds its branch's delta, computed from the chain state (never from ``samples``), so the two
-commute and each can be used alone.  LF 0.1 + HF 0.1 equals the released ``--lf_scale 0.2 --hf_scale 0.2``.
+"""FiDeSR LF Injection and FiDeSR HF Injection (training-free, docs/algorithm.md §4): each adds its branch's
+delta, computed from the chain state (never from ``samples``), so the two commute and each can be used alone.
 """
 
 from __future__ import annotations
@@ -52,7 +50,6 @@ class _Injection(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent: dict[str, Any], **settings: Any) -> io.NodeOutput:
-        """The latent plus the branch's delta, computed from the state (never from ``samples``)."""
         node = NODE_OF_STAGE[cls.STAGE]
         state = state_of_latent(latent, node, connect_to=_CONNECT_TO)
         check_stage(state, cls.STAGE, None)

@@ -1,8 +1,7 @@
 """Load FiDeSR Model: SD 2.1-base plus FiDeSR, PiSA-SR or OSEDiff weights (the family told from the file).
 
-``precision = auto`` follows ComfyUI's U-Net dtype for its device (``model_management.unet_dtype``), so
-``--cpu``, ``--force-fp16``, ``--fp32-unet``, ``--bf16-unet`` and MPS behave as for ComfyUI's models.
-The model is assembled on ComfyUI's offload device and handed to its memory manager (``model_handle``).
+``precision = auto`` follows ComfyUI's U-Net dtype for its device, so its flags (``--cpu``, ``--force-fp16``
+...) behave as for ComfyUI's models.  The model is assembled on ComfyUI's offload device.
 """
 
 from __future__ import annotations
@@ -134,8 +133,7 @@ class FiDeSRModelLoader(io.ComfyNode):
         weights_path = resolve_fidesr_weights(fidesr_weights, node)
         load_device = model_management.get_torch_device()
         chosen = auto_precision(load_device) if precision == "auto" else precision
-        # diffusers and transformers take seconds to import: pay for them when a model is loaded,
-        # not at every ComfyUI start.
+        # diffusers and transformers take seconds to import: paid when a model is loaded, not at ComfyUI's start
         from ..fidesr_core.loading.base_model import load_base_model
         from ..fidesr_core.loading.restorer import assemble_restorer
         from ..fidesr_core.loading.weights import load_restorer_weights

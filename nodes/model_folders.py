@@ -1,8 +1,7 @@
 """Load FiDeSR Model's lists (the ``fidesr`` model folder, SD 2.1 bases, download entries) and their paths.
 
-Base models are ``diffusers/<folder>`` or ``checkpoints/<file>``, so a stored workflow value never
-depends on which folders exist.  A download entry (README, *Download entries*) is fetched by
-``fetch_known_file`` when the loader resolves it, and only then.
+Base models are ``diffusers/<folder>`` or ``checkpoints/<file>``, so a stored workflow value never depends on
+which folders exist.  A download entry (README) is fetched only when the loader resolves it.
 """
 
 from __future__ import annotations
@@ -119,10 +118,8 @@ class _ByteBar:
 
 
 def fetch_entry(known: KnownFile, node: str) -> str:
-    """The path of ``known``, fetched now unless it is already there (the user chose its download entry).
-
-    It goes where it already is, else into the folder's first path (ComfyUI's default).
-    """
+    """The path of ``known`` (the user chose its download entry), fetched now unless it is already there, into
+    the folder's first path (ComfyUI's default)."""
     present = folder_paths.get_full_path(known.comfyui_folder, known.name)
     folder = os.path.dirname(present) if present else folder_paths.get_folder_paths(known.comfyui_folder)[0]
     logger.info("%s: %s was chosen for download; getting it into %s", node, known.name, os.path.abspath(folder))

@@ -1,8 +1,7 @@
 """The engine's ``Runtime`` for ComfyUI: its memory manager, progress bars, Cancel and out-of-memory error.
 
-A stage loads its networks with ``load_models_gpu``, asking for one image's working memory on top
-(ComfyUI evicts or partly unloads other models as needed); as many images run at once as free
-memory holds; results wait on ComfyUI's intermediate device.  Cancel raises ComfyUI's own exception.
+A stage loads its networks with ``load_models_gpu`` plus one image's working memory; as many images run at once
+as free memory holds; results wait on ComfyUI's intermediate device.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""FiDeSR Upscale: the whole method in one node, one call of the engine's ``upscale``.
-
-It runs the chain nodes' stages with their defaults for what it does not expose, so it gives the
-chain's result bit for bit, for FiDeSR, PiSA-SR and OSEDiff alike.
+"""FiDeSR Upscale: the whole method in one node, one call of the engine's ``upscale``; it gives the chain
+nodes' result bit for bit (with their defaults for what it does not expose).
 """
 
 from __future__ import annotations

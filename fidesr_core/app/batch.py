@@ -1,7 +1,5 @@
-"""Upscaling image files: input discovery, output naming, skip-existing, atomic writes.
-
-An output never replaces an input; one image's failure is recorded with its name while the batch goes on.
-"""
+"""Upscaling image files: input discovery, output naming, skip-existing, atomic writes.  An output never
+replaces an input; one image's failure is recorded with its name while the batch goes on."""
 
 from __future__ import annotations
 

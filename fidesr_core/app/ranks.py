@@ -1,7 +1,5 @@
-"""The CLI as several processes: under ``torchrun`` or ``accelerate launch`` each rank takes a share.
-
-accelerate's ``PartialState`` joins the ranks over gloo: they exchange only the plan and results, never tensors.
-"""
+"""The CLI as several processes: under ``torchrun`` or ``accelerate launch`` each rank takes a share; the ranks
+join over gloo (accelerate's ``PartialState``) and exchange only the plan and results, never tensors."""
 
 from __future__ import annotations
 
@@ -35,9 +33,8 @@ def joined_ranks() -> Iterator[PartialState]:
     if not _launched():  # one process: nothing distributed starts (and cpu=True would stick to the singleton)
         yield PartialState()
         return
-    # torch.distributed.nn binds the current default group when first imported (torch._dynamo imports it).
-    # Imported after the group started, it kept the gloo threads alive past destroy_process_group, and the rank
-    # aborted at shutdown ("terminate called without an active exception"). Imported first, it binds None.
+    # torch.distributed.nn (torch._dynamo imports it) binds the default group when first imported: imported after
+    # the group started, it kept gloo's threads alive past destroy_process_group and the rank aborted at shutdown.
     import torch.distributed.nn  # noqa: F401
 
     try:

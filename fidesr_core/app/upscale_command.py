@@ -1,7 +1,5 @@
-"""The ``upscale`` command: every argument checked before the model loads, the batch, one summary.
-
-Under ``torchrun`` / ``accelerate launch`` rank 0 plans, every rank upscales its block, rank 0 sums up.
-"""
+"""The ``upscale`` command: every argument checked before the model loads, the batch, one summary.  Under
+``torchrun`` / ``accelerate launch`` rank 0 plans, every rank upscales its block, rank 0 sums up."""
 
 from __future__ import annotations
 

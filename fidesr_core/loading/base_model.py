@@ -1,6 +1,5 @@
-"""Loading Stable Diffusion 2.1-base offline: a diffusers folder through ``from_pretrained``, or one original
-(LDM) checkpoint file through diffusers' single-file loaders and the bundled configs (docs/algorithm.md §1).
-Every input is identified first (``identify``) and refused unless it is an SD 2.x text-to-image model.
+"""Loading Stable Diffusion 2.1-base offline: a diffusers folder, or one original (LDM) checkpoint file with the
+bundled configs (docs/algorithm.md §1); every input is identified first and refused unless it is SD 2.x text-to-image.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """What a model file or folder is, from key names, shapes, metadata and JSON configs, never tensor data.
 
-A single file is decided in this order, the first answer standing: 1. FiDeSR, PiSA-SR and OSEDiff weights
-(``layouts.family_of``); 2. diffusers' ``infer_diffusers_model_type`` on meta tensors, unless SD 1.x/2.x;
-3. an original-layout (LDM) U-Net by text context, input channels, label embedding, then what is missing;
-4. key names (``_BY_KEY_NAMES``).  Only a complete SD 2.x text-to-image model is accepted (``is_sd2``).
+A single file: our weights, else diffusers' ``infer_diffusers_model_type`` (on meta tensors), else an LDM U-Net,
+else key names, the first answer standing.  Only a complete SD 2.x text-to-image model is accepted (``is_sd2``).
 """
 
 from __future__ import annotations
@@ -169,7 +167,7 @@ def _ldm_checkpoint(header: Header) -> ModelIdentity | None:
 
 
 def identify_header(header: Header) -> ModelIdentity:
-    """What a single file is, from what ``read_header`` found (the table in this module's docstring)."""
+    """What a single file is, from what ``read_header`` found (in the order of this module's docstring)."""
     container = header.container
     if family := family_of(header):
         description = f"{FAMILY_NAMES[family]} weights, not a base model: give them as the weights (--weights)"

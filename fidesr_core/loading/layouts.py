@@ -1,6 +1,5 @@
-"""Where each part of a family's weights lives in the authors' ``.pkl`` and in our ``.safetensors``: one table
-(both formats: docs/algorithm.md §6).  ``family_of`` tells a file's family from its keys alone, so
-identification and the reader name a file alike.
+"""Where each part of a family's weights lives in the authors' ``.pkl`` and our ``.safetensors`` (docs/algorithm.md
+§6); ``family_of`` tells a file's family from its keys alone, so identification and the reader name a file alike.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Putting a base model and weights of any family together into one ``OneStepRestorer``: every LoRA merged
-in float32 before the cast, PiSA-SR's pixel-only adapters, the prompt embedding (docs/algorithm.md §9).
-"""
+"""Putting a base model and weights of any family together into one ``OneStepRestorer`` (docs/algorithm.md §9):
+every LoRA merged in float32 before the cast, PiSA-SR's pixel-only adapters, the prompt embedding."""
 
 from __future__ import annotations
 
@@ -120,10 +119,8 @@ def restorer_on_unet(
     base_source: str,
     base_kind: str,
 ) -> OneStepRestorer:
-    """A restorer whose U-Net another program runs with the family's U-Net weights applied (ComfyUI's MODEL,
-    see ``OneStepRestorer.unet``): SD 2.1's VAE from its original-layout ``vae_state`` (a copy, converted by
-    diffusers; OSEDiff's encoder LoRA merged), FiDeSR's LRRB, the family's recipe.  ``prompt_embedding``:
-    ``[1, 77, dim]`` of the family's released prompt."""
+    """A restorer whose U-Net another program runs with the family's U-Net weights applied (ComfyUI's MODEL), its
+    VAE converted from the original-layout ``vae_state``; ``prompt_embedding``: ``[1, 77, dim]``."""
     from diffusers import AutoencoderKL
 
     renamed = {"first_stage_model." + key: value for key, value in vae_state.items()}

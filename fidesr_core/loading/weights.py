@@ -1,7 +1,6 @@
-"""The weights of the three families, read, checked, written and described by one generic code over the
-layout table (docs/algorithm.md §6, §9).  Pickles are read only through ``torch.load(weights_only=True)``,
-each once; the family and the format are told by content.  A ``.pkl`` is written with exactly the authors'
-keys, so their scripts load ours; every write is atomic and refuses invalid weights.
+"""The weights of the three families, read, checked, written and described by one code over the layout table
+(docs/algorithm.md §6, §9).  Pickles are read only through ``torch.load(weights_only=True)``, each once; a
+``.pkl`` is written with exactly the authors' keys; every write is atomic and refuses invalid weights.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft: three adapters
-(``ADAPTER_NAMES``), targets by the released rule, scale ``alpha / rank`` with peft's default alpha 8
-as the released code has it (docs/algorithm.md §5).  peft is imported where it is used.
+"""The released trainer's LoRA layout on the SD 2.1 U-Net, applied with peft (imported where used): three adapters,
+targets by the released rule, scale ``alpha / rank`` with peft's default alpha 8 (docs/algorithm.md §5).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Prompt embeddings (docs/algorithm.md §2.2, §9.4): the text encoder's last hidden state of token ids.
-
-The ids come from SD 2's CLIP tokenizer (``fidesr_core.loading.clip_tokenizer``), for the released
-prompts (``""``, OSEDiff's ``", ,"``) as for any other text.
-"""
+"""Prompt embeddings (docs/algorithm.md §2.2, §9.4): the text encoder's last hidden state of token ids from SD 2's
+CLIP tokenizer (``loading.clip_tokenizer``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Overlapping tiles with Gaussian blending for the U-Net pass (docs/algorithm.md §2.6).
-
-As released, but each axis is clamped to the latent before the Gaussian is built (the released code crashes on
-a short side below the tile); OSEDiff's square tiles and half-pixel row shift on request (§9).
+"""Overlapping tiles with Gaussian blending for the U-Net pass (docs/algorithm.md §2.6, §9), as released but with
+each axis clamped to the latent before the Gaussian is built (the released code crashes on a short side below it).
 """
 
 from __future__ import annotations

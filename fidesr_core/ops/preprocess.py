@@ -19,8 +19,7 @@ from ..settings import PROCESS_SIZE, ColorFixMethod
 from .color_fix import apply_color_fix
 
 MAX_PRESCALE_ASPECT = 16  # the min-side rule stretches the long side to at most 16x the short-side target
-# A 16384 x 16384 network input; the whole-image tensors cost about 170 bytes per processing pixel
-# (fp32, CPU, measured), so this is about 45 GB: anything larger is refused, not attempted.
+# 16384²: at the ~170 bytes a processing pixel the whole-image tensors cost (fp32, CPU), ~45 GB; larger is refused.
 MAX_PROCESSING_PIXELS = 2**28
 MIN_PROCESSING_SIDE = 8  # one latent pixel
 RANGE_TOLERANCE = 0.25  # how far outside [0, 1] resampling overshoot may go before data counts as wrong

@@ -1,4 +1,2 @@
 """The tiled VAE: encode and decode with whole-image GroupNorm statistics in memory bounded by the tile.
-Only ``codec`` (and ``budget``, its memory setting) is meant for callers; the other modules are internal
-to this package.
-"""
+Only ``codec`` (and ``budget``, its memory setting) is meant for callers."""

@@ -55,13 +55,10 @@ def free_memory_bytes(device: torch.device) -> int | None:
 class MemoryBudget:
     """Where the tiled VAE's whole-image maps wait, and how large its tiles are (bytes; None: automatic).
 
-    A map goes to the first of ``places`` with room: ``"device"`` (the computing accelerator, while its
-    free memory beyond ``device_headroom`` holds it and its maps stay within ``device_map_bytes``),
-    ``"host"`` (RAM: free beyond ``host_headroom``, within ``map_bytes``), ``"file"`` (a temporary file
-    in ``spill_folder``, the system's temporary folder when None).  ``tile_bytes``: the largest activation
-    of one tile (automatic: from the computing device's free memory).  ``stock_bytes``: the untiled
-    diffusers path is taken only while its largest activation fits.  ``free_memory``: asks a device's
-    free bytes (ComfyUI's memory manager in the nodes).
+    A map goes to the first of ``places`` with room (``rooms``): ``"device"`` (within ``device_map_bytes``),
+    ``"host"`` (within ``map_bytes``), ``"file"`` (in ``spill_folder``, default the system's temporary folder).
+    ``tile_bytes``: one tile's largest activation.  ``stock_bytes``: the untiled diffusers path is taken only
+    while its largest activation fits.
     """
 
     tile_bytes: int | None = None
@@ -93,8 +90,7 @@ class MemoryBudget:
 
     def rooms(self, device: torch.device, working_bytes: int) -> dict[str, int]:
         """Bytes of maps each place may hold at once: free memory beyond the headroom and the tiles'
-        ``working_bytes``, within the cap.  Asked once per run, so that maps made but not yet written
-        (their pages not yet taken) count."""
+        ``working_bytes``, within the cap; asked once per run (maps made but not yet written take no pages)."""
         import torch
 
         # A CPU computes in host memory, and so does Apple's MPS (unified memory): maps "on the device" would

@@ -1,7 +1,5 @@
-"""Whole-image GroupNorm statistics for the tiled VAE, gathered tile by tile and applied to one tile.
-
-Each tile adds the float32 mean and variance of its core (merged with Chan's formula, so halos are
-never counted twice); the next GroupNorm then normalises every tile with the statistics of the whole map.
+"""Whole-image GroupNorm statistics for the tiled VAE: each tile adds the float32 mean and variance of its core
+(Chan's formula; halos never count twice), and the next GroupNorm normalises every tile with them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The primitive steps a tiled VAE run is made of, and the map regions they read and write.
-
-``Box`` is a rectangle of a whole-image map; the ``Layer`` steps (activation, zero-padded convolution,
-nearest ×2 upsampling, mid-block attention) know which input region a wanted output region needs and
-run on one tile; ``Norm``, ``Save`` and ``Add`` are markers the runner handles itself.
+"""The steps a tiled VAE run is made of: ``Layer`` steps know which input region (``Box``) an output region
+needs and run on one tile; ``Norm``, ``Save`` and ``Add`` are markers the runner handles itself.
 """
 
 from __future__ import annotations
@@ -92,13 +89,9 @@ def _conv_needs(start: int, stop: int, size: int, kernel: int, stride: int, befo
 
 
 def _conv_axis(start: int, stop: int, size: int, kernel: int, stride: int, before: int, after: int, own_pad: int):
-    """One axis of a conv run on input rows ``[start, stop)`` of a map of ``size`` rows.
-
-    ``before``/``after`` are the whole zero padding, ``own_pad`` the part the
-    module adds itself. Returns the output rows computed exactly, the local
-    input rows to take, the zero rows to add, and the output rows to drop
-    (those the module padded at an inner tile edge, where real data lies).
-    """
+    """One axis of a conv run on input rows ``[start, stop)`` of ``size`` rows; ``before``/``after``: the whole
+    zero padding, ``own_pad``: the module's own.  Returns the output rows computed exactly, the local input rows
+    to take, the zero rows to add, and the output rows to drop (padded by the module at an inner tile edge)."""
     out_size = (size + before + after - kernel) // stride + 1
     first = 0 if start == 0 else -(-(start + before) // stride)
     last = out_size if stop == size else (stop + before - kernel) // stride + 1

@@ -96,8 +96,7 @@ class FileMap(WholeMap):
                 raise OSError(f"tiled VAE: short read from a temporary map file at byte {offset}")
         self.traffic["read"] += raw.nbytes
         if self.layout == torch.contiguous_format and device.type == "cpu":
-            # [h·w, C] transposed per sample: torch copies that in cache blocks, several times faster than a
-            # permuted 4-D copy (which made most of the time of reading a float32 map from a file)
+            # [h·w, C] transposed per sample: copied in cache blocks, several times faster than a permuted 4-D copy
             tile = torch.empty((batch, channels, *rows.shape[1:3]), dtype=self.dtype)
             for sample in range(batch):
                 tile[sample].view(channels, -1).copy_(rows[sample].view(-1, channels).t())
@@ -123,12 +122,8 @@ class FileMap(WholeMap):
 
 
 class MapStore:
-    """Makes each whole-image map in the first of ``budget.places`` whose maps, with it, stay within that
-    place's room (``MemoryBudget.rooms``, asked once, when the store is made).
-
-    ``peak`` is the most that maps held at once in each place (the final output excepted); ``traffic`` the
-    bytes read from and written to files.
-    """
+    """Makes each whole-image map in the first of ``budget.places`` with room for it (``MemoryBudget.rooms``,
+    asked once); ``peak``: the most maps held at once per place (the output excepted); ``traffic``: file bytes."""
 
     def __init__(
         self, budget: MemoryBudget, device: torch.device, layout: torch.memory_format = torch.contiguous_format

@@ -168,8 +168,9 @@ def run_program(
                         fits = [
                             maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)
                         ]
-                        made = store.output_map(shape, dtype, device) if last else None
-                        new_maps[key] = fits[0] if fits else made or store.new_map(shape, dtype)
+                        if not fits:
+                            fits = [store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)]
+                        new_maps[key] = fits[0]
                     writes.append(writer.submit(_in_mode(new_maps[key].write), target, piece))
                     while len(writes) > _WRITES_BEHIND:
                         writes.popleft().result()
