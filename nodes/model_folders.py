@@ -146,26 +146,31 @@ def resolve_base_model(choice: str, node: str) -> str:
     """The path of a ``base_model`` combo value (a download entry is fetched now, unless already there)."""
     if known := known_file_of(choice):
         return fetch_entry(known, node)
-    folder, slash, name = choice.partition("/")
-    if not slash or folder not in ("diffusers", "checkpoints"):
-        raise node_error(
-            node, f"base_model {choice!r} is neither {DIFFUSERS_PREFIX}<folder> nor {CHECKPOINTS_PREFIX}<file>"
-        )
-    diffusers = folder == "diffusers"
-    path = folder_paths.get_full_path(folder, f"{name}/model_index.json" if diffusers else name)
-    if path is None:
-        missing = f"folder {name!r} with a model_index.json" if diffusers else f"file {name!r}"
-        fix = (
-            f"the Stable Diffusion 2.1-base diffusers folder there (the diffusers folders of Hugging Face "
-            f"{' or '.join(SD21_BASE.sources)})"
-            if diffusers
-            else f"Stable Diffusion 2.1-base there: {BASE_SOURCES}, or choose {download_entry(SD21_BASE)!r} to fetch it"
-        )
-        raise node_error(
-            node,
-            f"base_model {choice!r}: no {missing} in the {folder} model folders ({folder_list(folder)}); put {fix}",
-        )
-    return os.path.dirname(path) if diffusers else path
+    if choice.startswith(DIFFUSERS_PREFIX):
+        name = choice[len(DIFFUSERS_PREFIX) :]
+        index = folder_paths.get_full_path("diffusers", f"{name}/model_index.json")
+        if index is None:
+            raise node_error(
+                node,
+                f"base_model {choice!r}: no folder {name!r} with a model_index.json in the diffusers model folders "
+                f"({folder_list('diffusers')}); put the Stable Diffusion 2.1-base diffusers folder there (the "
+                f"diffusers folders of Hugging Face {' or '.join(SD21_BASE.sources)})",
+            )
+        return os.path.dirname(index)
+    if choice.startswith(CHECKPOINTS_PREFIX):
+        name = choice[len(CHECKPOINTS_PREFIX) :]
+        path = folder_paths.get_full_path("checkpoints", name)
+        if path is None:
+            raise node_error(
+                node,
+                f"base_model {choice!r}: no file {name!r} in the checkpoints model folders "
+                f"({folder_list('checkpoints')}); put Stable Diffusion 2.1-base there: {BASE_SOURCES}, or "
+                f"choose {download_entry(SD21_BASE)!r} to fetch it",
+            )
+        return path
+    raise node_error(
+        node, f"base_model {choice!r} is neither {DIFFUSERS_PREFIX}<folder> nor {CHECKPOINTS_PREFIX}<file>"
+    )
 
 
 def resolve_fidesr_weights(name: str, node: str) -> str:

@@ -39,10 +39,12 @@ def channel_gate(
     return torch.sigmoid(sharpness * (ratio - tau))
 
 
-def _channel_gate(z_lq: torch.Tensor, s: LowFrequencySettings | HighFrequencySettings, cutoff: float, order: int):
-    return channel_gate(
-        z_lq, cutoff=cutoff, order=order, tau=s.channel_tau, sharpness=s.channel_sharpness, geometry=s.filter
-    )
+def _branch_channel_gate(
+    z_lq: torch.Tensor, branch: LowFrequencySettings | HighFrequencySettings, cutoff: float, order: int
+) -> torch.Tensor:
+    """``channel_gate`` with the branch's tau, sharpness and filter at ``cutoff``, ``order`` (HF: its channel_*)."""
+    tau, sharpness = branch.channel_tau, branch.channel_sharpness
+    return channel_gate(z_lq, cutoff=cutoff, order=order, tau=tau, sharpness=sharpness, geometry=branch.filter)
 
 
 def residual_magnitude_map(refined_residual: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ def low_frequency_delta(
     low = butterworth_lowpass(z, cutoff=settings.cutoff, order=settings.order, geometry=settings.filter)
     residual_map = residual_magnitude_map(z_lq - z)
     mask = percentile_normalize((1.0 - gate.float()) * residual_map) ** settings.gamma
-    per_channel = _channel_gate(z_lq, settings, settings.cutoff, settings.order)
+    per_channel = _branch_channel_gate(z_lq, settings, settings.cutoff, settings.order)
     return settings.strength * mask * per_channel * low
 
 
@@ -75,7 +77,7 @@ def high_frequency_delta(
         return torch.zeros_like(z)
     kwargs = {"cutoff": settings.cutoff, "order": settings.order, "geometry": settings.filter}
     detail_gap = butterworth_highpass(z, **kwargs) - butterworth_highpass(z_lq, **kwargs)
-    per_channel = _channel_gate(z_lq, settings, settings.channel_cutoff, settings.channel_order)
+    per_channel = _branch_channel_gate(z_lq, settings, settings.channel_cutoff, settings.channel_order)
     return settings.strength * gate.float() ** settings.gamma * (1.0 - per_channel) * detail_gap
 
 

@@ -168,9 +168,12 @@ def run_program(
                         fits = [
                             maps[k] for k in spare if key == "h" and (maps[k].shape, maps[k].dtype) == (shape, dtype)
                         ]
-                        if not fits:
-                            fits = [store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)]
-                        new_maps[key] = fits[0]
+                        if fits:
+                            new_maps[key] = fits[0]
+                        else:
+                            new_maps[key] = (
+                                store.output_map(shape, dtype, device) if last else store.new_map(shape, dtype)
+                            )
                     writes.append(writer.submit(_in_mode(new_maps[key].write), target, piece))
                     while len(writes) > _WRITES_BEHIND:
                         writes.popleft().result()
