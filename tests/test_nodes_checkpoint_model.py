@@ -32,7 +32,8 @@ def made(comfy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     fidesr_dir = comfy.stub.models_dir / "fidesr"
     fidesr_dir.mkdir(parents=True, exist_ok=True)
-    made = {"user_model": stand_in_model(base)}
+    made = {"user_model": stand_in_model(base), "user_vae": vae}
+    made["user_vae_before"] = {key: value.clone() for key, value in vae.first_stage_model.state_dict().items()}
     makers = {
         "fidesr": tiny.tiny_fidesr_weights,
         "pisa-sr": tiny.tiny_pisa_sr_weights,
@@ -85,6 +86,15 @@ def test_patches_go_on_clones_and_osediff_conv_in_is_set_before_its_lora(made: d
     full = made["osediff"][1].patchers["unet"]
     assert full.patches["diffusion_model.conv_in.weight"] == ["set", "lora"]
     assert made["fidesr"][1].patchers["unet"] is not made["user_model"]
+
+
+def test_the_users_vae_keeps_its_weights_when_osediffs_vae_lora_is_merged(made: dict) -> None:
+    after = made["user_vae"].first_stage_model.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in made["user_vae_before"].items())
+    checkpoint_vae = made["osediff"][1].model.vae.state_dict()
+    assert not torch.equal(
+        checkpoint_vae["encoder.conv_in.weight"], made["pisa-sr"][1].model.vae.state_dict()["encoder.conv_in.weight"]
+    )
 
 
 def test_wrong_inputs_name_the_node(comfy, made: dict) -> None:

@@ -123,7 +123,9 @@ def restorer_on_unet(
     VAE converted from the original-layout ``vae_state``; ``prompt_embedding``: ``[1, 77, dim]``."""
     from diffusers import AutoencoderKL
 
-    renamed = {"first_stage_model." + key: value for key, value in vae_state.items()}
+    # the converted VAE can share storage with ``vae_state``; a VAE LoRA is merged in place, never into the caller's
+    own = "vae_encoder" in weights.lora
+    renamed = {"first_stage_model." + key: value.clone() if own else value for key, value in vae_state.items()}
     common = {"config": str(SD21_BASE_CONFIG_DIR), "subfolder": "vae", "local_files_only": True}
     vae = AutoencoderKL.from_single_file(renamed, **common)
     return _restorer(weights, unet, vae, prompt_embedding.float(), dtype, device, (base_source, base_kind))
